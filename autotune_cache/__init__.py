@@ -1,0 +1,1 @@
+"""Shipped autotune results, one JSON file per device key (filled by the autotuner)."""

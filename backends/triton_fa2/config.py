@@ -1,0 +1,90 @@
+"""Launch configurations of the Triton FlashAttention-2 kernels, with per-device-family defaults.
+
+Every launch parameter lives here so the autotuner can reach all of them. The defaults are
+starting points from the Triton tutorial's choices for sm_80/sm_90 and AMD's published
+CDNA tuning guidance; the H100 autotune cache replaces them where it has a winner.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from fa2dispatch.hardware import DeviceInfo
+from fa2dispatch.problem import AttentionProblem
+
+from ..base import Config
+
+
+@dataclass(frozen=True)
+class TritonConfig(Config):
+    # forward: query block x key block, one program per query block
+    block_m: int = 128
+    block_n: int = 64
+    num_warps: int = 4
+    num_stages: int = 2
+    # backward dK/dV kernel: key block kept on chip (dkdv_block_n), query blocks streamed
+    dkdv_block_m: int = 32
+    dkdv_block_n: int = 64
+    # backward dQ kernel: query block kept on chip (dq_block_m), key blocks streamed
+    dq_block_m: int = 64
+    dq_block_n: int = 32
+    bwd_num_warps: int = 4
+    bwd_num_stages: int = 2
+    # AMD only (0 = leave to the compiler): occupancy hint, MFMA shape, operand packing
+    waves_per_eu: int = 0
+    matrix_instr_nonkdim: int = 0
+    kpack: int = 0
+
+    def launch_options(self, vendor: str, backward: bool = False) -> dict:
+        """Keyword arguments for a kernel launch on this vendor."""
+        opts = {
+            "num_warps": self.bwd_num_warps if backward else self.num_warps,
+            "num_stages": self.bwd_num_stages if backward else self.num_stages,
+        }
+        if vendor == "amd":
+            for key in ("waves_per_eu", "matrix_instr_nonkdim", "kpack"):
+                if getattr(self, key):
+                    opts[key] = getattr(self, key)
+        return opts
+
+
+def block_d(head_dim: int) -> int:
+    """Padded head dim: a power of two, at least 16 (tl.dot's smallest K)."""
+    return max(16, 1 << (head_dim - 1).bit_length())
+
+
+def default_config(problem: AttentionProblem, device: DeviceInfo) -> TritonConfig:
+    """Per-device-family default; small blocks under the CPU interpreter (fewer wasted rows)."""
+    bd = block_d(problem.D)
+    wide = problem.dtype == torch.float32  # 4-byte tiles: half the rows fit on chip
+    if device.vendor == "cpu":
+        # The interpreter runs each program in numpy; BLOCK_M != BLOCK_N exercises the
+        # causal band arithmetic with unequal blocks.
+        return TritonConfig(block_m=32, block_n=16, num_warps=4, num_stages=1,
+                            dkdv_block_m=16, dkdv_block_n=32, dq_block_m=32, dq_block_n=16,
+                            bwd_num_warps=4, bwd_num_stages=1)
+    if device.vendor == "amd":
+        big = bd >= 256 or wide
+        return TritonConfig(block_m=64 if big else 128, block_n=32 if big else 64, num_warps=4, num_stages=1,
+                            dkdv_block_m=16 if big else 32, dkdv_block_n=64, dq_block_m=64, dq_block_n=16 if big else 32,
+                            bwd_num_warps=4, bwd_num_stages=1,
+                            waves_per_eu=2, matrix_instr_nonkdim=16, kpack=1 if big else 2)
+    # NVIDIA
+    small_smem = device.smem_per_block < 160 * 1024  # sm_86/sm_89 consumer parts: ~99 KB
+    if bd >= 256 or (wide and bd >= 128):
+        return TritonConfig(block_m=64, block_n=32, num_warps=4, num_stages=1 if small_smem else 2,
+                            dkdv_block_m=16, dkdv_block_n=32, dq_block_m=32, dq_block_n=16,
+                            bwd_num_warps=4, bwd_num_stages=1)
+    if wide:
+        return TritonConfig(block_m=64, block_n=32, num_warps=4, num_stages=2,
+                            dkdv_block_m=16, dkdv_block_n=64, dq_block_m=64, dq_block_n=16,
+                            bwd_num_warps=4, bwd_num_stages=1)
+    if bd >= 128:
+        return TritonConfig(block_m=128, block_n=64, num_warps=8, num_stages=2 if small_smem else 3,
+                            dkdv_block_m=32, dkdv_block_n=128, dq_block_m=128, dq_block_n=32,
+                            bwd_num_warps=8, bwd_num_stages=2)
+    return TritonConfig(block_m=128, block_n=64, num_warps=4, num_stages=3,
+                        dkdv_block_m=32, dkdv_block_n=128, dq_block_m=128, dq_block_n=32,
+                        bwd_num_warps=4, bwd_num_stages=2)

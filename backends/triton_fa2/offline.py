@@ -1,0 +1,119 @@
+"""Compile the Triton kernels for a GPU target on any machine (no GPU needed).
+
+``python -m fa2dispatch.backends.triton_fa2.offline --target sm_90 --dtype float16 --head-dim 128``
+prints, per kernel, the shared memory it needs and whether the matrix instructions we expect
+are in the generated code. Must run with ``TRITON_INTERPRET`` unset or 0: the interpreter
+replaces ``@triton.jit`` functions with Python ones that cannot be compiled.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import replace
+
+import torch
+
+from fa2dispatch.hardware import DeviceInfo
+from fa2dispatch.problem import AttentionProblem
+
+from .config import TritonConfig, block_d, default_config
+
+# Profiles of the offline targets: Triton target and the limits that default configs must fit.
+TARGETS = {
+    "sm_80": DeviceInfo("nvidia", "A100 (offline)", "sm_80", (8, 0), 108, 163 * 1024, 32),
+    "sm_90": DeviceInfo("nvidia", "H100 (offline)", "sm_90", (9, 0), 132, 227 * 1024, 32),
+    "gfx942": DeviceInfo("amd", "MI300X (offline)", "gfx942", None, 304, 64 * 1024, 64),
+}
+_POINTERS = {"Q", "K", "V", "Out", "DO", "DK", "DV", "DQ"}
+_FP32_POINTERS = {"Lse", "Delta"}
+_FLOATS = {"qk_scale", "softmax_scale"}
+_TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+
+def _gpu_target(device: DeviceInfo):
+    from triton.backends.compiler import GPUTarget
+
+    if device.vendor == "nvidia":
+        return GPUTarget("cuda", device.capability[0] * 10 + device.capability[1], 32)
+    return GPUTarget("hip", device.arch, 64)
+
+
+def _signature(fn, constexprs: dict, dtype: str) -> dict:
+    sig = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name in _POINTERS:
+            sig[name] = f"*{dtype}"
+        elif name in _FP32_POINTERS:
+            sig[name] = "*fp32"
+        elif name in _FLOATS:
+            sig[name] = "fp32"
+        else:
+            sig[name] = "i32"
+    return sig
+
+
+def kernel_launches(problem: AttentionProblem, config: TritonConfig) -> list[tuple[str, dict, bool]]:
+    """(kernel name, constexprs, is_backward) of every kernel a forward+backward call launches."""
+    common = dict(CAUSAL=problem.causal, HEAD_DIM=problem.D, BLOCK_D=block_d(problem.D))
+    precision = "ieee" if problem.dtype == torch.float32 else "tf32"
+    return [
+        ("attn_fwd", dict(common, BLOCK_M=config.block_m, BLOCK_N=config.block_n, DOT_PRECISION=precision), False),
+        ("attn_bwd_preprocess", dict(HEAD_DIM=problem.D, BLOCK_D=block_d(problem.D), BLOCK_M=config.dq_block_m), True),
+        ("attn_bwd_dkdv", dict(common, BLOCK_M=config.dkdv_block_m, BLOCK_N=config.dkdv_block_n,
+                               DOT_PRECISION=precision), True),
+        ("attn_bwd_dq", dict(common, BLOCK_M=config.dq_block_m, BLOCK_N=config.dq_block_n,
+                             DOT_PRECISION=precision), True),
+    ]
+
+
+def compile_report(target: str, dtype: torch.dtype, head_dim: int, causal: bool = True,
+                   config: TritonConfig | None = None) -> list[dict]:
+    """Compile every kernel of one problem kind for ``target``; one dict per kernel."""
+    import triton
+    from triton.compiler import ASTSource
+
+    from . import kernels
+
+    if type(kernels.attn_fwd).__name__ == "InterpretedFunction":
+        raise RuntimeError("offline compilation needs TRITON_INTERPRET unset or 0")
+    device = TARGETS[target]
+    problem = AttentionProblem(B=1, H=8, Hkv=2, Mq=1024, Mkv=1024, D=head_dim, dtype=dtype,
+                               device=torch.device("cpu"), layout="bshd", causal=causal, softmax_scale=1.0)
+    config = config or default_config(problem, device)
+    rows = []
+    for name, constexprs, backward in kernel_launches(problem, config):
+        fn = getattr(kernels, name)
+        src = ASTSource(fn, _signature(fn, constexprs, _TRITON_DTYPE[dtype]), constexprs)
+        compiled = triton.compile(src, target=_gpu_target(device), options=config.launch_options(device.vendor, backward))
+        code = compiled.asm.get("ptx") or compiled.asm.get("amdgcn") or ""
+        rows.append({
+            "target": target, "kernel": name, "dtype": str(dtype).removeprefix("torch."), "head_dim": head_dim,
+            "shared_bytes": compiled.metadata.shared, "smem_limit": device.smem_per_block,
+            "wgmma": "wgmma" in code, "mma": ("mma.sync" in code) or ("wgmma" in code) or ("mfma" in code),
+            "config": config.short(),
+        })
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--target", choices=sorted(TARGETS), action="append", required=True)
+    parser.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], action="append", required=True)
+    parser.add_argument("--head-dim", type=int, action="append", required=True)
+    parser.add_argument("--causal", choices=["true", "false"], default="true")
+    args = parser.parse_args(argv)
+    rows = []
+    for target in args.target:
+        for dtype in args.dtype:
+            for d in args.head_dim:
+                rows += compile_report(target, getattr(torch, dtype), d, args.causal == "true")
+    json.dump(rows, sys.stdout, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,16 @@
+"""fa2dispatch: FlashAttention-2 for PyTorch on whatever GPU you have.
+
+One attention API, several kernels under it, and a dispatcher that picks one and says why::
+
+    out = fa2dispatch.attention(q, k, v, causal=True)
+    print(fa2dispatch.explain(q, k, v, causal=True))
+"""
+
+from fa2dispatch.api import attention, explain
+from fa2dispatch.dispatch import Decision, use_backend
+from fa2dispatch.errors import NoBackendError
+from fa2dispatch.problem import AttentionProblem
+
+__version__ = "0.1.0"
+
+__all__ = ["AttentionProblem", "Decision", "NoBackendError", "attention", "explain", "use_backend", "__version__"]

@@ -1,0 +1,124 @@
+"""Shared test helpers: inputs, ground truth, and the STYLE.md tolerance rule.
+
+Ground truth is ``attention_math`` in float64. The bound for our error is what PyTorch's own
+math gets in the input precision (``attention_math`` run in that dtype), against the same
+truth:  max|ours - truth| <= 2 * max|torch_lowprec - truth| + floor,
+where floor = 8 float32 ulps of the largest quantity the call produces (out, dq, dk, dv).
+Our kernels accumulate in float32 along another path than PyTorch (exp2 with the scale folded
+in, dS = P * (dP - delta) with delta from the stored output), so where PyTorch's float32 math
+is exact by structure (one key: dq is exactly 0 there, by cancellation) a few float32
+roundings of the quantities being cancelled still separate us from float64 (measured: dq
+error 1.31e-6 at Mkv=1, D=136, largest quantity 2.7, i.e. 4.1 ulps; 8 keeps a 2x margin).
+The floor is ~1e-6 at unit scale: far below any 16-bit error or what a wrong kernel gives.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from fa2dispatch.backends.reference import attention_math
+
+FLOOR_ULPS = 8
+EPS32 = torch.finfo(torch.float32).eps
+
+
+@dataclass(frozen=True)
+class Case:
+    B: int
+    H: int
+    Hkv: int
+    Mq: int
+    Mkv: int
+    D: int
+    dtype: torch.dtype
+    causal: bool
+    layout: str = "bshd"
+    contiguous: bool = True
+
+    @property
+    def id(self) -> str:
+        dt = str(self.dtype).removeprefix("torch.")
+        kind = "mha" if self.H == self.Hkv else ("mqa" if self.Hkv == 1 else "gqa")
+        return (f"{dt}-{'causal' if self.causal else 'full'}-{self.layout}-B{self.B}H{self.H}{kind}"
+                f"-q{self.Mq}k{self.Mkv}-d{self.D}{'' if self.contiguous else '-strided'}")
+
+
+def make_inputs(case: Case, device="cpu", seed=0, requires_grad=True):
+    """q, k, v, dout in the case's layout; non-contiguous views when case.contiguous is False."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+
+    def make(heads, m):
+        shape = (case.B, m, heads, case.D) if case.layout == "bshd" else (case.B, heads, m, case.D)
+        if case.contiguous:
+            t = torch.randn(shape, generator=g)
+        else:  # every other element of a wider last dim, and heads/seq swapped in memory
+            wide = torch.randn(shape[0], shape[2], shape[1], 2 * shape[3], generator=g)
+            t = wide.transpose(1, 2)[..., ::2]
+        return t.to(device=device, dtype=case.dtype)
+
+    q, k, v = make(case.H, case.Mq), make(case.Hkv, case.Mkv), make(case.Hkv, case.Mkv)
+    dout = make(case.H, case.Mq)
+    for t in (q, k, v):
+        t.requires_grad_(requires_grad)
+    return q, k, v, dout
+
+
+def math_with_grads(q, k, v, dout, case: Case, compute_dtype, scale=None):
+    """attention_math in compute_dtype: (out, lse, dq, dk, dv), gradients for dout."""
+    leaves = [t.detach().to(compute_dtype).requires_grad_() for t in (q, k, v)]
+    out, lse = attention_math(*leaves, causal=case.causal, softmax_scale=scale if scale is not None else case.D**-0.5,
+                              layout=case.layout, compute_dtype=compute_dtype)
+    grads = torch.autograd.grad(out, leaves, dout.to(compute_dtype))
+    return (out, lse, *grads)
+
+
+def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.double() - b.double()).abs().max().item()
+
+
+def check_close(name: str, ours: torch.Tensor, truth: torch.Tensor, lowprec: torch.Tensor,
+                magnitude: float | None = None) -> None:
+    """The STYLE.md rule; NaN anywhere in ours fails. ``magnitude``: the largest quantity of
+    the call (default: this tensor's own)."""
+    assert not torch.isnan(ours).any(), f"{name}: NaN in output"
+    err = max_err(ours, truth)
+    err_pt = max_err(lowprec, truth)
+    if magnitude is None:
+        magnitude = truth.abs().max().item() if truth.numel() else 0.0
+    floor = FLOOR_ULPS * EPS32 * max(1.0, magnitude)
+    assert err <= 2 * err_pt + floor, (
+        f"{name}: max error {err:.3e} > 2 x PyTorch's {err_pt:.3e} + floor {floor:.1e}"
+    )
+
+
+def max_magnitude(*tensors: torch.Tensor) -> float:
+    return max(t.abs().max().item() for t in tensors)
+
+
+def check_lse(ours: torch.Tensor, truth: torch.Tensor, lowprec: torch.Tensor) -> None:
+    empty = torch.isneginf(truth)
+    assert torch.equal(torch.isneginf(ours), empty), "lse: -inf rows (no visible key) differ from the reference"
+    keep = ~empty
+    check_close("lse", ours[keep], truth[keep], lowprec.float()[keep])
+
+
+def check_case(case: Case, device="cpu", seed=0, backend="triton"):
+    """Forward (out, lse) and backward (dq, dk, dv) of fa2dispatch against float64 truth."""
+    import fa2dispatch
+
+    q, k, v, dout = make_inputs(case, device, seed)
+    out, lse = fa2dispatch.attention(q, k, v, causal=case.causal, layout=case.layout, return_lse=True,
+                                     backend=backend)
+    assert out.shape == q.shape and out.dtype == q.dtype and out.device == q.device
+    assert lse.shape == (case.B, case.H, case.Mq) and lse.dtype == torch.float32
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), dout)
+    truth = math_with_grads(q, k, v, dout, case, torch.float64)
+    low = math_with_grads(q, k, v, dout, case, case.dtype)
+    magnitude = max_magnitude(truth[0], *truth[2:])
+    check_close("out", out, truth[0], low[0], magnitude)
+    check_lse(lse, truth[1], low[1])
+    for name, ours, t, lp in zip(("dq", "dk", "dv"), (dq, dk, dv), truth[2:], low[2:]):
+        check_close(name, ours, t, lp, magnitude)
+    return out, lse, dq, dk, dv

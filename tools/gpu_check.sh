@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# One-call GPU check for a remote machine (torch, triton, pytest, rich preinstalled; no network;
+# the repository as working directory): environment report, GPU tests, then the benchmark.
+#
+#   OUT=/tmp/out BENCH_ARGS="--quick --modes fwd" bash tools/gpu_check.sh
+#
+# Everything worth keeping lands in $OUT: gpu_tests.log, bench.log, bench.json, bench.md.
+# Exits with the test exit code; a failing benchmark is reported but does not change it.
+set -euo pipefail
+
+OUT="${OUT:-/tmp/out}"
+BENCH_ARGS="${BENCH_ARGS:-}"
+mkdir -p "$OUT"
+
+echo "== GPU"
+# Current vs max SM clock: a throttled or power-capped GPU explains low numbers before any kernel does.
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv || echo "nvidia-smi failed"
+
+echo "== versions"
+python3 --version
+python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" || echo "torch import failed"
+python3 -c "import triton; print('triton', triton.__version__)" || echo "triton import failed"
+
+echo "== install"
+# No network: no build isolation, no dependency resolution; everything needed is already there.
+# backends/ maps into the package (pyproject.toml), so PYTHONPATH alone would not do.
+if ! python3 -m pip install --no-deps --no-build-isolation -q -e .; then
+    echo "editable install failed; trying a plain install"
+    python3 -m pip install --no-deps --no-build-isolation -q . || { echo "install failed"; exit 4; }
+fi
+
+echo "== GPU tests"
+# --timeout needs pytest-timeout; without the plugin pytest would stop at a usage error.
+timeout_args=()
+if python3 -c "import pytest_timeout" 2>/dev/null; then
+    timeout_args=(--timeout=300)
+else
+    echo "pytest-timeout not installed: running without --timeout"
+fi
+set +e
+python3 -m pytest -m gpu -q ${timeout_args[@]+"${timeout_args[@]}"} tests 2>&1 | tee "$OUT/gpu_tests.log"
+test_rc=${PIPESTATUS[0]}
+set -e
+
+echo "== benchmark"
+# Split BENCH_ARGS on whitespace without letting the shell glob it.
+read -r -a bench_args <<< "$BENCH_ARGS"
+set +e
+PYTHONUNBUFFERED=1 python3 tools/bench.py --json "$OUT/bench.json" --markdown "$OUT/bench.md" \
+    ${bench_args[@]+"${bench_args[@]}"} 2>&1 | tee "$OUT/bench.log"
+bench_rc=${PIPESTATUS[0]}
+set -e
+
+echo "== summary"
+# pytest -q ends with one line like "12 passed, 3 skipped in 4.56s"; exit code 5 means no test was collected.
+summary=$(grep -E '(passed|failed|error|skipped|deselected|no tests ran)' "$OUT/gpu_tests.log" | tail -n 1 || true)
+echo "tests: ${summary:-<no summary line>} (exit $test_rc)"
+echo "bench: exit $bench_rc"
+exit "$test_rc"

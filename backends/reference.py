@@ -62,6 +62,9 @@ class ReferenceBackend(Backend):
     dtypes = (torch.float16, torch.bfloat16, torch.float32)
     deterministic = True
 
+    def available(self, device: DeviceInfo) -> list[str]:
+        return []  # plain PyTorch ops: wherever torch runs (meta tensors give meta results)
+
     def forward(self, problem: AttentionProblem, q, k, v, config: Config | None):
         out, lse = attention_math(
             q, k, v, causal=problem.causal, softmax_scale=problem.softmax_scale, layout=problem.layout

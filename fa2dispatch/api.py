@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from fa2dispatch.dispatch import Decision, check_backend_name, select
+from fa2dispatch.dispatch import Decision, check_backend_name, decide, requested_backend
 from fa2dispatch.ops import attention_eager, attention_forward_op
 from fa2dispatch.problem import make_problem
 
@@ -40,17 +40,31 @@ def attention(
         ``out`` shaped and laid out like q, in q's dtype; ``(out, lse)`` if ``return_lse``.
         Differentiable with respect to q, k and v (and through lse).
     """
+    problem, choice = _validate(q, k, v, causal, softmax_scale, layout, return_lse, backend)
+    if torch.compiler.is_compiling():
+        # choice was resolved at trace time (the use_backend context and the environment are
+        # read then, as torch.compile reads other Python state) and is baked into the graph.
+        out, lse = attention_forward_op(
+            q, k, v, problem.causal, problem.softmax_scale, problem.layout, choice, problem.requires_grad
+        )
+    else:
+        out, lse = attention_eager(q, k, v, problem, choice)
+    return (out, lse) if return_lse else out
+
+
+def _validate(q, k, v, causal, softmax_scale, layout, return_lse, backend):
+    """Every check of a call, before anything launches: (problem, resolved backend choice)."""
     problem = make_problem(q, k, v, causal=causal, softmax_scale=softmax_scale, layout=layout)
     check_backend_name(backend)
     if not isinstance(return_lse, bool):
         raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
-    if torch.compiler.is_compiling():
-        out, lse = attention_forward_op(
-            q, k, v, problem.causal, problem.softmax_scale, problem.layout, backend, problem.requires_grad
-        )
-    else:
-        out, lse = attention_eager(q, k, v, problem, backend)
-    return (out, lse) if return_lse else out
+    return problem, _resolve_backend(backend)
+
+
+@torch.compiler.assume_constant_result
+def _resolve_backend(backend: str) -> str:
+    # Dynamo cannot trace ContextVar.get; run it eagerly at trace time and keep the result.
+    return requested_backend(backend)
 
 
 def explain(
@@ -65,6 +79,5 @@ def explain(
     backend: str = "auto",
 ) -> Decision:
     """The dispatcher's decision for ``attention(q, k, v, **same arguments)``, without running it."""
-    problem = make_problem(q, k, v, causal=causal, softmax_scale=softmax_scale, layout=layout)
-    check_backend_name(backend)
-    return select(problem, backend)
+    problem, choice = _validate(q, k, v, causal, softmax_scale, layout, return_lse, backend)
+    return decide(problem, choice)

@@ -58,11 +58,12 @@ def use_backend(name: str):
 
 
 def requested_backend(backend: str = "auto") -> str:
-    """The explicit choice in force: the argument, else the context, else the environment."""
+    """The choice in force: the argument, else the innermost ``use_backend`` (whose "auto"
+    restores automatic choice), else the environment. Resolved once per call, at forward time."""
     if backend != "auto":
         return backend
     ctx = _forced.get()
-    if ctx is not None and ctx != "auto":
+    if ctx is not None:
         return ctx
     env = os.environ.get(ENV_BACKEND, "auto") or "auto"
     if env != "auto" and env not in BACKENDS:
@@ -72,7 +73,11 @@ def requested_backend(backend: str = "auto") -> str:
 
 def select(problem: AttentionProblem, backend: str = "auto") -> Decision:
     """Decide who runs ``problem``. ``backend`` is a registered name or "auto"."""
-    choice = requested_backend(backend)
+    return decide(problem, requested_backend(backend))
+
+
+def decide(problem: AttentionProblem, choice: str) -> Decision:
+    """``select`` for an already resolved choice (see ``requested_backend``); memoized."""
     key = (problem, choice)
     decision = _memo.get(key)
     if decision is None:

@@ -63,8 +63,17 @@ def _cuda_device_info(index: int) -> DeviceInfo:
     )
 
 
+@functools.lru_cache(maxsize=None)
+def _other_device_info(device_type: str) -> DeviceInfo:
+    """Devices no kernel here targets (mps, xpu, meta ...): only the reference runs there."""
+    return DeviceInfo(vendor=device_type, name=device_type, arch=device_type, capability=None,
+                      multiprocessors=0, smem_per_block=0, warp_size=1)
+
+
 def device_info(device: torch.device) -> DeviceInfo:
     """DeviceInfo of a tensor's device, cached per device index."""
     if device.type == "cuda":
         return _cuda_device_info(device.index if device.index is not None else torch.cuda.current_device())
-    return CPU
+    if device.type == "cpu":
+        return CPU
+    return _other_device_info(device.type)

@@ -13,17 +13,22 @@ from __future__ import annotations
 
 import torch
 
-from fa2dispatch.dispatch import select
+from fa2dispatch.dispatch import decide
 from fa2dispatch.problem import AttentionProblem, make_problem
 
 
-def run_forward(problem: AttentionProblem, q, k, v, backend: str):
-    decision = select(problem, backend)
+# ``choice`` is the caller's backend request already resolved against the use_backend context
+# and the environment (dispatch.requested_backend), so the backward runs where the forward
+# ran even if the context has changed in between.
+
+
+def run_forward(problem: AttentionProblem, q, k, v, choice: str):
+    decision = decide(problem, choice)
     return decision.backend.forward(problem, q, k, v, decision.config)
 
 
-def run_backward(problem: AttentionProblem, dout, dlse, q, k, v, out, lse, backend: str):
-    decision = select(problem, backend)
+def run_backward(problem: AttentionProblem, dout, dlse, q, k, v, out, lse, choice: str):
+    decision = decide(problem, choice)
     if dout is None:
         dout = torch.zeros_like(out)
     return decision.backend.backward(problem, dout, q, k, v, out, lse, decision.config, dlse=dlse)

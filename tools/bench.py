@@ -320,35 +320,28 @@ def _forward_backward(fn: Callable, q, k, v, dout) -> tuple:
 
 
 def _math_reference(case: Case, q, k, v, dout) -> tuple:
-    """Plain fp32 attention, a few heads at a time, so Mq = 16k never needs B*H*Mq*Mkv at once.
-
-    Each chunk runs its own backward right away: keeping every chunk's graph alive until the
-    end would bring back exactly the memory the chunking avoids.
+    """The project's one reference (attention_math, fp32), a few batch entries at a time, so
+    Mq = 16k never needs every B*H*Mq*Mkv score at once. Each chunk runs its backward right
+    away: keeping every chunk's graph alive would bring back the memory the chunking avoids.
     """
     import torch
 
+    from fa2dispatch.backends.reference import attention_math
+
     B, H, Mq, D = q.shape
-    Mkv = k.shape[2]
-    q3, k3, v3 = (t.detach().float().reshape(B * H, -1, D) for t in (q, k, v))
-    do3 = None if dout is None else dout.float().reshape(B * H, Mq, D)
-    step = max(1, REFERENCE_CHUNK_BYTES // (16 * Mq * Mkv))  # 4 fp32 Mq x Mkv matrices per head
-    mask = torch.ones(Mq, Mkv, dtype=torch.bool, device=q.device).tril() if case.causal else None
+    step = max(1, REFERENCE_CHUNK_BYTES // (16 * H * Mq * k.shape[2]))  # 4 fp32 Mq x Mkv matrices per head
     outs, grads = [], [[], [], []]
-    for i in range(0, B * H, step):
-        with torch.set_grad_enabled(do3 is not None):
-            leaves = [t[i:i + step].clone().requires_grad_(do3 is not None) for t in (q3, k3, v3)]
-            s = leaves[0] @ leaves[1].transpose(1, 2) * D ** -0.5
-            if mask is not None:
-                s = s.masked_fill(~mask, float("-inf"))
-            o = torch.softmax(s, dim=-1) @ leaves[2]
-        if do3 is not None:
-            o.backward(do3[i:i + step])
+    for i in range(0, B, step):
+        with torch.set_grad_enabled(dout is not None):
+            leaves = [t[i:i + step].detach().float().requires_grad_(dout is not None) for t in (q, k, v)]
+            o, _ = attention_math(*leaves, causal=case.causal, softmax_scale=D**-0.5, layout="bhsd")
+        if dout is not None:
+            o.backward(dout[i:i + step].float())
             for g, leaf in zip(grads, leaves):
                 g.append(leaf.grad)
         outs.append(o.detach())
-        del s, o, leaves
-    out = torch.cat(outs).reshape(B, H, Mq, D)
-    return out, ([] if do3 is None else [torch.cat(g).reshape(t.shape) for g, t in zip(grads, (q, k, v))])
+        del o, leaves
+    return torch.cat(outs), ([] if dout is None else [torch.cat(g) for g in grads])
 
 
 def _reference(case: Case, q, k, v, dout) -> tuple[str, Any, list]:

@@ -61,10 +61,15 @@ def _validate(q, k, v, causal, softmax_scale, layout, return_lse, backend):
     return problem, _resolve_backend(backend)
 
 
-@torch.compiler.assume_constant_result
 def _resolve_backend(backend: str) -> str:
-    # Dynamo cannot trace ContextVar.get; run it eagerly at trace time and keep the result.
     return requested_backend(backend)
+
+
+# Dynamo cannot trace ContextVar.get, so under torch.compile this runs eagerly at trace time and
+# its result is a constant of the graph. torch.compiler.assume_constant_result(fn) does nothing
+# but set this flag; calling it here would import torch._dynamo, and with it Triton, at
+# `import fa2dispatch`, before a caller can choose TRITON_INTERPRET. Tests cover both effects.
+_resolve_backend._dynamo_marked_constant = True
 
 
 def explain(

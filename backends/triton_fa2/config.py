@@ -81,10 +81,14 @@ def default_config(problem: AttentionProblem, device: DeviceInfo) -> TritonConfi
         return TritonConfig(block_m=64, block_n=32, num_warps=4, num_stages=2,
                             dkdv_block_m=16, dkdv_block_n=64, dq_block_m=64, dq_block_n=16,
                             bwd_num_warps=4, bwd_num_stages=1)
+    # Backward blocks: 64 x 64 for both kernels, 4 warps, 2 stages measured fastest or within
+    # 0.5% of it at D=64 and D=128 (tools/sweep_bwd.py, H100, fp16, S 4k/16k, causal and not:
+    # geomean 322 and 363 TFLOP/s against 240 and 274 for the first guess of 32 x 128 / 128 x 32;
+    # docs/PERF_NOTES.md). ~100 KB of shared memory at D=128, so parts with ~99 KB take smaller.
+    if small_smem:
+        bwd = dict(dkdv_block_m=32, dkdv_block_n=64, dq_block_m=64, dq_block_n=32, bwd_num_warps=4, bwd_num_stages=1)
+    else:
+        bwd = dict(dkdv_block_m=64, dkdv_block_n=64, dq_block_m=64, dq_block_n=64, bwd_num_warps=4, bwd_num_stages=2)
     if bd >= 128:
-        return TritonConfig(block_m=128, block_n=64, num_warps=8, num_stages=2 if small_smem else 3,
-                            dkdv_block_m=32, dkdv_block_n=128, dq_block_m=128, dq_block_n=32,
-                            bwd_num_warps=8, bwd_num_stages=2)
-    return TritonConfig(block_m=128, block_n=64, num_warps=4, num_stages=3,
-                        dkdv_block_m=32, dkdv_block_n=128, dq_block_m=128, dq_block_n=32,
-                        bwd_num_warps=4, bwd_num_stages=2)
+        return TritonConfig(block_m=128, block_n=64, num_warps=8, num_stages=2 if small_smem else 3, **bwd)
+    return TritonConfig(block_m=128, block_n=64, num_warps=4, num_stages=3, **bwd)

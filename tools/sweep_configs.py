@@ -1,11 +1,11 @@
 #!/usr/bin/env python3
-"""Time the Triton backward under a handful of block configurations on this GPU.
+"""Time the Triton forward or backward under a handful of block configurations on this GPU.
 
 A stop-gap for choosing per-device-family defaults (backends/triton_fa2/config.py) before the
-autotuner exists: the BENCH_PROTOCOL.md cases, backward only, each candidate checked against
-the default config's gradients before it is timed. Prints one table; writes JSON with --json.
+autotuner exists: the BENCH_PROTOCOL.md cases, fp16, each candidate checked against the
+default config's results before it is timed. Prints one table; writes JSON with --json.
 
-    python tools/sweep_bwd.py --head-dims 64,128 --seqlens 4096,16384
+    python tools/sweep_configs.py --mode bwd --head-dims 64,128 --seqlens 4096,16384
 """
 
 from __future__ import annotations
@@ -15,8 +15,23 @@ import json
 import sys
 from dataclasses import replace
 
-# (dkdv_block_m, dkdv_block_n, dq_block_m, dq_block_n, bwd_num_warps, bwd_num_stages)
-CANDIDATES = [
+FIELDS = {
+    "fwd": ("block_m", "block_n", "num_warps", "num_stages"),
+    "bwd": ("dkdv_block_m", "dkdv_block_n", "dq_block_m", "dq_block_n", "bwd_num_warps", "bwd_num_stages"),
+}
+FWD_CANDIDATES = [
+    (128, 64, 8, 3),
+    (128, 64, 4, 3),
+    (128, 128, 8, 2),
+    (128, 128, 8, 3),
+    (128, 64, 8, 4),
+    (128, 32, 4, 3),
+    (64, 64, 4, 3),
+    (64, 128, 4, 2),
+    (128, 128, 4, 2),
+    (256, 64, 8, 2),
+]
+BWD_CANDIDATES = [
     (32, 128, 128, 32, 8, 2),
     (64, 128, 128, 64, 8, 2),
     (64, 128, 128, 32, 8, 2),
@@ -34,6 +49,7 @@ CANDIDATES = [
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--mode", choices=("fwd", "bwd"), default="bwd")
     p.add_argument("--head-dims", default="64,128")
     p.add_argument("--seqlens", default="4096,16384")
     p.add_argument("--json", default=None)
@@ -48,9 +64,10 @@ def main(argv=None) -> int:
     from fa2dispatch.problem import make_problem
 
     if not torch.cuda.is_available():
-        print("sweep_bwd.py needs a CUDA GPU (found none)")
+        print("sweep_configs.py needs a CUDA GPU (found none)")
         return 2
     dev = device_info(torch.device("cuda"))
+    candidates = FWD_CANDIDATES if args.mode == "fwd" else BWD_CANDIDATES
     rows = []
     for d in map(int, args.head_dims.split(",")):
         for s in map(int, args.seqlens.split(",")):
@@ -62,20 +79,24 @@ def main(argv=None) -> int:
                 problem = make_problem(q, k, v, causal=causal, layout="bhsd")
                 base = default_config(problem, dev)
                 out, lse = launch.forward(problem, q, k, v, base, dev)
-                ref = launch.backward(problem, dout, q, k, v, out, lse, None, base, dev)
-                flops = 2.5 * 4 * B * H * s * s * d / (2 if causal else 1)
-                for cand in CANDIDATES:
-                    cfg = replace(base, **dict(zip(("dkdv_block_m", "dkdv_block_n", "dq_block_m", "dq_block_n",
-                                                    "bwd_num_warps", "bwd_num_stages"), cand)))
+                if args.mode == "fwd":
+                    def run(cfg):
+                        return launch.forward(problem, q, k, v, cfg, dev)
+                else:
+                    def run(cfg):
+                        return launch.backward(problem, dout, q, k, v, out, lse, None, cfg, dev)
+                ref = run(base)
+                flops = (2.5 if args.mode == "bwd" else 1.0) * 4 * B * H * s * s * d / (2 if causal else 1)
+                for cand in candidates:
+                    cfg = replace(base, **dict(zip(FIELDS[args.mode], cand)))
                     row = {"D": d, "S": s, "causal": causal, "config": cand}
                     try:
-                        got = launch.backward(problem, dout, q, k, v, out, lse, None, cfg, dev)
+                        got = run(cfg)
                         diff = max((a.float() - b.float()).abs().max().item() / max(1.0, b.float().abs().max().item())
                                    for a, b in zip(got, ref))
                         if not diff < 1e-2:
-                            raise RuntimeError(f"gradients differ from the default config's by {diff:.2e}")
-                        ms = do_bench(lambda: launch.backward(problem, dout, q, k, v, out, lse, None, cfg, dev),
-                                      warmup=25, rep=100, return_mode="median")
+                            raise RuntimeError(f"results differ from the default config's by {diff:.2e}")
+                        ms = do_bench(lambda: run(cfg), warmup=25, rep=100, return_mode="median")
                         row["tflops"] = flops / ms * 1e-9
                     except Exception as exc:  # out of resources, compile failure: record and go on
                         row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
@@ -85,9 +106,9 @@ def main(argv=None) -> int:
                 del q, k, v, dout, out, lse, ref
                 torch.cuda.empty_cache()
     # Summary: geometric-mean speed per candidate over the cases, per head dim.
-    print("\ncandidate (dkdv_m, dkdv_n, dq_m, dq_n, warps, stages): geomean TFLOP/s per head dim")
+    print(f"\ncandidate {FIELDS[args.mode]}: geomean TFLOP/s per head dim")
     for d in map(int, args.head_dims.split(",")):
-        for cand in CANDIDATES:
+        for cand in candidates:
             vals = [r["tflops"] for r in rows if r["D"] == d and r["config"] == cand and "tflops" in r]
             n_cases = len({(r["S"], r["causal"]) for r in rows if r["D"] == d})
             if len(vals) == n_cases:

@@ -50,3 +50,21 @@ def nan_poison(monkeypatch):
     monkeypatch.setattr(torch, "empty_like", lambda *a, **kw: poisoned(real_empty_like(*a, **kw)))
     yield
 
+
+
+@pytest.fixture
+def no_kernel_launch(monkeypatch):
+    """Every backend's forward/backward fails the test, so a call that must be refused has to
+    raise before any kernel; memoized decisions are not carried between tests."""
+    from fa2dispatch import dispatch
+    from fa2dispatch.backends import BACKENDS
+
+    def launched(*args, **kwargs):
+        raise AssertionError("kernel launched")
+
+    for backend in BACKENDS.values():
+        monkeypatch.setattr(backend, "forward", launched)
+        monkeypatch.setattr(backend, "backward", launched)
+    dispatch.clear_memo()
+    yield
+    dispatch.clear_memo()

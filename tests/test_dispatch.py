@@ -62,18 +62,6 @@ def unpatched_interpreter():
         dispatch.clear_memo()
 
 
-@pytest.fixture
-def blocked_compute(monkeypatch):
-    """Every backend's forward/backward fails the test: for calls that must raise first."""
-
-    def launched(*args, **kwargs):
-        raise AssertionError("kernel launched")
-
-    for backend in BACKENDS.values():
-        monkeypatch.setattr(backend, "forward", launched)
-        monkeypatch.setattr(backend, "backward", launched)
-
-
 # ------------------------------------------------------------------ default choice
 
 
@@ -168,7 +156,7 @@ def test_argument_and_context_win_over_environment(monkeypatch):
 # ------------------------------------------------------------------ a backend that cannot run
 
 
-def test_forced_backend_that_cannot_run_raises_with_its_reasons(triton_unavailable, blocked_compute):
+def test_forced_backend_that_cannot_run_raises_with_its_reasons(triton_unavailable, no_kernel_launch):
     q, k, v = _inputs()
     problem_text = re.escape(make_problem(q, k, v).describe())
     pattern = r"backend='triton' cannot run this call \(" + problem_text + r"\): " + re.escape(NO_INTERPRETER)
@@ -192,7 +180,7 @@ def test_auto_falls_back_to_reference_with_triton_reason(triton_unavailable):
 
 
 @pytest.mark.interpreter
-def test_bf16_rejected_under_defective_interpreter(unpatched_interpreter, blocked_compute):
+def test_bf16_rejected_under_defective_interpreter(unpatched_interpreter, no_kernel_launch):
     """The library's own probe finds the defects the harness otherwise patches away."""
     defects = bf16_defects()
     assert any("triton#11584" in d for d in defects) and any("triton#8322" in d for d in defects)
@@ -238,7 +226,7 @@ def test_grid_limit_rejects_triton():
 # ------------------------------------------------------------------ nobody can run it
 
 
-def test_no_backend_error_when_every_backend_rejects(monkeypatch, triton_unavailable, blocked_compute):
+def test_no_backend_error_when_every_backend_rejects(monkeypatch, triton_unavailable, no_kernel_launch):
     monkeypatch.setattr(dispatch, "BACKENDS", {"triton": BACKENDS["triton"]})
     q, k, v = _inputs()
     for call in (fa2dispatch.explain, fa2dispatch.attention):

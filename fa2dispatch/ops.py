@@ -40,6 +40,7 @@ class _AttentionFunction(torch.autograd.Function):
         out, lse = run_forward(problem, q, k, v, backend)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.problem, ctx.backend = problem, backend
+        ctx.set_materialize_grads(False)  # an unused lse gets None, not a tensor of zeros to subtract
         return out, lse
 
     @staticmethod

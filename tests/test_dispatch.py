@@ -215,12 +215,19 @@ def test_bf16_accepted_by_patched_interpreter():
 
 
 @pytest.mark.interpreter
-def test_grid_limit_rejects_triton():
-    problem = AttentionProblem(B=70000, H=1, Hkv=1, Mq=4, Mkv=4, D=16, dtype=torch.float16,
-                               device=torch.device("cpu"), layout="bshd", causal=False, softmax_scale=0.25)
-    decision = dispatch.select(problem)
-    assert decision.backend.name == "reference"
-    assert decision.rejected == {"triton": ["B*H=70000 (supported: at most 65535, the launch grid's y limit)"]}
+def test_many_heads_run_on_triton_but_a_grid_past_2_31_programs_is_refused():
+    """The kernels use a 1-D grid: batch x heads past gridDim.y's 65535 is fine; only more than
+    2^31 - 1 programs in one launch is not."""
+
+    def problem(B, H, M):
+        return AttentionProblem(B=B, H=H, Hkv=H, Mq=M, Mkv=M, D=16, dtype=torch.float16,
+                                device=torch.device("cpu"), layout="bshd", causal=False, softmax_scale=0.25)
+
+    assert dispatch.select(problem(70000, 1, 4)).backend.name == "triton"
+    huge = dispatch.select(problem(4096, 128, 1 << 20))  # CPU blocks of 16..32 rows: 2^34 programs
+    assert huge.backend.name == "reference"
+    assert huge.rejected == {"triton": ["B=4096 x H=128 x Mq=1048576 needs 17179869184 programs "
+                                        "(supported: at most 2147483647)"]}
 
 
 # ------------------------------------------------------------------ nobody can run it

@@ -38,6 +38,8 @@ def _matrix():
     cases.append(Case(1, 4, 4, 512, 512, 128, torch.float32, False, "bhsd"))
     cases.append(Case(2, 8, 2, 1000, 1200, 64, torch.float16, True, "bshd", contiguous=False))
     cases.append(Case(2, 8, 8, 1000, 1200, 128, torch.bfloat16, False, "bhsd", contiguous=False))
+    # batch x heads past 65535 (gridDim.y's limit; the kernels use a 1-D grid), decode-like
+    cases.append(Case(1024, 72, 8, 1, 80, 64, torch.float16, True))
     return cases
 
 

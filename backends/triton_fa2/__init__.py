@@ -57,7 +57,7 @@ class TritonBackend(Backend):
         reasons = super().not_supported_reasons(problem, device)
         if reasons:
             return reasons
-        reasons.extend(grid_reasons(problem))
+        reasons.extend(grid_reasons(problem, default_config(problem, device)))
         if problem.dtype == torch.bfloat16 and _interpreting():
             from .interpreter import bf16_defects
 

@@ -48,6 +48,18 @@ def _store_rows(ptrs, tile, offs_rows, n_rows, offs_d, HEAD_DIM: tl.constexpr, B
 
 
 @triton.jit
+def _block_and_head(n_rows, BLOCK: tl.constexpr):
+    """Split the 1-D program id into (first row of this block, batch*head index).
+
+    Blocks of one head are consecutive programs, so they run close in time and share that
+    head's K/V (forward, dQ) or Q/dO (dK/dV) in L2. A 1-D grid has no 65535 limit on the
+    number of heads, as gridDim.y would."""
+    n_blocks = tl.cdiv(n_rows, BLOCK)
+    pid = tl.program_id(0)
+    return (pid % n_blocks) * BLOCK, pid // n_blocks
+
+
+@triton.jit
 def _kv_ranges(start_m, Mq, Mkv, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Key ranges of one query block: [0, full_hi) needs no mask, [full_hi, hi) does."""
     diag = Mkv - Mq
@@ -111,8 +123,7 @@ def attn_fwd(Q, K, V, Out, Lse, qk_scale,
              CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """One program per (query block, batch*head); q stays on chip throughout."""
-    start_m = tl.program_id(0) * BLOCK_M
-    off_bh = tl.program_id(1)
+    start_m, off_bh = _block_and_head(Mq, BLOCK_M)
     off_z = (off_bh // H).to(tl.int64)
     off_h = (off_bh % H).to(tl.int64)
     off_hkv = off_h // GROUP
@@ -158,8 +169,7 @@ def attn_bwd_preprocess(Out, DO, Delta,
                         H, Mq,
                         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
     """delta_i = sum_d dO_id * O_id (float32), the row term of dS = P * (dP - delta)."""
-    start_m = tl.program_id(0) * BLOCK_M
-    off_bh = tl.program_id(1)
+    start_m, off_bh = _block_and_head(Mq, BLOCK_M)
     off_z = (off_bh // H).to(tl.int64)
     off_h = (off_bh % H).to(tl.int64)
     offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -222,8 +232,7 @@ def attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV, qk_scale, softmax_scale,
     """One program per (key block, batch*kv head): K and V stay on chip while the program
     loops over every query head of its group and every query block, so dK and dV are summed
     on chip (GQA included) with no atomics: deterministic."""
-    start_n = tl.program_id(0) * BLOCK_N
-    off_bhkv = tl.program_id(1)
+    start_n, off_bhkv = _block_and_head(Mkv, BLOCK_N)
     off_z = (off_bhkv // HKV).to(tl.int64)
     off_hkv = (off_bhkv % HKV).to(tl.int64)
     offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -310,8 +319,7 @@ def attn_bwd_dq(Q, K, V, DO, Lse, Delta, DQ, qk_scale, softmax_scale,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """One program per (query block, batch*head), parallel over queries like the forward;
     dQ is summed on chip over key blocks: no atomics, deterministic."""
-    start_m = tl.program_id(0) * BLOCK_M
-    off_bh = tl.program_id(1)
+    start_m, off_bh = _block_and_head(Mq, BLOCK_M)
     off_z = (off_bh // H).to(tl.int64)
     off_h = (off_bh % H).to(tl.int64)
     off_hkv = off_h // GROUP

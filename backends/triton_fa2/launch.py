@@ -38,7 +38,7 @@ def forward(problem: AttentionProblem, q, k, v, config: TritonConfig, device: De
     B, H, Mq, Mkv, D = problem.B, problem.H, problem.Mq, problem.Mkv, problem.D
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, Mq), dtype=torch.float32, device=q.device)
-    grid = (triton.cdiv(Mq, config.block_m), B * H)
+    grid = (triton.cdiv(Mq, config.block_m) * B * H,)
     kernels.attn_fwd[grid](
         q, k, v, out, lse, problem.softmax_scale * LOG2E,
         *_strides(q, problem.layout), *_strides(k, problem.layout), *_strides(v, problem.layout),
@@ -63,7 +63,7 @@ def backward(problem: AttentionProblem, dout, q, k, v, out, lse, dlse, config: T
     opts = config.launch_options(device.vendor, backward=True)
 
     delta = torch.empty((B, H, Mq), dtype=torch.float32, device=q.device)
-    kernels.attn_bwd_preprocess[(triton.cdiv(Mq, config.dq_block_m), B * H)](
+    kernels.attn_bwd_preprocess[(triton.cdiv(Mq, config.dq_block_m) * B * H,)](
         out, dout, delta, *_strides(out, layout), *_strides(dout, layout), H, Mq,
         HEAD_DIM=D, BLOCK_D=bd, BLOCK_M=config.dq_block_m, **opts,
     )
@@ -73,7 +73,7 @@ def backward(problem: AttentionProblem, dout, q, k, v, out, lse, dlse, config: T
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
-    kernels.attn_bwd_dkdv[(triton.cdiv(Mkv, config.dkdv_block_n), B * Hkv)](
+    kernels.attn_bwd_dkdv[(triton.cdiv(Mkv, config.dkdv_block_n) * B * Hkv,)](
         q, k, v, dout, lse, delta, dk, dv, qk_scale, problem.softmax_scale,
         *_strides(q, layout), *_strides(k, layout), *_strides(v, layout), *_strides(dout, layout),
         *_strides(dk, layout), *_strides(dv, layout),
@@ -81,7 +81,7 @@ def backward(problem: AttentionProblem, dout, q, k, v, out, lse, dlse, config: T
         CAUSAL=problem.causal, HEAD_DIM=D, BLOCK_D=bd,
         BLOCK_M=config.dkdv_block_m, BLOCK_N=config.dkdv_block_n, DOT_PRECISION=precision, **opts,
     )
-    kernels.attn_bwd_dq[(triton.cdiv(Mq, config.dq_block_m), B * H)](
+    kernels.attn_bwd_dq[(triton.cdiv(Mq, config.dq_block_m) * B * H,)](
         q, k, v, dout, lse, delta, dq, qk_scale, problem.softmax_scale,
         *_strides(q, layout), *_strides(k, layout), *_strides(v, layout), *_strides(dout, layout),
         *_strides(dq, layout),
@@ -92,11 +92,14 @@ def backward(problem: AttentionProblem, dout, q, k, v, out, lse, dlse, config: T
     return dq, dk, dv
 
 
-MAX_GRID_Y = 65535  # CUDA's limit on gridDim.y, which carries batch * heads
+MAX_PROGRAMS = 2**31 - 1  # gridDim.x; the program id is a 32-bit int
 
 
-def grid_reasons(problem: AttentionProblem) -> list[str]:
-    if problem.B * problem.H > MAX_GRID_Y:
-        return [f"B*H={problem.B * problem.H} (supported: at most {MAX_GRID_Y}, the launch grid's y limit)"]
+def grid_reasons(problem: AttentionProblem, config: TritonConfig) -> list[str]:
+    """The 1-D grid of the largest launch (query or key blocks x batch x heads) must fit."""
+    blocks = max(triton.cdiv(problem.Mq, min(config.block_m, config.dq_block_m)) * problem.H,
+                 triton.cdiv(problem.Mkv, config.dkdv_block_n) * problem.Hkv)
+    if blocks * problem.B > MAX_PROGRAMS:
+        return [f"B={problem.B} x H={problem.H} x Mq={problem.Mq} needs {blocks * problem.B} programs "
+                f"(supported: at most {MAX_PROGRAMS})"]
     return []
-

@@ -11,6 +11,8 @@ Both flavours call ``run_forward`` / ``run_backward``, the only place a backend 
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from fa2dispatch.dispatch import decide
@@ -62,8 +64,6 @@ def attention_eager(q, k, v, problem: AttentionProblem, backend: str):
 def _problem(q, k, v, causal: bool, softmax_scale: float, layout: str, needs_grad: bool) -> AttentionProblem:
     problem = make_problem(q, k, v, causal=causal, softmax_scale=softmax_scale, layout=layout)
     if problem.requires_grad != needs_grad:  # inside the op autograd is off; keep the caller's view
-        from dataclasses import replace
-
         problem = replace(problem, requires_grad=needs_grad)
     return problem
 

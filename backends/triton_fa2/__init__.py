@@ -10,7 +10,7 @@ import importlib.util
 
 import torch
 
-from fa2dispatch.hardware import DeviceInfo
+from fa2dispatch.hardware import DeviceInfo, device_info
 from fa2dispatch.problem import AttentionProblem
 
 from ..base import Backend
@@ -68,15 +68,11 @@ class TritonBackend(Backend):
         return default_config(problem, device)
 
     def forward(self, problem, q, k, v, config):
-        from fa2dispatch.hardware import device_info
-
-        from .launch import forward
+        from .launch import forward  # lazily: importing launch imports Triton
 
         return forward(problem, q, k, v, config, device_info(q.device))
 
     def backward(self, problem, dout, q, k, v, out, lse, config, dlse=None):
-        from fa2dispatch.hardware import device_info
-
         from .launch import backward
 
         return backward(problem, dout, q, k, v, out, lse, dlse, config, device_info(q.device))

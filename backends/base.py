@@ -30,24 +30,53 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def _arch_of(capability: tuple[int, int]) -> str:
+    return f"sm_{capability[0]}{capability[1]}"
+
+
 class Backend:
     """Base class: subclasses set the capability attributes and implement forward/backward."""
 
     name: ClassVar[str]
+    description: ClassVar[str] = ""
     vendors: ClassVar[tuple[str, ...]]  # device vendors it runs on: "nvidia", "amd", "cpu"
+    min_capability: ClassVar[tuple[int, int] | None] = None  # NVIDIA devices below this are refused
+    amd_archs: ClassVar[tuple[str, ...] | None] = None  # AMD archs it runs on (None: any)
+    packages: ClassVar[tuple[str, ...]] = ()  # optional Python packages it needs ("triton", "cupy")
     dtypes: ClassVar[tuple[torch.dtype, ...]]
     head_dim_min: ClassVar[int] = 8
     head_dim_max: ClassVar[int] = 256
     head_dim_multiple: ClassVar[int] = 8
     supports_backward: ClassVar[bool] = True
-    deterministic: ClassVar[bool] = True
+    deterministic: ClassVar[bool] = True  # backward bit-for-bit repeatable
+    supports_gqa: ClassVar[bool] = True  # H != Hkv without copying k and v
+    supports_lse_grad: ClassVar[bool] = True  # gradient through the returned lse
+    # bottom-right causal masking when Mq != Mkv (Mq == Mkv is the same for both alignments)
+    supports_causal_unequal: ClassVar[bool] = True
+    # backward works only after this backend's own forward (its residuals), so it cannot take
+    # over a backward whose forward ran elsewhere
+    backward_needs_own_forward: ClassVar[bool] = False
 
     # -- availability and support: lists of reasons, empty means yes -----------------------
+    def version(self, device: DeviceInfo) -> str:
+        """What the kernels come from, for the report ("triton 3.6.0", "torch 2.11.0")."""
+        return f"torch {device.versions.torch if device.versions is not None else torch.__version__}"
+
     def available(self, device: DeviceInfo) -> list[str]:
         """Reasons this backend cannot run on this device at all (missing library, arch)."""
         if device.vendor not in self.vendors:
             return [f"runs on {'/'.join(self.vendors)} devices, not {device.vendor}"]
-        return []
+        reasons = []
+        versions = device.versions
+        for package in self.packages:
+            if versions is not None and getattr(versions, package) is None:
+                reasons.append(f"{package} not installed")
+        if device.vendor == "nvidia" and self.min_capability is not None:
+            if device.capability is None or device.capability < self.min_capability:
+                reasons.append(f"requires {_arch_of(self.min_capability)}+ but device is {device.arch}")
+        if device.vendor == "amd" and self.amd_archs is not None and device.arch not in self.amd_archs:
+            reasons.append(f"arch {device.arch} (supported: {', '.join(self.amd_archs)})")
+        return reasons
 
     def not_supported_reasons(self, problem: AttentionProblem, device: DeviceInfo) -> list[str]:
         """Every reason this backend cannot compute this exact call, phrased as STYLE.md asks."""
@@ -63,11 +92,51 @@ class Backend:
             )
         if problem.requires_grad and not self.supports_backward:
             reasons.append("backward (gradients requested) is not implemented")
+        if problem.H != problem.Hkv and not self.supports_gqa:
+            reasons.append(f"GQA/MQA H={problem.H} Hkv={problem.Hkv} (supported: H == Hkv)")
+        if problem.causal and problem.Mq != problem.Mkv and problem.Mq != 1 and not self.supports_causal_unequal:
+            reasons.append(f"bottom-right causal with Mq={problem.Mq} != Mkv={problem.Mkv} "
+                           "(supported: causal when Mq == Mkv or Mq == 1)")
+        if problem.requires_grad and problem.return_lse and not self.supports_lse_grad:
+            reasons.append("gradient through the returned lse (return_lse=True with requires_grad) "
+                           "is not supported")
         return reasons
 
+    def capabilities(self) -> dict:
+        """The capability data, for the report."""
+        return {
+            "vendors": list(self.vendors),
+            "min_capability": _arch_of(self.min_capability) if self.min_capability else None,
+            "amd_archs": list(self.amd_archs) if self.amd_archs is not None else None,
+            "dtypes": [_dtype_name(d) for d in self.dtypes],
+            "head_dims": f"{self.head_dim_min}..{self.head_dim_max}, multiple of {self.head_dim_multiple}",
+            "backward": self.supports_backward,
+            "deterministic": self.deterministic,
+            "gqa": self.supports_gqa,
+            "lse_grad": self.supports_lse_grad,
+            "causal_unequal_lengths": self.supports_causal_unequal,
+        }
+
     # -- configs ---------------------------------------------------------------------------
+    config_type: ClassVar[type[Config] | None] = None  # None: the backend takes no launch config
+
+    def config_from_dict(self, data: dict | None) -> Config | None:
+        """A config read back from the autotune cache; ValueError if it does not fit this backend."""
+        if self.config_type is None or data is None:
+            if data:
+                raise ValueError(f"backend {self.name!r} takes no config, got {data}")
+            return None
+        try:
+            return self.config_type(**data)
+        except TypeError as exc:
+            raise ValueError(f"config {data} does not fit backend {self.name!r}: {exc}") from exc
+
     def default_config(self, problem: AttentionProblem, device: DeviceInfo) -> Config | None:
         return None
+
+    def config_reasons(self, problem: AttentionProblem, device: DeviceInfo, config: Config | None) -> list[str]:
+        """Reasons this config (e.g. a tuned one) cannot run this call; empty means it can."""
+        return []
 
     def config_space(self, problem: AttentionProblem, device: DeviceInfo) -> list[Config]:
         cfg = self.default_config(problem, device)
@@ -78,7 +147,7 @@ class Backend:
         self, problem: AttentionProblem, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: Config | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Return (out in q's layout and dtype, lse float32 of shape (B, H, Mq), natural log)."""
-        raise NotImplementedError
+        raise NotImplementedError(f"backend {self.name!r} has no forward")
 
     def backward(
         self,
@@ -94,4 +163,4 @@ class Backend:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Return (dq, dk, dv), each in its input's layout and dtype. ``dlse`` is the
         gradient reaching the returned lse (None when lse was not used)."""
-        raise NotImplementedError
+        raise NotImplementedError(f"backend {self.name!r} has no backward")

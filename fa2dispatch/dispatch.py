@@ -1,49 +1,118 @@
 """The one dispatcher: which backend, with which config, runs a call, and why.
 
-``select`` walks the registered backends in priority order and keeps every rejected
-backend's reasons. Decisions are memoized per problem, so a warm call costs one dictionary
-lookup. An explicit choice (argument, ``use_backend`` context, ``FA2DISPATCH_BACKEND``) wins;
-an explicit choice that cannot run the call raises with that backend's reasons.
+``select`` walks the registered backends in the device family's priority order
+(``backends.PRIORITY``) and keeps every rejected backend's reasons. Decisions are memoized per
+problem (a finer key than the autotune bucket: exact sizes decide limits such as the launch
+grid), so a warm call costs one dictionary lookup. An explicit choice (argument,
+``use_backend`` context, ``FA2DISPATCH_BACKEND``) wins; an explicit choice that cannot run the
+call raises ``ValueError`` with that backend's reasons.
+
+Fallback: when the chosen backend fails to compile or launch on a valid call, ``run_forward``
+and ``run_backward`` (the only places a backend is invoked, in ``ops.py``) call
+``record_failure``: the next candidate takes over, the memo remembers it, a warning is logged
+once per backend, and ``failures()`` keeps the record for the report. Invalid input never gets
+here: it raises in validation. A forced backend that fails raises.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import logging
 import os
+import threading
 from dataclasses import dataclass, field
 
-from fa2dispatch.backends import BACKENDS, Backend, Config
+import torch
+
+from fa2dispatch.backends import BACKENDS, Backend, Config, priority
 from fa2dispatch.errors import NoBackendError
-from fa2dispatch.hardware import DeviceInfo, device_info
+from fa2dispatch.hardware import DeviceInfo, dispatch_device, simulation
 from fa2dispatch.problem import AttentionProblem
+
+log = logging.getLogger("fa2dispatch")
 
 ENV_BACKEND = "FA2DISPATCH_BACKEND"
 _forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("fa2dispatch_backend", default=None)
 _MEMO_LIMIT = 4096  # distinct problems remembered; past that the memo starts over
-_memo: dict[tuple[AttentionProblem, str], "Decision"] = {}
+_memo: dict[tuple, "Decision"] = {}
+_FAILURE_LIMIT = 100  # run-time failures kept for the report
+_failures: list["Failure"] = []
+_warned: set[tuple[str, str]] = set()
+_lock = threading.Lock()  # guards _failures/_warned; the memo is a plain dict (atomic get/set)
+
+
+@dataclass(frozen=True)
+class Failure:
+    """A backend that failed at run time on a valid call, and who took over."""
+
+    backend: str
+    phase: str  # "forward" | "backward"
+    error: str  # "ExceptionType: message" (first line)
+    problem: str  # AttentionProblem.describe()
+    device: str
+    replaced_by: str | None  # the backend that ran instead; None if the error was raised
 
 
 @dataclass(frozen=True)
 class Decision:
+    """Who runs a call and why. ``str()`` is the text ``fa2dispatch.explain`` users read."""
+
     backend: Backend
     config: Config | None
-    source: str  # "forced" | "default"
+    source: str  # "forced" | "tuned" | "default" | "fallback"
     device: DeviceInfo
-    rejected: dict[str, list[str]] = field(default_factory=dict)
+    problem: AttentionProblem
+    rejected: dict[str, list[str]] = field(default_factory=dict)  # every backend not chosen, with reasons
+    fallbacks: tuple[str, ...] = ()  # the other backends that can run the call, in order
+    tuned_from: str | None = None  # the cache entry behind a "tuned" decision
+
+    SOURCES = {
+        "forced": "forced by backend= / use_backend / FA2DISPATCH_BACKEND",
+        "tuned": "winner in the autotune cache",
+        "default": "first capable backend in the device's priority order, default config",
+        "fallback": "the preferred backend failed at run time; next capable backend",
+    }
+
+    def as_dict(self) -> dict:
+        return {
+            "backend": self.backend.name,
+            "config": self.config.as_dict() if self.config is not None else None,
+            "source": self.source,
+            "device": f"{self.device.name} [{self.device.arch}]" + (" (simulated)" if self.device.simulated else ""),
+            "problem": self.problem.describe(),
+            "fallbacks": list(self.fallbacks),
+            "tuned_from": self.tuned_from,
+            "rejected": {name: list(reasons) for name, reasons in self.rejected.items()},
+        }
 
     def __str__(self) -> str:
-        cfg = self.config.short() if self.config is not None else "-"
-        lines = [f"backend {self.backend.name} ({self.source}) on {self.device.name} [{self.device.arch}]",
-                 f"  config: {cfg}"]
-        for name, reasons in self.rejected.items():
-            lines.append(f"  not {name}: " + "; ".join(reasons))
+        sim = " (simulated)" if self.device.simulated else ""
+        lines = [
+            f"fa2dispatch runs {self.problem.describe()}",
+            f"  on      {self.device.name} [{self.device.arch}]{sim}",
+            f"  with    {self.backend.name}  ({self.source}: {self.SOURCES[self.source]})",
+            f"  config  {self.config.short() if self.config is not None else '-'}",
+        ]
+        if self.tuned_from:
+            lines.append(f"  tuned   {self.tuned_from}")
+        if self.fallbacks:
+            lines.append(f"  then    {', '.join(self.fallbacks)}  (if it fails at run time)")
+        if self.rejected:
+            lines.append("  not chosen:")
+            width = max(map(len, self.rejected))
+            for name, reasons in self.rejected.items():
+                lines.append(f"    {name:<{width}}  " + "; ".join(reasons))
         return "\n".join(lines)
 
 
-def check_backend_name(name: str) -> None:
+def known_backends() -> str:
+    return ", ".join(map(repr, ("auto", *BACKENDS)))
+
+
+def check_backend_name(name: str, source: str = "backend") -> None:
     if not isinstance(name, str) or (name != "auto" and name not in BACKENDS):
-        raise ValueError(f"backend={name!r} is not known (known: 'auto', {', '.join(map(repr, BACKENDS))})")
+        raise ValueError(f"{source}={name!r} is not known (known: {known_backends()})")
 
 
 @contextlib.contextmanager
@@ -65,23 +134,29 @@ def requested_backend(backend: str = "auto") -> str:
     ctx = _forced.get()
     if ctx is not None:
         return ctx
-    env = os.environ.get(ENV_BACKEND, "auto") or "auto"
-    if env != "auto" and env not in BACKENDS:
-        raise ValueError(f"{ENV_BACKEND}={env!r} is not known (known: 'auto', {', '.join(map(repr, BACKENDS))})")
+    env = os.environ.get(ENV_BACKEND) or "auto"
+    if env != "auto":
+        check_backend_name(env, ENV_BACKEND)
     return env
 
 
-def select(problem: AttentionProblem, backend: str = "auto") -> Decision:
-    """Decide who runs ``problem``. ``backend`` is a registered name or "auto"."""
-    return decide(problem, requested_backend(backend))
+def select(problem: AttentionProblem, backend: str = "auto", *, device: DeviceInfo | None = None) -> Decision:
+    """Decide who runs ``problem``: ``backend`` is a registered name or "auto"; ``device``
+    overrides the problem's device (a simulated profile, ``hardware.simulated_device``)."""
+    check_backend_name(backend)
+    choice = requested_backend(backend)
+    if device is not None:
+        return _decide(problem, choice, device)
+    return decide(problem, choice)
 
 
 def decide(problem: AttentionProblem, choice: str) -> Decision:
     """``select`` for an already resolved choice (see ``requested_backend``); memoized."""
-    key = (problem, choice)
+    simulate = os.environ.get("FA2DISPATCH_SIMULATE") or None
+    key = (problem, choice, simulate)
     decision = _memo.get(key)
     if decision is None:
-        decision = _decide(problem, choice)
+        decision = _decide(problem, choice, dispatch_device(problem.device, simulation()))
         if len(_memo) >= _MEMO_LIMIT:
             _memo.clear()
         _memo[key] = decision
@@ -93,20 +168,117 @@ def clear_memo() -> None:
     _memo.clear()
 
 
-def _decide(problem: AttentionProblem, choice: str) -> Decision:
-    device = device_info(problem.device)
+def _reasons(backend: Backend, problem: AttentionProblem, device: DeviceInfo) -> list[str]:
+    """The backend's reasons; a check that itself fails (a broken driver or library) is one
+    more reason, so one broken backend never blocks the others."""
+    try:
+        return backend.not_supported_reasons(problem, device)
+    except Exception as exc:
+        return [f"its capability check failed ({_error_text(exc)})"]
+
+
+def _decide(problem: AttentionProblem, choice: str, device: DeviceInfo) -> Decision:
     if choice != "auto":
         check_backend_name(choice)
         chosen = BACKENDS[choice]
-        reasons = chosen.not_supported_reasons(problem, device)
+        reasons = _reasons(chosen, problem, device)
         if reasons:
             raise ValueError(f"backend={choice!r} cannot run this call ({problem.describe()}): " + "; ".join(reasons))
-        return Decision(chosen, chosen.default_config(problem, device), "forced", device)
+        return Decision(chosen, chosen.default_config(problem, device), "forced", device, problem)
     rejected: dict[str, list[str]] = {}
-    for name, candidate in BACKENDS.items():
-        reasons = candidate.not_supported_reasons(problem, device)
+    capable: list[str] = []
+    for name in priority(device):
+        reasons = _reasons(BACKENDS[name], problem, device)
         if reasons:
             rejected[name] = reasons
-            continue
-        return Decision(candidate, candidate.default_config(problem, device), "default", device, rejected)
-    raise NoBackendError(problem.describe(), rejected)
+        else:
+            capable.append(name)
+    if not capable:
+        raise NoBackendError(f"{problem.describe()} on {device.name} [{device.arch}]", rejected)
+    tuned = _tuned(problem, device, capable, rejected)
+    if tuned is not None:
+        return tuned
+    chosen = BACKENDS[capable[0]]
+    return Decision(chosen, chosen.default_config(problem, device), "default", device, problem,
+                    rejected, tuple(capable[1:]))
+
+
+def _tuned(problem: AttentionProblem, device: DeviceInfo, capable: list[str],
+           rejected: dict[str, list[str]]) -> Decision | None:
+    """The autotune cache's winner for the problem's bucket (or the nearest of its kind), if
+    that backend can run this call with that config. The cache never breaks a call."""
+    from fa2dispatch.autotune import cache
+
+    try:
+        entry, exact = cache.lookup(device, problem)
+        if entry is None or entry.backend not in capable:
+            return None
+        backend = BACKENDS[entry.backend]
+        config = backend.config_from_dict(entry.config)
+    except Exception as exc:  # damaged entries are reported by the cache; anything else here too
+        log.warning("fa2dispatch: autotune cache lookup failed (%s); using the default choice", _error_text(exc))
+        return None
+    if backend.config_reasons(problem, device, config):
+        return None
+    where = entry.source + ("" if exact else " (nearest tuned bucket)")
+    return Decision(backend, config, "tuned", device, problem, rejected,
+                    tuple(n for n in capable if n != backend.name), tuned_from=where)
+
+
+# ------------------------------------------------------------------ run-time failures
+
+
+def _error_text(exc: BaseException) -> str:
+    first = (str(exc).strip().splitlines() or [""])[0]
+    return f"{type(exc).__name__}: {first[:300]}"
+
+
+def may_fall_back(decision: Decision, exc: Exception) -> bool:
+    """A failure on a valid call falls back unless the backend was forced or memory ran out
+    (the next candidate would need more of it, not less)."""
+    return decision.source != "forced" and not isinstance(exc, torch.OutOfMemoryError)
+
+
+def record_failure(decision: Decision, choice: str, phase: str, exc: Exception,
+                   needs_foreign_lse: bool = False) -> Decision | None:
+    """``decision.backend`` failed on ``phase``; return the decision that replaces it, or None
+    when nothing can (the caller re-raises). The memo is updated so later calls skip the
+    failing backend for this problem."""
+    problem, device = decision.problem, decision.device
+    error = _error_text(exc)
+    remaining = [n for n in decision.fallbacks
+                 if not (needs_foreign_lse and BACKENDS[n].backward_needs_own_forward)
+                 and not (phase == "backward" and not BACKENDS[n].supports_backward)]
+    replacement = None
+    if remaining and may_fall_back(decision, exc):
+        nxt = BACKENDS[remaining[0]]
+        rejected = dict(decision.rejected)
+        rejected[decision.backend.name] = [f"failed at run time ({phase}): {error}"]
+        replacement = Decision(nxt, nxt.default_config(problem, device), "fallback", device, problem,
+                               rejected, tuple(n for n in decision.fallbacks if n != nxt.name))
+        _memo[(problem, choice, os.environ.get("FA2DISPATCH_SIMULATE") or None)] = replacement
+    with _lock:
+        if len(_failures) >= _FAILURE_LIMIT:
+            del _failures[0]
+        _failures.append(Failure(decision.backend.name, phase, error, problem.describe(), device.key,
+                                 replacement.backend.name if replacement else None))
+        first = (decision.backend.name, phase) not in _warned
+        _warned.add((decision.backend.name, phase))
+    if replacement is not None and first:
+        log.warning("fa2dispatch: backend %s failed in the %s (%s); %s runs instead for this call kind. "
+                    "fa2dispatch.dispatch.failures() and `fa2dispatch report` list every failure.",
+                    decision.backend.name, phase, error, replacement.backend.name)
+    return replacement
+
+
+def failures() -> list[Failure]:
+    """Run-time failures seen in this process (most recent last, at most 100)."""
+    with _lock:
+        return list(_failures)
+
+
+def clear_failures() -> None:
+    with _lock:
+        _failures.clear()
+        _warned.clear()
+

@@ -15,7 +15,7 @@ from dataclasses import replace
 
 import torch
 
-from fa2dispatch.dispatch import decide
+from fa2dispatch.dispatch import Decision, decide, record_failure
 from fa2dispatch.problem import AttentionProblem, make_problem
 
 
@@ -24,45 +24,74 @@ from fa2dispatch.problem import AttentionProblem, make_problem
 # ran even if the context has changed in between.
 
 
+def _refuse_simulated(decision: Decision) -> None:
+    if decision.device.simulated:
+        raise RuntimeError(
+            f"FA2DISPATCH_SIMULATE is set: the dispatcher plans for a simulated {decision.device.name} "
+            f"[{decision.device.arch}], where no kernel can run. Use fa2dispatch.explain(...) or "
+            "`fa2dispatch report` to plan; unset FA2DISPATCH_SIMULATE to compute."
+        )
+
+
 def run_forward(problem: AttentionProblem, q, k, v, choice: str):
+    """(out, lse, the Decision that ran). On a run-time failure the next candidate runs."""
     decision = decide(problem, choice)
-    return decision.backend.forward(problem, q, k, v, decision.config)
+    _refuse_simulated(decision)
+    while True:
+        try:
+            out, lse = decision.backend.forward(problem, q, k, v, decision.config)
+            return out, lse, decision
+        except Exception as exc:
+            replacement = record_failure(decision, choice, "forward", exc)
+            if replacement is None:
+                raise
+            decision = replacement
 
 
-def run_backward(problem: AttentionProblem, dout, dlse, q, k, v, out, lse, choice: str):
-    decision = decide(problem, choice)
+def run_backward(decision: Decision, problem: AttentionProblem, dout, dlse, q, k, v, out, lse, choice: str):
+    """(dq, dk, dv) on the backend whose forward produced ``out`` and ``lse``. On a run-time
+    failure, the next candidate that can take another backend's forward residuals runs."""
     if dout is None:
         dout = torch.zeros_like(out)
-    return decision.backend.backward(problem, dout, q, k, v, out, lse, decision.config, dlse=dlse)
+    while True:
+        try:
+            return decision.backend.backward(problem, dout, q, k, v, out, lse, decision.config, dlse=dlse)
+        except Exception as exc:
+            replacement = record_failure(decision, choice, "backward", exc, needs_foreign_lse=True)
+            if replacement is None:
+                raise
+            decision = replacement
 
 
 class _AttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, problem: AttentionProblem, backend: str):
-        out, lse = run_forward(problem, q, k, v, backend)
+        out, lse, decision = run_forward(problem, q, k, v, backend)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.problem, ctx.backend = problem, backend
+        ctx.problem, ctx.backend, ctx.decision = problem, backend, decision
         ctx.set_materialize_grads(False)  # an unused lse gets None, not a tensor of zeros to subtract
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
         q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = run_backward(ctx.problem, dout, dlse, q, k, v, out, lse, ctx.backend)
+        dq, dk, dv = run_backward(ctx.decision, ctx.problem, dout, dlse, q, k, v, out, lse, ctx.backend)
         return dq, dk, dv, None, None
 
 
 def attention_eager(q, k, v, problem: AttentionProblem, backend: str):
     if problem.requires_grad:
         return _AttentionFunction.apply(q, k, v, problem, backend)
-    return run_forward(problem, q, k, v, backend)
+    out, lse, _ = run_forward(problem, q, k, v, backend)
+    return out, lse
 
 
 # ------------------------------------------------------------------ torch.library custom op
 
 
-def _problem(q, k, v, causal: bool, softmax_scale: float, layout: str, needs_grad: bool) -> AttentionProblem:
-    problem = make_problem(q, k, v, causal=causal, softmax_scale=softmax_scale, layout=layout)
+def _problem(q, k, v, causal: bool, softmax_scale: float, layout: str, needs_grad: bool,
+             return_lse: bool) -> AttentionProblem:
+    problem = make_problem(q, k, v, causal=causal, softmax_scale=softmax_scale, layout=layout, return_lse=return_lse)
     if problem.requires_grad != needs_grad:  # inside the op autograd is off; keep the caller's view
         problem = replace(problem, requires_grad=needs_grad)
     return problem
@@ -71,14 +100,15 @@ def _problem(q, k, v, causal: bool, softmax_scale: float, layout: str, needs_gra
 @torch.library.custom_op("fa2dispatch::attention_forward", mutates_args=())
 def attention_forward_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-    causal: bool, softmax_scale: float, layout: str, backend: str, needs_grad: bool,
+    causal: bool, softmax_scale: float, layout: str, backend: str, needs_grad: bool, return_lse: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    problem = _problem(q, k, v, causal, softmax_scale, layout, needs_grad)
-    return run_forward(problem, q, k, v, backend)
+    problem = _problem(q, k, v, causal, softmax_scale, layout, needs_grad, return_lse)
+    out, lse, _ = run_forward(problem, q, k, v, backend)
+    return out, lse
 
 
 @attention_forward_op.register_fake
-def _(q, k, v, causal, softmax_scale, layout, backend, needs_grad):
+def _(q, k, v, causal, softmax_scale, layout, backend, needs_grad, return_lse):
     B, H, Mq = (q.shape[0], q.shape[2], q.shape[1]) if layout == "bshd" else q.shape[:3]
     return q.new_empty(q.shape), q.new_empty((B, H, Mq), dtype=torch.float32)
 
@@ -87,22 +117,23 @@ def _(q, k, v, causal, softmax_scale, layout, backend, needs_grad):
 def attention_backward_op(
     dout: torch.Tensor, dlse: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     out: torch.Tensor, lse: torch.Tensor,
-    causal: bool, softmax_scale: float, layout: str, backend: str,
+    causal: bool, softmax_scale: float, layout: str, backend: str, return_lse: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    problem = _problem(q, k, v, causal, softmax_scale, layout, True)
-    return run_backward(problem, dout, dlse, q, k, v, out, lse, backend)
+    problem = _problem(q, k, v, causal, softmax_scale, layout, True, return_lse)
+    # The decision memo holds the backend the forward ran on (a fallback updates it).
+    return run_backward(decide(problem, backend), problem, dout, dlse, q, k, v, out, lse, backend)
 
 
 @attention_backward_op.register_fake
-def _(dout, dlse, q, k, v, out, lse, causal, softmax_scale, layout, backend):
+def _(dout, dlse, q, k, v, out, lse, causal, softmax_scale, layout, backend, return_lse):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, causal, softmax_scale, layout, backend, _ = inputs
+    q, k, v, causal, softmax_scale, layout, backend, _, return_lse = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse)
-    ctx.args = (causal, softmax_scale, layout, backend)
+    ctx.args = (causal, softmax_scale, layout, backend, return_lse)
 
 
 def _backward(ctx, dout, dlse):
@@ -111,7 +142,7 @@ def _backward(ctx, dout, dlse):
     dout = torch.zeros_like(out) if dout is None else dout
     dlse = torch.zeros_like(lse) if dlse is None else dlse
     dq, dk, dv = attention_backward_op(dout, dlse, q, k, v, out, lse, *ctx.args)
-    return dq, dk, dv, None, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None, None
 
 
 attention_forward_op.register_autograd(_backward, setup_context=_setup_context)

@@ -16,7 +16,9 @@ from dataclasses import dataclass
 import torch
 
 LAYOUTS = ("bshd", "bhsd")
-DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# float8_e4m3fn is a valid call (FlashAttention-3's fp8 inputs); which backend can run it is the
+# dispatcher's question, so an fp8 call gets each backend's reason rather than a blanket TypeError.
+DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float8_e4m3fn)
 HEAD_DIM_MIN, HEAD_DIM_MAX, HEAD_DIM_MULTIPLE = 8, 256, 8
 
 
@@ -40,6 +42,11 @@ class AttentionProblem:
     causal: bool
     softmax_scale: float
     requires_grad: bool = False
+    return_lse: bool = False  # the caller receives lse (and may differentiate through it)
+
+    @property
+    def is_fp8(self) -> bool:
+        return self.dtype.itemsize == 1
 
     @property
     def group(self) -> int:
@@ -51,6 +58,8 @@ class AttentionProblem:
             f"B={self.B} H={self.H} Hkv={self.Hkv} Mq={self.Mq} Mkv={self.Mkv} D={self.D} "
             f"dtype={str(self.dtype).removeprefix('torch.')} causal={self.causal} "
             f"layout={self.layout} device={self.device}"
+            + (" backward" if self.requires_grad else "")
+            + (" return_lse" if self.return_lse else "")
         )
 
 
@@ -74,6 +83,7 @@ def make_problem(
     causal: bool = False,
     softmax_scale: float | None = None,
     layout: str = "bshd",
+    return_lse: bool = False,
 ) -> AttentionProblem:
     """Validate one call and describe it. Raises ValueError/TypeError naming the argument."""
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -83,6 +93,8 @@ def make_problem(
         raise ValueError(f"layout={layout!r} is not supported (supported: {', '.join(map(repr, LAYOUTS))})")
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    if not isinstance(return_lse, bool):
+        raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
     if q.dtype not in DTYPES:
         supported = ", ".join(str(d).removeprefix("torch.") for d in DTYPES)
         raise TypeError(f"{_describe('q', q)}: dtype not supported (supported: {supported})")
@@ -137,4 +149,5 @@ def make_problem(
         causal=causal,
         softmax_scale=float(softmax_scale),
         requires_grad=torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)),
+        return_lse=return_lse,
     )

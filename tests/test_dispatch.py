@@ -15,11 +15,9 @@ from helpers import Case, make_inputs
 
 import fa2dispatch
 from fa2dispatch import dispatch
-from fa2dispatch.backends import BACKENDS, triton_fa2
+from fa2dispatch.backends import BACKENDS, cupy_cuda, triton_fa2
 from fa2dispatch.backends.reference import attention_math
-from fa2dispatch.backends.triton_fa2.config import TritonConfig
 from fa2dispatch.backends.triton_fa2.interpreter import bf16_defects
-from fa2dispatch.hardware import CPU
 from fa2dispatch.problem import AttentionProblem, make_problem
 
 NO_INTERPRETER = "CPU tensors run Triton only under the interpreter: set TRITON_INTERPRET=1"
@@ -62,26 +60,30 @@ def unpatched_interpreter():
         dispatch.clear_memo()
 
 
-# ------------------------------------------------------------------ default choice
+# ------------------------------------------------------------------ default choice on CPU
 
 
-@pytest.mark.interpreter
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16],
                          ids=["float32", "float16", "bfloat16"])
 @pytest.mark.parametrize("layout", ["bshd", "bhsd"])
-def test_auto_picks_triton_by_default(dtype, layout):
-    """Under the (patched) interpreter Triton is first in priority and takes every dtype."""
+def test_auto_picks_the_reference_on_cpu(dtype, layout):
+    """On CPU the reference is first (250x faster than the interpreter, backends/__init__.py)."""
     q, k, v = _inputs(dtype)
     if layout == "bhsd":
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
     decision = fa2dispatch.explain(q, k, v, causal=True, layout=layout)
-    assert decision.backend is BACKENDS["triton"]
-    assert decision.source == "default"
-    assert decision.rejected == {}
-    assert decision.device == CPU
-    assert isinstance(decision.config, TritonConfig)
-    assert decision.config == BACKENDS["triton"].default_config(make_problem(q, k, v, causal=True, layout=layout),
-                                                                 CPU)
+    assert decision.backend is BACKENDS["reference"]
+    assert (decision.source, decision.config) == ("default", None)
+    assert decision.device.vendor == "cpu" and not decision.device.simulated
+    assert decision.problem == make_problem(q, k, v, causal=True, layout=layout)
+    gpu_only = {"cupy", "triton-fp8", "torch-sdpa-cudnn", "torch-sdpa-flash", "torch-sdpa-efficient"}
+    assert set(decision.rejected) == gpu_only
+
+
+@pytest.mark.interpreter
+def test_triton_is_the_fallback_on_cpu_under_the_interpreter():
+    decision = fa2dispatch.explain(*_inputs(), causal=True)
+    assert decision.fallbacks == ("triton",)
 
 
 def test_argument_forces_reference():
@@ -102,26 +104,26 @@ def test_argument_forces_triton():
 @pytest.mark.interpreter
 def test_use_backend_forces_and_restores():
     q, k, v = _inputs()
-    assert fa2dispatch.explain(q, k, v).backend.name == "triton"
-    with fa2dispatch.use_backend("reference"):
+    assert fa2dispatch.explain(q, k, v).backend.name == "reference"
+    with fa2dispatch.use_backend("triton"):
         decision = fa2dispatch.explain(q, k, v)
-        assert (decision.backend.name, decision.source) == ("reference", "forced")
+        assert (decision.backend.name, decision.source) == ("triton", "forced")
         # an explicit argument still wins over the context
-        assert fa2dispatch.explain(q, k, v, backend="triton").backend.name == "triton"
+        assert fa2dispatch.explain(q, k, v, backend="reference").backend.name == "reference"
         with fa2dispatch.use_backend("auto"):
             inner = fa2dispatch.explain(q, k, v)
-            assert (inner.backend.name, inner.source) == ("triton", "default")
-        assert fa2dispatch.explain(q, k, v).backend.name == "reference"
+            assert (inner.backend.name, inner.source) == ("reference", "default")
+        assert fa2dispatch.explain(q, k, v).backend.name == "triton"
     after = fa2dispatch.explain(q, k, v)
-    assert (after.backend.name, after.source) == ("triton", "default")
+    assert (after.backend.name, after.source) == ("reference", "default")
 
 
 @pytest.mark.interpreter
 def test_use_backend_restores_after_an_exception():
     q, k, v = _inputs()
     with pytest.raises(RuntimeError, match="inside the block"):
-        with fa2dispatch.use_backend("reference"):
-            assert fa2dispatch.explain(q, k, v).backend.name == "reference"
+        with fa2dispatch.use_backend("triton"):
+            assert fa2dispatch.explain(q, k, v).backend.name == "triton"
             raise RuntimeError("inside the block")
     assert fa2dispatch.explain(q, k, v).source == "default"
 
@@ -168,12 +170,12 @@ def test_forced_backend_that_cannot_run_raises_with_its_reasons(triton_unavailab
         fa2dispatch.attention(q, k, v)
 
 
-def test_auto_falls_back_to_reference_with_triton_reason(triton_unavailable):
+def test_without_the_interpreter_triton_says_why(triton_unavailable):
     q, k, v = _inputs(torch.float32)
     decision = fa2dispatch.explain(q, k, v, causal=True)
     assert decision.backend is BACKENDS["reference"]
-    assert decision.source == "default"
-    assert decision.rejected == {"triton": [NO_INTERPRETER]}
+    assert decision.source == "default" and decision.fallbacks == ()
+    assert decision.rejected["triton"] == [NO_INTERPRETER]
     out = fa2dispatch.attention(q, k, v, causal=True)
     expected, _ = attention_math(q, k, v, causal=True, softmax_scale=CASE.D**-0.5)
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
@@ -186,14 +188,14 @@ def test_bf16_rejected_under_defective_interpreter(unpatched_interpreter, no_ker
     assert any("triton#11584" in d for d in defects) and any("triton#8322" in d for d in defects)
     q, k, v = _inputs(torch.bfloat16)
     decision = fa2dispatch.explain(q, k, v, causal=True)
-    assert (decision.backend.name, decision.source) == ("reference", "default")
+    assert (decision.backend.name, decision.source, decision.fallbacks) == ("reference", "default", ())
     reasons = decision.rejected["triton"]
     assert len(reasons) == 2 and all(r.startswith("dtype=bfloat16: ") for r in reasons)
     assert "triton#11584" in reasons[0] and "triton#8322" in reasons[1]
     with pytest.raises(ValueError, match=r"backend='triton' cannot run this call.*triton#11584.*triton#8322"):
         fa2dispatch.explain(q, k, v, causal=True, backend="triton")
     # only bf16 is affected
-    assert fa2dispatch.explain(*_inputs(torch.float16), causal=True).backend.name == "triton"
+    assert fa2dispatch.explain(*_inputs(torch.float16), causal=True, backend="triton").source == "forced"
 
 
 @pytest.mark.interpreter
@@ -209,7 +211,7 @@ def test_bf16_accepted_by_patched_interpreter():
     bf16_defects.cache_clear()
     try:
         assert bf16_defects() == ()
-        assert fa2dispatch.explain(*_inputs(torch.bfloat16)).backend.name == "triton"
+        assert fa2dispatch.explain(*_inputs(torch.bfloat16)).fallbacks == ("triton",)
     finally:
         bf16_defects.cache_clear()
 
@@ -223,28 +225,49 @@ def test_many_heads_run_on_triton_but_a_grid_past_2_31_programs_is_refused():
         return AttentionProblem(B=B, H=H, Hkv=H, Mq=M, Mkv=M, D=16, dtype=torch.float16,
                                 device=torch.device("cpu"), layout="bshd", causal=False, softmax_scale=0.25)
 
-    assert dispatch.select(problem(70000, 1, 4)).backend.name == "triton"
+    assert dispatch.select(problem(70000, 1, 4), "triton").source == "forced"
     huge = dispatch.select(problem(4096, 128, 1 << 20))  # CPU blocks of 16..32 rows: 2^34 programs
-    assert huge.backend.name == "reference"
-    assert huge.rejected == {"triton": ["B=4096 x H=128 x Mq=1048576 needs 17179869184 programs "
-                                        "(supported: at most 2147483647)"]}
+    assert huge.backend.name == "reference" and huge.fallbacks == ()
+    assert huge.rejected["triton"] == ["B=4096 x H=128 x Mq=1048576 needs 17179869184 programs "
+                                       "(supported: at most 2147483647)"]
 
 
 # ------------------------------------------------------------------ nobody can run it
 
 
-def test_no_backend_error_when_every_backend_rejects(monkeypatch, triton_unavailable, no_kernel_launch):
-    monkeypatch.setattr(dispatch, "BACKENDS", {"triton": BACKENDS["triton"]})
-    q, k, v = _inputs()
+FP8 = "dtype=float8_e4m3fn (supported: float16, bfloat16, float32)"
+FP8_16 = "dtype=float8_e4m3fn (supported: float16, bfloat16)"
+GQA = "GQA/MQA H=4 Hkv=2 (supported: H == Hkv)"
+CAUSAL = "bottom-right causal with Mq=9 != Mkv=13 (supported: causal when Mq == Mkv or Mq == 1)"
+ALL_REASONS_FP8_CPU = {  # every reason of every backend, in the CPU priority order
+    "reference": [FP8],
+    "triton": [FP8],
+    "cupy": ["runs on nvidia devices, not cpu", cupy_cuda.NOT_WRITTEN, FP8_16],
+    "triton-fp8": ["runs on nvidia devices, not cpu", "fp8 kernel not written yet (the FP8 issue)"],
+    "torch-sdpa-cudnn": ["runs on nvidia devices, not cpu", FP8_16, GQA, CAUSAL],
+    "torch-sdpa-flash": ["runs on nvidia/amd devices, not cpu", FP8_16, CAUSAL],
+    "torch-sdpa-efficient": ["runs on nvidia/amd devices, not cpu", FP8, GQA, CAUSAL],
+}
+
+
+@pytest.mark.interpreter
+def test_no_backend_error_lists_the_inputs_and_every_backend(no_kernel_launch):
+    """fp8 inputs on CPU: every backend refuses; the error is a NotImplementedError whose
+    .reasons maps each backend (in the CPU priority order) to its reasons."""
+    q, k, v = (t.to(torch.float8_e4m3fn) for t in _inputs(torch.float32))
     for call in (fa2dispatch.explain, fa2dispatch.attention):
         with pytest.raises(fa2dispatch.NoBackendError) as info:
             call(q, k, v, causal=True)
         err = info.value
         assert isinstance(err, NotImplementedError)
-        assert err.reasons == {"triton": [NO_INTERPRETER]}
-        assert str(err) == (f"no fa2dispatch backend can run this call: "
-                            f"{make_problem(q, k, v, causal=True).describe()}\n"
-                            f"  triton:\n    - {NO_INTERPRETER}")
+        assert err.reasons == ALL_REASONS_FP8_CPU
+        assert list(err.reasons) == list(ALL_REASONS_FP8_CPU)
+        lines = str(err).splitlines()
+        assert lines[0] == (f"no fa2dispatch backend can run this call: "
+                            f"{make_problem(q, k, v, causal=True).describe()} on cpu [cpu]")
+        assert lines[1:5] == ["  reference:", f"    - {ALL_REASONS_FP8_CPU['reference'][0]}",
+                              "  triton:", f"    - {ALL_REASONS_FP8_CPU['triton'][0]}"]
+        assert len(lines) == 1 + len(ALL_REASONS_FP8_CPU) + sum(map(len, ALL_REASONS_FP8_CPU.values()))
 
 
 @pytest.mark.parametrize(
@@ -254,24 +277,23 @@ def test_no_backend_error_when_every_backend_rejects(monkeypatch, triton_unavail
      ("dtype", torch.float64, "dtype=float64 (supported: float16, bfloat16, float32)")],
     ids=["head_dim320", "head_dim20", "float64"],
 )
-def test_no_backend_error_lists_every_backend(field, value, reason):
-    """A problem past every backend's limits (built directly, past make_problem's validation):
-    every registered backend is listed, in priority order, with the reason text."""
+def test_no_backend_error_names_the_limit(field, value, reason):
+    """A problem past the limits of every backend that runs on CPU (built directly, past
+    make_problem's validation): both list the reason text."""
     fields = dict(B=1, H=2, Hkv=2, Mq=3, Mkv=3, D=16, dtype=torch.float16, device=torch.device("cpu"),
                   layout="bshd", causal=False, softmax_scale=0.25)
     problem = AttentionProblem(**{**fields, field: value})
     with pytest.raises(fa2dispatch.NoBackendError) as info:
         dispatch.select(problem)
-    assert list(info.value.reasons) == list(BACKENDS) == ["triton", "reference"]
-    for name in BACKENDS:
-        assert reason in info.value.reasons[name]
+    assert set(info.value.reasons) == set(BACKENDS)
+    assert reason in info.value.reasons["reference"]
     text = str(info.value)
-    assert text.startswith(f"no fa2dispatch backend can run this call: {problem.describe()}")
-    assert text.index("  triton:") < text.index("  reference:")
-    assert text.count(f"    - {reason}") == len(BACKENDS)
+    assert text.startswith(f"no fa2dispatch backend can run this call: {problem.describe()} on cpu [cpu]")
+    assert text.index("  reference:") < text.index("  triton:")
+    assert f"    - {reason}" in text
 
 
-# ------------------------------------------------------------------ memo and report
+# ------------------------------------------------------------------ memo and explain text
 
 
 def test_equal_problems_share_one_memoized_decision():
@@ -290,34 +312,42 @@ def test_equal_problems_share_one_memoized_decision():
 
 
 @pytest.mark.interpreter
-def test_str_names_backend_source_and_config():
+def test_str_of_a_forced_triton_decision():
     q, k, v = _inputs()
-    decision = fa2dispatch.explain(q, k, v)
-    assert str(decision) == f"backend triton (default) on cpu [cpu]\n  config: {decision.config.short()}"
+    decision = fa2dispatch.explain(q, k, v, backend="triton")
+    assert str(decision).splitlines() == [
+        f"fa2dispatch runs {decision.problem.describe()}",
+        "  on      cpu [cpu]",
+        "  with    triton  (forced: forced by backend= / use_backend / FA2DISPATCH_BACKEND)",
+        f"  config  {decision.config.short()}",
+    ]
     assert "block_m=32 block_n=16" in str(decision)
 
 
-def test_str_of_forced_reference_and_of_a_fallback(monkeypatch):
+def test_str_of_a_default_decision_lists_every_rejected_backend(triton_unavailable):
     q, k, v = _inputs()
-    forced = str(fa2dispatch.explain(q, k, v, backend="reference"))
-    assert forced == "backend reference (forced) on cpu [cpu]\n  config: -"
-    monkeypatch.setattr(triton_fa2, "_interpreting", lambda: False)
-    dispatch.clear_memo()
-    fallback = str(fa2dispatch.explain(q, k, v))
-    assert fallback.splitlines() == ["backend reference (default) on cpu [cpu]", "  config: -",
-                                     f"  not triton: {NO_INTERPRETER}"]
+    lines = str(fa2dispatch.explain(q, k, v)).splitlines()
+    assert lines[1:5] == [
+        "  on      cpu [cpu]",
+        "  with    reference  (default: first capable backend in the device's priority order, default config)",
+        "  config  -",
+        "  not chosen:",
+    ]
+    assert lines[5] == f"    triton                {NO_INTERPRETER}"
+    assert lines[6] == f"    cupy                  runs on nvidia devices, not cpu; {cupy_cuda.NOT_WRITTEN}"
+    assert len(lines) == 5 + len(BACKENDS) - 1
 
 
 @pytest.mark.interpreter
 def test_backward_runs_on_the_backend_of_the_forward(monkeypatch):
     q, k, v, dout = make_inputs(CASE, seed=12)
-    with fa2dispatch.use_backend("reference"):
+    with fa2dispatch.use_backend("triton"):
         out = fa2dispatch.attention(q, k, v, causal=True)
 
-    def triton_backward(*args, **kwargs):
-        raise AssertionError("the forward ran on reference, the backward on triton")
+    def reference_backward(*args, **kwargs):
+        raise AssertionError("the forward ran on triton, the backward on reference")
 
-    monkeypatch.setattr(BACKENDS["triton"], "backward", triton_backward)
+    monkeypatch.setattr(BACKENDS["reference"], "backward", reference_backward)
     dq, dk, dv = torch.autograd.grad(out, (q, k, v), dout)
     assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape
 
@@ -329,7 +359,7 @@ def test_use_backend_auto_restores_automatic_choice_over_the_environment(monkeyp
     assert fa2dispatch.explain(q, k, v).source == "forced"
     with fa2dispatch.use_backend("auto"):
         decision = fa2dispatch.explain(q, k, v)
-    assert decision.source == "default" and decision.backend.name == "triton"
+    assert decision.source == "default" and decision.backend.name == "reference"
 
 
 def test_devices_no_kernel_targets_get_the_reference_with_reasons():
@@ -346,13 +376,13 @@ def test_devices_no_kernel_targets_get_the_reference_with_reasons():
 def test_torch_compile_bakes_in_the_backend_in_force_at_trace_time(monkeypatch):
     q, k, v, _ = make_inputs(CASE, seed=13, requires_grad=False)
 
-    def no_triton(*args, **kwargs):
-        raise AssertionError("use_backend('reference') was in force when the graph was traced")
+    def no_reference(*args, **kwargs):
+        raise AssertionError("use_backend('triton') was in force when the graph was traced")
 
-    monkeypatch.setattr(BACKENDS["triton"], "forward", no_triton)
+    monkeypatch.setattr(BACKENDS["reference"], "forward", no_reference)
     compiled = torch.compile(lambda q, k, v: fa2dispatch.attention(q, k, v, causal=True), fullgraph=True,
                              backend="aot_eager")
-    with fa2dispatch.use_backend("reference"):
+    with fa2dispatch.use_backend("triton"):
         out = compiled(q, k, v)
-    expected = fa2dispatch.attention(q, k, v, causal=True, backend="reference")
+    expected = fa2dispatch.attention(q, k, v, causal=True, backend="triton")
     assert torch.equal(out, expected)

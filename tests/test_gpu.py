@@ -1,5 +1,7 @@
-"""The Triton backend on a real GPU: the interpreter matrix at realistic sizes, every output
-element written, the backward bit-for-bit repeatable. Skipped without a CUDA GPU."""
+"""Backends on a real GPU: the Triton kernels over the interpreter matrix at realistic sizes
+(every output element written, the backward bit-for-bit repeatable), the PyTorch SDPA
+adapters over the part of the same matrix each can express, and the dispatcher's choices on
+the real device. Skipped without a CUDA GPU."""
 
 from __future__ import annotations
 
@@ -8,6 +10,10 @@ import torch
 from helpers import Case, check_case, make_inputs
 
 import fa2dispatch
+from fa2dispatch import dispatch
+from fa2dispatch.backends import BACKENDS
+from fa2dispatch.hardware import device_info, simulated_device
+from fa2dispatch.problem import AttentionProblem
 
 pytestmark = pytest.mark.gpu
 
@@ -52,10 +58,42 @@ def test_forward_backward_matches_reference(case, nan_poison):
     check_case(case, device="cuda", seed=1)
 
 
-def test_auto_dispatch_picks_triton_on_gpu():
+def _device():
+    """The GPU's DeviceInfo; at collection on a machine without one, the H100 profile (the lent
+    GPU), so the generated matrix is the one that runs there."""
+    return device_info(torch.device("cuda")) if torch.cuda.is_available() else simulated_device("h100")
+
+
+def _problem(case: Case) -> AttentionProblem:
+    return AttentionProblem(case.B, case.H, case.Hkv, case.Mq, case.Mkv, case.D, case.dtype, torch.device("cuda"),
+                            case.layout, case.causal, case.D**-0.5, requires_grad=True)
+
+
+SDPA = [name for name in BACKENDS if name.startswith("torch-sdpa-")]
+SDPA_CASES = [(name, case) for name in SDPA for case in MATRIX
+              if not BACKENDS[name].not_supported_reasons(_problem(case), _device())]
+
+
+def test_every_sdpa_adapter_has_cases():
+    assert {name for name, _ in SDPA_CASES} == set(SDPA)
+
+
+@pytest.mark.parametrize("backend, case", SDPA_CASES, ids=[f"{n}-{c.id}" for n, c in SDPA_CASES])
+def test_sdpa_adapter_matches_reference(backend, case, nan_poison):
+    """PyTorch's kernels behind our interface: out, lse (natural log, (B, H, Mq)) and gradients
+    by the same rule as ours."""
+    dispatch.clear_memo()
+    check_case(case, device="cuda", seed=4, backend=backend)
+
+
+def test_auto_dispatch_on_the_gpu_follows_the_priority_of_its_family():
     q, k, v, _ = make_inputs(Case(1, 8, 8, 256, 256, 64, torch.float16, True), device="cuda", requires_grad=False)
     decision = fa2dispatch.explain(q, k, v, causal=True)
-    assert decision.backend.name == "triton", str(decision)
+    expected = "torch-sdpa-cudnn" if decision.device.capability >= (9, 0) else "triton"
+    assert decision.backend.name == expected, str(decision)
+    assert not decision.device.simulated and decision.device.driver and decision.device.toolkit
+    gqa = make_inputs(Case(1, 8, 2, 256, 256, 64, torch.float16, True), device="cuda", requires_grad=False)
+    assert fa2dispatch.explain(*gqa[:3], causal=True).backend.name == "triton"
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
@@ -64,7 +102,7 @@ def test_backward_is_bitwise_repeatable(dtype):
     q, k, v, dout = make_inputs(case, device="cuda", seed=2)
     runs = []
     for _ in range(3):
-        out = fa2dispatch.attention(q, k, v, causal=True)
+        out = fa2dispatch.attention(q, k, v, causal=True, backend="triton")
         runs.append((out, *torch.autograd.grad(out, (q, k, v), dout)))
     for run in runs[1:]:
         for name, a, b in zip(("out", "dq", "dk", "dv"), runs[0], run):

@@ -131,7 +131,7 @@ def _tensor_cases():
                            _names(name, t) + ": dtype differs from q's torch.float16", inputs))
     for dtype in (torch.float64, torch.int32):
         inputs = _qkv(dtype=dtype)
-        supported = re.escape(": dtype not supported (supported: float16, bfloat16, float32)")
+        supported = re.escape(": dtype not supported (supported: float16, bfloat16, float32, float8_e4m3fn)")
         cases.append(_case(f"dtype-{str(dtype)[6:]}", TypeError, _names("q", inputs[0]) + supported, inputs))
     return cases
 
@@ -151,7 +151,8 @@ def _argument_cases():
                            layout=layout))
     for backend in ("flash", "", None):
         cases.append(_case(f"backend-{backend!r}", ValueError,
-                           re.escape(f"backend={backend!r} is not known (known: 'auto', 'triton', 'reference')"),
+                           re.escape(f"backend={backend!r} is not known (known: 'auto', 'triton', 'cupy', 'triton-fp8', "
+                                     "'torch-sdpa-cudnn', 'torch-sdpa-flash', 'torch-sdpa-efficient', 'reference')"),
                            qkv, backend=backend))
     for causal in (1, "yes", None):
         cases.append(_case(f"causal-{type(causal).__name__}", TypeError,

@@ -4,8 +4,10 @@
 #
 #   OUT=/tmp/out BENCH_ARGS="--quick --modes fwd" bash tools/gpu_check.sh
 #   SKIP_TESTS=1 BENCH_ARGS="--dtype bf16" bash tools/gpu_check.sh    # benchmark only
+#   SKIP_BENCH=1 bash tools/gpu_check.sh                               # tests, report, overhead
 #
-# Everything worth keeping lands in $OUT: gpu_tests.log, bench.log, bench.json, bench.md.
+# Everything worth keeping lands in $OUT: gpu_tests.log, report.txt, report.json, overhead.*,
+# bench.log, bench.json, bench.md.
 # Exits with the test exit code; a failing benchmark is reported but does not change it.
 set -euo pipefail
 
@@ -48,14 +50,30 @@ else
 fi
 set -e
 
-echo "== benchmark"
-# Split BENCH_ARGS on whitespace without letting the shell glob it.
-read -r -a bench_args <<< "$BENCH_ARGS"
+echo "== selection report"
 set +e
-PYTHONUNBUFFERED=1 python3 tools/bench.py --json "$OUT/bench.json" --markdown "$OUT/bench.md" \
-    ${bench_args[@]+"${bench_args[@]}"} 2>&1 | tee "$OUT/bench.log"
-bench_rc=${PIPESTATUS[0]}
+COLUMNS=160 fa2dispatch report > "$OUT/report.txt" 2>&1; echo "report exit $?"
+head -n 60 "$OUT/report.txt"
+fa2dispatch report --json > "$OUT/report.json" 2> "$OUT/report_json.err"; echo "report --json exit $?"
+
+echo "== dispatch overhead"
+PYTHONUNBUFFERED=1 python3 tools/bench.py --overhead --json "$OUT/overhead.json" --markdown "$OUT/overhead.md" \
+    2>&1 | tee "$OUT/overhead.log"
 set -e
+
+echo "== benchmark"
+bench_rc=0
+if [ "${SKIP_BENCH:-0}" = 1 ]; then
+    echo "SKIP_BENCH=1: no benchmark"
+else
+    # Split BENCH_ARGS on whitespace without letting the shell glob it.
+    read -r -a bench_args <<< "$BENCH_ARGS"
+    set +e
+    PYTHONUNBUFFERED=1 python3 tools/bench.py --json "$OUT/bench.json" --markdown "$OUT/bench.md" \
+        ${bench_args[@]+"${bench_args[@]}"} 2>&1 | tee "$OUT/bench.log"
+    bench_rc=${PIPESTATUS[0]}
+    set -e
+fi
 
 echo "== summary"
 # pytest -q ends with one line like "12 passed, 3 skipped in 4.56s"; exit code 5 means no test was collected.

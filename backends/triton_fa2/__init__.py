@@ -6,9 +6,8 @@ the launch parameters. On CPU tensors the kernels run under ``TRITON_INTERPRET=1
 
 from __future__ import annotations
 
-import importlib.util
-
 import torch
+from packaging.version import Version
 
 from fa2dispatch.hardware import DeviceInfo, device_info
 from fa2dispatch.problem import AttentionProblem
@@ -32,23 +31,34 @@ def _interpreting() -> bool:
     return bool(triton.knobs.runtime.interpret)
 
 
+# Oldest Triton we declare (pyproject's `triton` extra); CI and the GPU image use 3.6.0, the only
+# version the kernels are tested with.
+MIN_TRITON = Version("3.2")
+
+
 class TritonBackend(Backend):
     name = "triton"
+    description = "FlashAttention-2 forward + deterministic backward in Triton (NVIDIA, AMD, CPU interpreter)"
     vendors = ("nvidia", "amd", "cpu")
+    min_capability = (8, 0)
+    amd_archs = AMD_ARCHS
+    packages = ("triton",)
     dtypes = (torch.float16, torch.bfloat16, torch.float32)
     deterministic = True  # dQ and dK/dV are summed on chip; no atomics
+    config_type = TritonConfig
+
+    def version(self, device: DeviceInfo) -> str:
+        return f"triton {device.versions.triton}" if device.versions and device.versions.triton else "-"
 
     def available(self, device: DeviceInfo) -> list[str]:
         reasons = super().available(device)
-        if importlib.util.find_spec("triton") is None:
-            return reasons + ["triton not installed"]
-        if device.vendor == "cpu":
-            if not _interpreting():
-                reasons.append("CPU tensors run Triton only under the interpreter: set TRITON_INTERPRET=1")
-        elif device.vendor == "nvidia" and device.capability < (8, 0):
-            reasons.append(f"requires sm_80+ but device is {device.arch}")
-        elif device.vendor == "amd" and device.arch not in AMD_ARCHS:
-            reasons.append(f"arch {device.arch} (supported: {', '.join(AMD_ARCHS)})")
+        if reasons:
+            return reasons
+        found = device.versions.parsed("triton") if device.versions is not None else None
+        if found is not None and found < MIN_TRITON:
+            reasons.append(f"triton {found} is older than {MIN_TRITON} (supported: >= {MIN_TRITON})")
+        if device.vendor == "cpu" and not device.simulated and not _interpreting():
+            reasons.append("CPU tensors run Triton only under the interpreter: set TRITON_INTERPRET=1")
         return reasons
 
     def not_supported_reasons(self, problem: AttentionProblem, device: DeviceInfo) -> list[str]:
@@ -58,7 +68,7 @@ class TritonBackend(Backend):
         if reasons:
             return reasons
         reasons.extend(grid_reasons(problem, default_config(problem, device)))
-        if problem.dtype == torch.bfloat16 and _interpreting():
+        if problem.dtype == torch.bfloat16 and device.vendor == "cpu" and not device.simulated and _interpreting():
             from .interpreter import bf16_defects
 
             reasons.extend(f"dtype=bfloat16: {r}" for r in bf16_defects())
@@ -66,6 +76,11 @@ class TritonBackend(Backend):
 
     def default_config(self, problem: AttentionProblem, device: DeviceInfo) -> TritonConfig:
         return default_config(problem, device)
+
+    def config_reasons(self, problem, device, config) -> list[str]:
+        from .launch import grid_reasons
+
+        return grid_reasons(problem, config)
 
     def forward(self, problem, q, k, v, config):
         from .launch import forward  # lazily: importing launch imports Triton

@@ -1,0 +1,200 @@
+"""Buckets and the autotune cache as the dispatcher reads it: tuned winners, nearest buckets,
+user over shipped, and files that must be ignored (damaged, another device or kernel)."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+import torch
+
+from fa2dispatch import dispatch
+from fa2dispatch.autotune import cache
+from fa2dispatch.autotune.buckets import Bucket, bucket_of, pow2_ceil
+from fa2dispatch.backends.triton_fa2.config import TritonConfig
+from fa2dispatch.hardware import simulated_device
+from fa2dispatch.problem import AttentionProblem
+
+H100 = "h100"
+TUNED = {"block_m": 64, "block_n": 64, "num_warps": 4, "num_stages": 4}
+
+
+def problem(**overrides) -> AttentionProblem:
+    fields = dict(B=2, H=16, Hkv=16, Mq=4000, Mkv=4000, D=128, dtype=torch.float16, device=torch.device("cpu"),
+                  layout="bshd", causal=False, softmax_scale=128**-0.5)
+    return AttentionProblem(**{**fields, **overrides})
+
+
+@pytest.fixture
+def dirs(tmp_path, monkeypatch):
+    """An empty user cache dir and an empty shipped dir."""
+    user, shipped = tmp_path / "user", tmp_path / "shipped"
+    user.mkdir()
+    shipped.mkdir()
+    monkeypatch.setenv(cache.ENV_CACHE_DIR, str(user))
+    monkeypatch.setattr(cache, "shipped_dir", lambda: shipped)
+    cache.reload()
+    dispatch.clear_memo()
+    yield user, shipped
+    cache.reload()
+    dispatch.clear_memo()
+
+
+def write(directory, entries, profile=H100, **key_changes):
+    device = simulated_device(profile)
+    data = {"schema": cache.SCHEMA, "device_key": {**cache.device_key(device), **key_changes}, "entries": entries}
+    path = directory / cache.file_name(device)
+    path.write_text(json.dumps(data))
+    cache.reload()
+    dispatch.clear_memo()
+    return path
+
+
+def entry(backend="triton", config=TUNED, ms=1.0):
+    return {"backend": backend, "config": config, "ms": ms}
+
+
+def select(**overrides):
+    return dispatch.select(problem(**overrides), device=simulated_device(H100))
+
+
+# ------------------------------------------------------------------ buckets
+
+
+def test_bucket_rounds_lengths_up_to_powers_of_two_and_keys_round_trip():
+    b = bucket_of(problem(Mq=1000, Mkv=4097, causal=True, H=32, Hkv=8, requires_grad=True))
+    assert (b.mode, b.dtype, b.head_dim, b.causal, b.group, b.mq, b.mkv) == ("bwd", "float16", 128, True, 4, 1024,
+                                                                             8192)
+    assert b.key == "bwd/float16/d128/causal/g4/q1024/k8192"
+    assert Bucket.from_key(b.key) == b
+    lse = bucket_of(problem(requires_grad=True, return_lse=True))
+    assert lse.key.endswith("/lse") and Bucket.from_key(lse.key) == lse
+    assert bucket_of(problem(return_lse=True)).features == ()  # without gradients lse costs nothing
+    assert [pow2_ceil(n) for n in (1, 2, 3, 4, 5, 1023, 1024, 1025)] == [1, 2, 4, 4, 8, 1024, 1024, 2048]
+
+
+@pytest.mark.parametrize("key", ["", "fwd/float16/d128", "up/float16/d128/full/g1/q1/k1",
+                                 "fwd/float16/dX/full/g1/q1/k1", "fwd/float16/d64/both/g1/q1/k1"])
+def test_malformed_bucket_keys_raise(key):
+    with pytest.raises(ValueError, match="is malformed"):
+        Bucket.from_key(key)
+
+
+# ------------------------------------------------------------------ lookups
+
+
+def test_exact_bucket_gives_a_tuned_decision(dirs):
+    user, _ = dirs
+    path = write(user, {bucket_of(problem()).key: entry()})
+    decision = select()
+    assert (decision.backend.name, decision.source) == ("triton", "tuned")
+    assert decision.config == TritonConfig(**TUNED)
+    assert decision.tuned_from == f"fwd/float16/d128/full/g1/q4096/k4096 in {path}"
+    assert decision.fallbacks == ("torch-sdpa-cudnn", "torch-sdpa-flash", "torch-sdpa-efficient", "reference")
+    assert "  tuned   fwd/float16/d128/full/g1/q4096/k4096 in" in str(decision)
+
+
+def test_unseen_bucket_uses_the_nearest_of_its_kind(dirs):
+    user, _ = dirs
+    far = {**TUNED, "block_m": 128}
+    write(user, {"fwd/float16/d128/full/g1/q1024/k1024": entry(config=TUNED),
+                 "fwd/float16/d128/full/g1/q65536/k65536": entry(config=far)})
+    near = select(Mq=3000, Mkv=3000)  # 4096: 2 steps from 1024 in each length, 4 from 65536
+    assert near.config == TritonConfig(**TUNED) and near.tuned_from.endswith("(nearest tuned bucket)")
+    assert select(Mq=40000, Mkv=40000).config == TritonConfig(**far)
+    # another kind (causal, another head dim, with gradients) has no tuned neighbour
+    assert select(causal=True).source == "default"
+    assert select(D=64).source == "default"
+    assert select(requires_grad=True).source == "default"
+
+
+def test_a_tuned_backend_that_cannot_run_the_call_gives_way(dirs):
+    """The bucket's winner is cuDNN, but a call in the same bucket with causal Mq != Mkv is one
+    cuDNN refuses (top-left causal): the dispatcher goes on to the priority order."""
+    user, _ = dirs
+    write(user, {"fwd/float16/d128/causal/g1/q4096/k4096": entry("torch-sdpa-cudnn", None)})
+    assert select(causal=True).source == "tuned"
+    unequal = select(causal=True, Mq=3000, Mkv=4000)  # same bucket, but cuDNN is top-left causal
+    assert (unequal.backend.name, unequal.source) == ("triton", "default")
+
+
+def test_user_entries_win_over_shipped_ones_per_bucket(dirs):
+    user, shipped = dirs
+    other = {**TUNED, "num_warps": 8}
+    write(shipped, {bucket_of(problem()).key: entry(config=other),
+                    bucket_of(problem(D=64)).key: entry(config=other)})
+    write(user, {bucket_of(problem()).key: entry(config=TUNED)})
+    assert select().config == TritonConfig(**TUNED)
+    from_shipped = select(D=64)
+    assert from_shipped.config == TritonConfig(**other) and str(shipped) in from_shipped.tuned_from
+
+
+def test_damaged_file_is_reported_and_treated_as_empty(dirs, caplog):
+    user, _ = dirs
+    path = user / cache.file_name(simulated_device(H100))
+    path.write_text('{"schema": 1, "device_key": {')
+    cache.reload()
+    with caplog.at_level(logging.WARNING, logger="fa2dispatch"):
+        assert select().source == "default"
+    assert any("damaged and ignored" in r.message and str(path) in r.message for r in caplog.records)
+    [row] = [r for r in cache.describe(simulated_device(H100)) if r["origin"] == "user"]
+    assert row["exists"] and row["entries"] == 0 and "unreadable" in row["error"]
+
+
+@pytest.mark.parametrize("content, why", [('{"schema": 99, "device_key": {}, "entries": {}}', "schema 99"),
+                                          ("[1, 2]", "schema 'list'"),
+                                          ('{"schema": 1}', "missing device_key or entries")])
+def test_wrong_schema_is_treated_as_empty(dirs, content, why):
+    user, _ = dirs
+    (user / cache.file_name(simulated_device(H100))).write_text(content)
+    cache.reload()
+    assert select().source == "default"
+    [row] = [r for r in cache.describe(simulated_device(H100)) if r["origin"] == "user"]
+    assert why in row["error"]
+
+
+def test_hard_mismatch_is_ignored_with_a_warning(dirs, caplog):
+    user, _ = dirs
+    write(user, {bucket_of(problem()).key: entry()}, arch="sm_80")
+    with caplog.at_level(logging.WARNING, logger="fa2dispatch"):
+        assert select().source == "default"
+    assert any("belongs to another device or kernel (arch 'sm_80' != 'sm_90')" in r.message for r in caplog.records)
+    [row] = [r for r in cache.describe(simulated_device(H100)) if r["origin"] == "user"]
+    assert row["match"] == "hard: arch 'sm_80' != 'sm_90'"
+
+
+def test_soft_mismatch_still_serves_and_says_so(dirs):
+    user, _ = dirs
+    write(user, {bucket_of(problem()).key: entry()}, torch="2.0.0")
+    assert select().source == "tuned"
+    [row] = [r for r in cache.describe(simulated_device(H100)) if r["origin"] == "user"]
+    assert row["match"].startswith("soft: torch '2.0.0' != ") and row["entries"] == 1
+
+
+def test_bad_entries_are_skipped_not_fatal(dirs, caplog):
+    user, _ = dirs
+    write(user, {"nonsense": entry(), bucket_of(problem()).key: entry(config={"block_q": 64}),
+                 bucket_of(problem(D=64)).key: {"config": {}}})
+    with caplog.at_level(logging.WARNING, logger="fa2dispatch"):
+        assert select().source == "default"  # a config the backend does not take
+        assert select(D=64).source == "default"
+    text = " ".join(r.message for r in caplog.records)
+    assert "entry 'nonsense' ignored" in text and "entry without a backend name" in text
+    assert "autotune cache lookup failed" in text and "block_q" in text
+
+
+def test_kernel_hash_changes_the_file_name():
+    device = simulated_device(H100)
+    assert cache.file_name(device) == f"nvidia-h100-80gb-hbm3_sm_90_{cache.kernel_hash()[:12]}.json"
+    assert len(cache.kernel_hash()) == 16
+    cache.kernel_hash.cache_clear()
+    assert cache.device_key(device)["kernel_hash"] == cache.kernel_hash()
+
+
+def test_locations_put_the_user_dir_first(monkeypatch, tmp_path):
+    monkeypatch.setenv(cache.ENV_CACHE_DIR, str(tmp_path))
+    assert cache.locations()[0] == (tmp_path, "user")
+    assert cache.locations()[1][1] == "shipped"
+    monkeypatch.delenv(cache.ENV_CACHE_DIR)
+    assert "fa2dispatch" in str(cache.user_dir())

@@ -126,14 +126,28 @@ def use_backend(name: str):
         _forced.reset(token)
 
 
+# use_backend("auto") inside a process with FA2DISPATCH_BACKEND set: automatic choice, ignoring
+# the environment. Plain "auto" lets the environment decide when the decision is made.
+AUTO_IGNORING_ENV = "auto:ignore-env"
+
+
 def requested_backend(backend: str = "auto") -> str:
-    """The choice in force: the argument, else the innermost ``use_backend`` (whose "auto"
-    restores automatic choice), else the environment. Resolved once per call, at forward time."""
+    """The explicit choice in force: the argument, else the innermost ``use_backend`` block.
+    Resolved once per call, at forward time (so the backward runs where the forward ran).
+
+    Environment variables (``FA2DISPATCH_BACKEND``, ``FA2DISPATCH_SIMULATE``) are read when a
+    decision is made, not per call: the warm path stays a dictionary lookup. After changing
+    them inside a running process, call ``clear_memo()``."""
     if backend != "auto":
         return backend
     ctx = _forced.get()
-    if ctx is not None:
-        return ctx
+    if ctx is None:
+        return "auto"
+    return AUTO_IGNORING_ENV if ctx == "auto" else ctx
+
+
+def environment_backend() -> str:
+    """``FA2DISPATCH_BACKEND`` (validated), "auto" when unset."""
     env = os.environ.get(ENV_BACKEND) or "auto"
     if env != "auto":
         check_backend_name(env, ENV_BACKEND)
@@ -152,8 +166,7 @@ def select(problem: AttentionProblem, backend: str = "auto", *, device: DeviceIn
 
 def decide(problem: AttentionProblem, choice: str) -> Decision:
     """``select`` for an already resolved choice (see ``requested_backend``); memoized."""
-    simulate = os.environ.get("FA2DISPATCH_SIMULATE") or None
-    key = (problem, choice, simulate)
+    key = (problem, choice)
     decision = _memo.get(key)
     if decision is None:
         decision = _decide(problem, choice, dispatch_device(problem.device, simulation()))
@@ -177,7 +190,15 @@ def _reasons(backend: Backend, problem: AttentionProblem, device: DeviceInfo) ->
         return [f"its capability check failed ({_error_text(exc)})"]
 
 
+def effective_choice(choice: str) -> str:
+    """A requested choice with the environment applied: a backend name, or "auto"."""
+    if choice == "auto":
+        return environment_backend()
+    return "auto" if choice == AUTO_IGNORING_ENV else choice
+
+
 def _decide(problem: AttentionProblem, choice: str, device: DeviceInfo) -> Decision:
+    choice = effective_choice(choice)
     if choice != "auto":
         check_backend_name(choice)
         chosen = BACKENDS[choice]
@@ -216,7 +237,7 @@ def _tuned(problem: AttentionProblem, device: DeviceInfo, capable: list[str],
         backend = BACKENDS[entry.backend]
         config = backend.config_from_dict(entry.config)
     except Exception as exc:  # damaged entries are reported by the cache; anything else here too
-        log.warning("fa2dispatch: autotune cache lookup failed (%s); using the default choice", _error_text(exc))
+        cache.warn_once(f"autotune cache lookup failed ({_error_text(exc)}); using the default choice")
         return None
     if backend.config_reasons(problem, device, config):
         return None
@@ -256,7 +277,7 @@ def record_failure(decision: Decision, choice: str, phase: str, exc: Exception,
         rejected[decision.backend.name] = [f"failed at run time ({phase}): {error}"]
         replacement = Decision(nxt, nxt.default_config(problem, device), "fallback", device, problem,
                                rejected, tuple(n for n in decision.fallbacks if n != nxt.name))
-        _memo[(problem, choice, os.environ.get("FA2DISPATCH_SIMULATE") or None)] = replacement
+        _memo[(problem, choice)] = replacement
     with _lock:
         if len(_failures) >= _FAILURE_LIMIT:
             del _failures[0]

@@ -11,7 +11,7 @@ sequence lengths, D head dim.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -43,6 +43,15 @@ class AttentionProblem:
     softmax_scale: float
     requires_grad: bool = False
     return_lse: bool = False  # the caller receives lse (and may differentiate through it)
+
+    def __hash__(self) -> int:
+        # Computed once: a problem keys the dispatcher's memo on every call (dataclass's own
+        # __hash__ would rebuild the field tuple each time).
+        cached = self.__dict__.get("_hash")
+        if cached is None:
+            cached = hash(tuple(getattr(self, f.name) for f in fields(self)))
+            object.__setattr__(self, "_hash", cached)
+        return cached
 
     @property
     def is_fp8(self) -> bool:

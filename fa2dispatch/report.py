@@ -215,7 +215,7 @@ def _forced_refusal(problem: AttentionProblem, device: hardware.DeviceInfo) -> d
     from fa2dispatch import dispatch
     from fa2dispatch.backends import BACKENDS
 
-    choice = dispatch.requested_backend()
+    choice = dispatch.effective_choice(dispatch.requested_backend())
     if choice == "auto":
         return None
     return _none_row({choice: BACKENDS[choice].not_supported_reasons(problem, device)}, "forced")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 
 import pytest
 import torch
@@ -198,3 +199,21 @@ def test_locations_put_the_user_dir_first(monkeypatch, tmp_path):
     assert cache.locations()[1][1] == "shipped"
     monkeypatch.delenv(cache.ENV_CACHE_DIR)
     assert "fa2dispatch" in str(cache.user_dir())
+
+
+def test_without_platformdirs_the_shipped_cache_still_serves(dirs, monkeypatch, caplog):
+    """A --no-deps install may lack platformdirs: no user dir then (unless FA2DISPATCH_CACHE_DIR
+    is set), one warning, and the shipped cache still answers."""
+    _, shipped = dirs
+    write(shipped, {bucket_of(problem()).key: entry()})
+    monkeypatch.delenv(cache.ENV_CACHE_DIR)
+    monkeypatch.setitem(sys.modules, "platformdirs", None)  # import raises ImportError
+    cache.reload()
+    with caplog.at_level(logging.WARNING, logger="fa2dispatch"):
+        assert select().source == "tuned"
+        assert select(D=64).source == "default"
+    assert [r.message for r in caplog.records].count(
+        "fa2dispatch: no user cache dir: platformdirs not installed and FA2DISPATCH_CACHE_DIR not set") == 1
+    rows = cache.describe(simulated_device(H100))
+    assert rows[0]["origin"] == "user" and rows[0]["path"] is None and "platformdirs not installed" in rows[0]["error"]
+    assert rows[1]["origin"] == "shipped" and rows[1]["entries"] == 1

@@ -242,6 +242,8 @@ def test_simulate_environment_plans_for_the_profile_and_refuses_to_compute(monke
     with pytest.raises(RuntimeError, match=r"FA2DISPATCH_SIMULATE is set: .*simulated AMD Instinct MI300X \[gfx942\]"):
         fa2dispatch.attention(q, q, q)
     monkeypatch.delenv(hardware.ENV_SIMULATE)
+    assert fa2dispatch.explain(q, q, q).device.simulated is True  # read when deciding: memoized
+    dispatch.clear_memo()
     assert fa2dispatch.explain(q, q, q).device.simulated is False
 
 

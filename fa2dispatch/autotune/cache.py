@@ -52,12 +52,15 @@ class CacheError(Exception):
 
 
 def user_dir() -> Path:
-    """``$FA2DISPATCH_CACHE_DIR``, else the platform's user cache dir (platformdirs)."""
+    """``$FA2DISPATCH_CACHE_DIR``, else the platform's user cache dir (platformdirs).
+    Raises CacheError when neither is available."""
     env = os.environ.get(ENV_CACHE_DIR)
     if env:
         return Path(env).expanduser()
-    import platformdirs
-
+    try:
+        import platformdirs
+    except ImportError as exc:  # a declared dependency, but --no-deps installs exist
+        raise CacheError(f"no user cache dir: platformdirs not installed and {ENV_CACHE_DIR} not set") from exc
     return Path(platformdirs.user_cache_dir("fa2dispatch", appauthor=False)) / "autotune"
 
 
@@ -68,8 +71,14 @@ def shipped_dir() -> Path:
 
 
 def locations() -> list[tuple[Path, str]]:
-    """Directories searched, first wins: (path, "user" | "shipped")."""
-    return [(user_dir(), "user"), (shipped_dir(), "shipped")]
+    """Directories searched, first wins: (path, "user" | "shipped"). Without a user dir
+    (see ``user_dir``) only the shipped cache is read, with a warning once."""
+    try:
+        user = [(user_dir(), "user")]
+    except CacheError as exc:
+        warn_once(str(exc))
+        user = []
+    return [*user, (shipped_dir(), "shipped")]
 
 
 @functools.lru_cache(maxsize=None)
@@ -175,7 +184,7 @@ _warned: set[str] = set()
 _lock = threading.Lock()
 
 
-def _warn_once(message: str) -> None:
+def warn_once(message: str) -> None:
     with _lock:
         if message in _warned:
             return
@@ -195,13 +204,13 @@ def _entries_of(path: Path, data: dict) -> list[Entry]:
                 raise ValueError("config is not an object")
             out.append(Entry(bucket, raw["backend"], config, raw.get("ms"), str(path)))
         except ValueError as exc:
-            _warn_once(f"autotune cache {path}: entry {key!r} ignored ({exc})")
+            warn_once(f"autotune cache {path}: entry {key!r} ignored ({exc})")
     return out
 
 
 def table(device: DeviceInfo) -> Table:
     """The merged entries for ``device``, loaded once per process (``reload`` forgets them)."""
-    key = (device.name, device.arch, device.simulated, str(user_dir()))
+    key = (device.name, device.arch, device.simulated, os.environ.get(ENV_CACHE_DIR))
     found = _tables.get(key)
     if found is not None:
         return found
@@ -214,11 +223,11 @@ def table(device: DeviceInfo) -> Table:
         try:
             data = read(path)
         except CacheError as exc:
-            _warn_once(f"autotune cache file is damaged and ignored: {exc}")
+            warn_once(f"autotune cache file is damaged and ignored: {exc}")
             continue
         verdict, why = match(data["device_key"], device)
         if verdict == "hard":
-            _warn_once(f"autotune cache {path} belongs to another device or kernel ({why}); ignored")
+            warn_once(f"autotune cache {path} belongs to another device or kernel ({why}); ignored")
             continue
         for entry in _entries_of(path, data):
             merged.add(entry)
@@ -240,6 +249,11 @@ def describe(device: DeviceInfo) -> list[dict]:
     """For the report: each location, whether a file for this device is there, and its state."""
     rows = []
     name = file_name(device)
+    try:
+        user_dir()
+    except CacheError as exc:
+        rows.append({"path": None, "origin": "user", "exists": False, "entries": 0, "match": "-",
+                     "error": str(exc), "other_files": []})
     for directory, origin in locations():
         path = directory / name
         row = {"path": str(path), "origin": origin, "exists": path.is_file(), "entries": 0, "match": "-",

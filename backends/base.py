@@ -122,10 +122,12 @@ class Backend:
 
     def config_from_dict(self, data: dict | None) -> Config | None:
         """A config read back from the autotune cache; ValueError if it does not fit this backend."""
-        if self.config_type is None or data is None:
+        if self.config_type is None:
             if data:
                 raise ValueError(f"backend {self.name!r} takes no config, got {data}")
             return None
+        if not isinstance(data, dict):
+            raise ValueError(f"backend {self.name!r} needs a config, got {data!r}")
         try:
             return self.config_type(**data)
         except TypeError as exc:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from fa2dispatch.dispatch import Decision, check_backend_name, decide, requested_backend
-from fa2dispatch.ops import attention_eager, attention_forward_op, run_forward
+from fa2dispatch.dispatch import Decision, call_memo, check_backend_name, decide, remember_call, requested_backend
+from fa2dispatch.ops import attention_eager, attention_forward_op, run_decision
 from fa2dispatch.problem import AttentionProblem, make_problem
 
 
@@ -50,24 +50,23 @@ def attention(
         ``out`` shaped and laid out like q, in q's dtype; ``(out, lse)`` if ``return_lse``.
         Differentiable with respect to q, k and v (and through lse).
     """
-    compiling = torch.compiler.is_compiling()
-    problem, choice = _validate(q, k, v, causal, softmax_scale, layout, return_lse, backend, compiling)
-    if compiling:
-        # choice was resolved at trace time (the use_backend context and the environment are
-        # read then, as torch.compile reads other Python state) and is baked into the graph.
+    if torch.compiler.is_compiling():
+        problem = make_problem(q, k, v, causal=causal, softmax_scale=softmax_scale, layout=layout,
+                               return_lse=return_lse)
+        check_backend_name(backend)
+        # The choice is resolved at trace time (the use_backend context is read then, as
+        # torch.compile reads other Python state) and is baked into the graph.
         out, lse = attention_forward_op(
-            q, k, v, problem.causal, problem.softmax_scale, problem.layout, choice, problem.requires_grad,
-            problem.return_lse,
+            q, k, v, problem.causal, problem.softmax_scale, problem.layout, _resolve_backend(backend),
+            problem.requires_grad, problem.return_lse,
         )
-    elif problem.requires_grad:
-        out, lse = attention_eager(q, k, v, problem, choice)
     else:
-        out, lse, _ = run_forward(problem, q, k, v, choice)
+        problem, choice, decision = _prepare(q, k, v, causal, softmax_scale, layout, return_lse, backend)
+        if problem.requires_grad:
+            out, lse = attention_eager(q, k, v, problem, choice)
+        else:
+            out, lse, _ = run_decision(decision, problem, q, k, v, choice)
     return (out, lse) if return_lse else out
-
-
-_PROBLEM_MEMO_LIMIT = 4096
-_problems: dict[tuple, AttentionProblem] = {}
 
 
 def _signature(q, k, v, causal, softmax_scale, layout, return_lse, backend) -> tuple | None:
@@ -82,27 +81,29 @@ def _signature(q, k, v, causal, softmax_scale, layout, return_lse, backend) -> t
         return None
 
 
-def _validate(q, k, v, causal, softmax_scale, layout, return_lse, backend, compiling=False):
-    """Every check of a call, before anything launches: (problem, resolved backend choice).
+def _prepare(q, k, v, causal, softmax_scale, layout, return_lse, backend) -> tuple[AttentionProblem, str, Decision]:
+    """(problem, resolved choice, decision) of an eager call, before anything launches.
 
-    Validation is a pure function of shapes, dtypes, devices and the arguments (strides are free),
-    so a call whose signature passed before reuses its problem (one dictionary lookup).
+    Validation and the decision are pure functions of what ``_signature`` collects (strides are
+    free) and of the choice in force, so a call seen before is one dictionary lookup
+    (``dispatch.call_memo``, cleared with the decision memo and on any run-time failure).
     """
-    # Under torch.compile validation runs once, at trace time; the memo is for eager calls.
-    key = None if compiling else _signature(q, k, v, causal, softmax_scale, layout, return_lse, backend)
-    try:
-        problem = _problems.get(key) if key is not None else None
-    except TypeError:  # an unhashable argument (say a list for layout): validation names it
-        key, problem = None, None
-    if problem is None:
-        problem = make_problem(q, k, v, causal=causal, softmax_scale=softmax_scale, layout=layout,
-                               return_lse=return_lse)
-        check_backend_name(backend)
-        if key is not None:
-            if len(_problems) >= _PROBLEM_MEMO_LIMIT:
-                _problems.clear()
-            _problems[key] = problem
-    return problem, _resolve_backend(backend)
+    choice = _resolve_backend(backend)
+    key = _signature(q, k, v, causal, softmax_scale, layout, return_lse, backend)
+    if key is not None:
+        key = (key, choice)
+        try:
+            hit = call_memo.get(key)
+        except TypeError:  # an unhashable argument (say a list for layout): validation names it
+            key, hit = None, None
+        if hit is not None:
+            return hit
+    problem = make_problem(q, k, v, causal=causal, softmax_scale=softmax_scale, layout=layout, return_lse=return_lse)
+    check_backend_name(backend)
+    prepared = (problem, choice, decide(problem, choice))
+    if key is not None:
+        remember_call(key, prepared)
+    return prepared
 
 
 def _resolve_backend(backend: str) -> str:
@@ -128,6 +129,4 @@ def explain(
     backend: str = "auto",
 ) -> Decision:
     """The dispatcher's decision for ``attention(q, k, v, **same arguments)``, without running it."""
-    problem, choice = _validate(q, k, v, causal, softmax_scale, layout, return_lse, backend,
-                                torch.compiler.is_compiling())
-    return decide(problem, choice)
+    return _prepare(q, k, v, causal, softmax_scale, layout, return_lse, backend)[2]

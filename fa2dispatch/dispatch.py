@@ -33,9 +33,12 @@ from fa2dispatch.problem import AttentionProblem
 log = logging.getLogger("fa2dispatch")
 
 ENV_BACKEND = "FA2DISPATCH_BACKEND"
+ENV_AUTOTUNE = "FA2DISPATCH_AUTOTUNE"  # "1": tune a call's missing bucket once, inside the call
 _forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("fa2dispatch_backend", default=None)
 _MEMO_LIMIT = 4096  # distinct problems remembered; past that the memo starts over
 _memo: dict[tuple, "Decision"] = {}
+# The API's per-call memo: call signature + choice -> (problem, choice, decision); see api._prepare.
+call_memo: dict[tuple, tuple] = {}
 _FAILURE_LIMIT = 100  # run-time failures kept for the report
 _failures: list["Failure"] = []
 _warned: set[tuple[str, str]] = set()
@@ -179,6 +182,13 @@ def decide(problem: AttentionProblem, choice: str) -> Decision:
 def clear_memo() -> None:
     """Forget memoized decisions (after registering backends or changing the environment)."""
     _memo.clear()
+    call_memo.clear()
+
+
+def remember_call(key: tuple, prepared: tuple) -> None:
+    if len(call_memo) >= _MEMO_LIMIT:
+        call_memo.clear()
+    call_memo[key] = prepared
 
 
 def _reasons(backend: Backend, problem: AttentionProblem, device: DeviceInfo) -> list[str]:
@@ -206,14 +216,7 @@ def _decide(problem: AttentionProblem, choice: str, device: DeviceInfo) -> Decis
         if reasons:
             raise ValueError(f"backend={choice!r} cannot run this call ({problem.describe()}): " + "; ".join(reasons))
         return Decision(chosen, chosen.default_config(problem, device), "forced", device, problem)
-    rejected: dict[str, list[str]] = {}
-    capable: list[str] = []
-    for name in priority(device):
-        reasons = _reasons(BACKENDS[name], problem, device)
-        if reasons:
-            rejected[name] = reasons
-        else:
-            capable.append(name)
+    capable, rejected = capable_backends(problem, device)
     if not capable:
         raise NoBackendError(f"{problem.describe()} on {device.name} [{device.arch}]", rejected)
     tuned = _tuned(problem, device, capable, rejected)
@@ -224,6 +227,19 @@ def _decide(problem: AttentionProblem, choice: str, device: DeviceInfo) -> Decis
                     rejected, tuple(capable[1:]))
 
 
+def capable_backends(problem: AttentionProblem, device: DeviceInfo) -> tuple[list[str], dict[str, list[str]]]:
+    """(backends that can run the problem, in priority order; every other one with its reasons)."""
+    rejected: dict[str, list[str]] = {}
+    capable: list[str] = []
+    for name in priority(device):
+        reasons = _reasons(BACKENDS[name], problem, device)
+        if reasons:
+            rejected[name] = reasons
+        else:
+            capable.append(name)
+    return capable, rejected
+
+
 def _tuned(problem: AttentionProblem, device: DeviceInfo, capable: list[str],
            rejected: dict[str, list[str]]) -> Decision | None:
     """The autotune cache's winner for the problem's bucket (or the nearest of its kind), if
@@ -232,6 +248,8 @@ def _tuned(problem: AttentionProblem, device: DeviceInfo, capable: list[str],
 
     try:
         entry, exact = cache.lookup(device, problem)
+        if not exact and os.environ.get(ENV_AUTOTUNE) == "1" and _may_tune_now(device):
+            entry, exact = _tune_now(problem, device)
         if entry is None or entry.backend not in capable:
             return None
         backend = BACKENDS[entry.backend]
@@ -244,6 +262,27 @@ def _tuned(problem: AttentionProblem, device: DeviceInfo, capable: list[str],
     where = entry.source + ("" if exact else " (nearest tuned bucket)")
     return Decision(backend, config, "tuned", device, problem, rejected,
                     tuple(n for n in capable if n != backend.name), tuned_from=where)
+
+
+def _may_tune_now(device: DeviceInfo) -> bool:
+    """Tuning inside a call needs a real GPU and must not happen during CUDA graph capture."""
+    return device.is_gpu and not device.simulated and not torch.cuda.is_current_stream_capturing()
+
+
+def _tune_now(problem: AttentionProblem, device: DeviceInfo):
+    """FA2DISPATCH_AUTOTUNE=1: tune this problem's bucket once, store it, look it up again."""
+    from fa2dispatch.autotune import cache, tuner
+    from fa2dispatch.autotune.buckets import bucket_of
+    from fa2dispatch.autotune.timer import CudaTimer
+
+    log.warning("fa2dispatch: FA2DISPATCH_AUTOTUNE=1: tuning %s (once; stored in the autotune cache)",
+                bucket_of(problem).key)
+    result = tuner.tune_problem(problem, device, CudaTimer())
+    if result.entry is None:
+        cache.warn_once(f"autotuning {result.bucket.key} failed ({result.note}); using the default choice")
+        return None, False
+    cache.store(device, {result.bucket.key: result.entry}, cache.write_dir())
+    return cache.lookup(device, problem)
 
 
 # ------------------------------------------------------------------ run-time failures
@@ -278,6 +317,7 @@ def record_failure(decision: Decision, choice: str, phase: str, exc: Exception,
         replacement = Decision(nxt, nxt.default_config(problem, device), "fallback", device, problem,
                                rejected, tuple(n for n in decision.fallbacks if n != nxt.name))
         _memo[(problem, choice)] = replacement
+        call_memo.clear()  # calls of this problem must see the replacement
     with _lock:
         if len(_failures) >= _FAILURE_LIMIT:
             del _failures[0]

@@ -35,8 +35,13 @@ def _refuse_simulated(decision: Decision) -> None:
 
 def run_forward(problem: AttentionProblem, q, k, v, choice: str):
     """(out, lse, the Decision that ran). On a run-time failure the next candidate runs."""
-    decision = decide(problem, choice)
-    _refuse_simulated(decision)
+    return run_decision(decide(problem, choice), problem, q, k, v, choice)
+
+
+def run_decision(decision: Decision, problem: AttentionProblem, q, k, v, choice: str):
+    """``run_forward`` for a decision already made."""
+    if decision.device.simulated:
+        _refuse_simulated(decision)
     while True:
         try:
             out, lse = decision.backend.forward(problem, q, k, v, decision.config)

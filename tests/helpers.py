@@ -18,10 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
+from fa2dispatch.autotune.verify import within_tolerance
 from fa2dispatch.backends.reference import attention_math
-
-FLOOR_ULPS = 8
-EPS32 = torch.finfo(torch.float32).eps
 
 
 @dataclass(frozen=True)
@@ -80,17 +78,12 @@ def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def check_close(name: str, ours: torch.Tensor, truth: torch.Tensor, lowprec: torch.Tensor,
                 magnitude: float | None = None) -> None:
-    """The STYLE.md rule; NaN anywhere in ours fails. ``magnitude``: the largest quantity of
-    the call (default: this tensor's own)."""
+    """The STYLE.md rule (fa2dispatch.autotune.verify.within_tolerance, which the autotuner
+    applies to its winners too); NaN anywhere in ours fails. ``magnitude``: the largest
+    quantity of the call (default: this tensor's own)."""
     assert not torch.isnan(ours).any(), f"{name}: NaN in output"
-    err = max_err(ours, truth)
-    err_pt = max_err(lowprec, truth)
-    if magnitude is None:
-        magnitude = truth.abs().max().item() if truth.numel() else 0.0
-    floor = FLOOR_ULPS * EPS32 * max(1.0, magnitude)
-    assert err <= 2 * err_pt + floor, (
-        f"{name}: max error {err:.3e} > 2 x PyTorch's {err_pt:.3e} + floor {floor:.1e}"
-    )
+    ok, err, bound = within_tolerance(ours, truth, lowprec, magnitude)
+    assert ok, f"{name}: max error {err:.3e} > 2 x PyTorch's error + floor = {bound:.3e}"
 
 
 def max_magnitude(*tensors: torch.Tensor) -> float:

@@ -124,3 +124,42 @@ def test_torch_compile_fullgraph_on_gpu():
     torch.testing.assert_close(out, ref, rtol=0, atol=0)
     for g, r in zip(grads, ref_grads):
         torch.testing.assert_close(g, r, rtol=0, atol=0)
+
+
+def test_autotune_one_bucket_on_the_gpu(tmp_path):
+    """The tuner with device events and L2 flushes on a real bucket: every candidate timed or
+    recorded, the winner verified and stored, never slower than the default beyond the noise."""
+    from fa2dispatch.autotune import cache, tuner
+    from fa2dispatch.autotune.timer import CudaTimer
+
+    device = device_info(torch.device("cuda"))
+    grid = tuner.Grid(dtypes=("float16",), head_dims=(64,), causal=(True,), lengths=((2048, 2048),), modes=("fwd",),
+                      level="quick")
+    [result] = tuner.run(grid, device, CudaTimer(), tmp_path)
+    assert result.status == "tuned", result.note
+    entry = result.entry
+    assert entry["verified"] and entry["runs"] >= 20
+    assert entry["ms"] <= entry["default"]["ms"] + entry["spread"]
+    timed = [t for t in entry["tried"] if "ms" in t]
+    assert {t["backend"] for t in timed} >= {"triton", "torch-sdpa-cudnn", "torch-sdpa-flash"}
+    assert cache.read_entries(device, tmp_path)[result.bucket.key]["backend"] == entry["backend"]
+
+
+def test_fa2dispatch_autotune_env_tunes_a_missing_bucket_once(tmp_path, monkeypatch, caplog):
+    import logging
+
+    from fa2dispatch.autotune import cache
+
+    monkeypatch.setenv("FA2DISPATCH_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("FA2DISPATCH_AUTOTUNE", "1")
+    cache.reload()
+    dispatch.clear_memo()
+    q, k, v, _ = make_inputs(Case(2, 8, 8, 700, 700, 64, torch.bfloat16, False), device="cuda", requires_grad=False)
+    with caplog.at_level(logging.WARNING, logger="fa2dispatch"):
+        decision = fa2dispatch.explain(q, k, v)
+        fa2dispatch.attention(q, k, v)
+    assert decision.source == "tuned" and "fwd/bfloat16/d64/full/g1/q1024/k1024" in decision.tuned_from
+    assert sum("FA2DISPATCH_AUTOTUNE=1: tuning" in r.message for r in caplog.records) == 1
+    assert len(cache.read_entries(decision.device, tmp_path)) == 1
+    cache.reload()
+    dispatch.clear_memo()

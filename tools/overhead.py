@@ -7,11 +7,13 @@ the GPU: per-call wall time then measures host work. "direct" is the backend's o
 the kernel launch), which is what calling the kernel yourself costs; "api" is
 ``fa2dispatch.attention`` with the backend named, "auto" the same call left to the dispatcher
 (compared with the direct launch of whichever backend it picks). Rounds alternate direct and
-API so drift hits both; the median round is reported.
+API so drift hits both; the overhead is the median over rounds of (API - direct) within a
+round, with the garbage collector off while timing.
 """
 
 from __future__ import annotations
 
+import gc
 import statistics
 import time
 from typing import Any, Callable
@@ -23,7 +25,7 @@ SHAPES = [
     ("prefill 1x16 M=128 d64 causal", 1, 16, 16, 128, 128, 64, "float16", True),
 ]
 BACKENDS = ("triton", "torch-sdpa-flash", "torch-sdpa-cudnn", "torch-sdpa-efficient")
-CALLS, ROUNDS = 400, 9
+CALLS, ROUNDS = 1000, 15
 
 
 def _per_call_us(fn: Callable[[], Any], calls: int) -> float:
@@ -37,15 +39,20 @@ def _per_call_us(fn: Callable[[], Any], calls: int) -> float:
     return (time.perf_counter() - start) / calls * 1e6
 
 
-def _compare(direct: Callable, api: Callable) -> tuple[float, float]:
+def _compare(direct: Callable, api: Callable) -> tuple[float, float, float]:
+    """(direct us/call, API us/call, overhead us/call), medians over rounds."""
     for _ in range(3):  # warm-up: compilation, memo, allocator
         direct()
         api()
     d, a = [], []
-    for _ in range(ROUNDS):
-        d.append(_per_call_us(direct, CALLS))
-        a.append(_per_call_us(api, CALLS))
-    return statistics.median(d), statistics.median(a)
+    gc.disable()
+    try:
+        for _ in range(ROUNDS):
+            d.append(_per_call_us(direct, CALLS))
+            a.append(_per_call_us(api, CALLS))
+    finally:
+        gc.enable()
+    return statistics.median(d), statistics.median(a), statistics.median(y - x for x, y in zip(d, a))
 
 
 def measure() -> list[dict]:
@@ -82,11 +89,11 @@ def measure() -> list[dict]:
                 return fa2dispatch.attention(q, k, v, causal=causal, backend=name)
 
             try:
-                direct_us, api_us = _compare(direct, api)
+                direct_us, api_us, overhead_us = _compare(direct, api)
             except Exception as exc:  # one backend failing must not hide the others
                 rows.append({**row, "skipped": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"})
                 continue
-            rows.append({**row, "direct_us": direct_us, "api_us": api_us, "overhead_us": api_us - direct_us})
+            rows.append({**row, "direct_us": direct_us, "api_us": api_us, "overhead_us": overhead_us})
     return rows
 
 

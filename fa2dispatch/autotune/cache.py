@@ -22,6 +22,7 @@ then the cache shipped in ``fa2dispatch/autotune_cache``. The user's entry wins 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -270,3 +271,87 @@ def describe(device: DeviceInfo) -> list[dict]:
                 row["error"] = str(exc)
         rows.append(row)
     return rows
+
+
+# ------------------------------------------------------------------ writing (the autotuner)
+
+
+def soft_stamp(device: DeviceInfo) -> dict:
+    """The soft fields of the device key, stored with each entry: an entry whose stamp differs
+    from the current one is stale (still served, re-tuned by the next autotune run)."""
+    key = device_key(device)
+    return {f: key[f] for f in SOFT_FIELDS}
+
+
+def is_fresh(entry: dict, device: DeviceInfo) -> bool:
+    return entry.get("versions") == soft_stamp(device)
+
+
+def write_dir(cache_dir: str | os.PathLike | None = None) -> Path:
+    """Where the autotuner writes: ``cache_dir`` if given, else the user cache dir."""
+    return Path(cache_dir).expanduser() if cache_dir is not None else user_dir()
+
+
+def read_entries(device: DeviceInfo, directory: Path) -> dict:
+    """The entries of this device's file in ``directory`` ({} if there is none or it is damaged)."""
+    path = directory / file_name(device)
+    if not path.is_file():
+        return {}
+    try:
+        data = read(path)
+    except CacheError:
+        return {}
+    return data["entries"] if match(data["device_key"], device)[0] != "hard" else {}
+
+
+def store(device: DeviceInfo, entries: dict[str, dict], directory: Path) -> Path:
+    """Merge ``entries`` (bucket key -> entry) into this device's file in ``directory``.
+
+    Read-modify-write under a file lock, so concurrent tuners lose no entry; the new file is
+    written next to the old one and moved over it (``os.replace``), so a reader never sees half
+    a file. A damaged file is replaced (its content was unusable); a file of another device or
+    kernel is never overwritten. Raises CacheError when the directory cannot be written.
+    """
+    from filelock import FileLock, Timeout
+
+    path = directory / file_name(device)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(path) + ".lock", timeout=60)
+        with lock:
+            merged: dict = {}
+            if path.is_file():
+                try:
+                    data = read(path)
+                except CacheError as exc:
+                    warn_once(f"replacing a damaged autotune cache file ({exc})")
+                else:
+                    verdict, why = match(data["device_key"], device)
+                    if verdict == "hard":
+                        raise CacheError(f"{path} belongs to another device or kernel ({why}); not overwritten")
+                    merged = data["entries"]
+            merged.update(entries)
+            payload = {"schema": SCHEMA, "device_key": device_key(device), "entries": dict(sorted(merged.items()))}
+            _atomic_write(path, json.dumps(payload, indent=1) + "\n")
+    except Timeout as exc:
+        raise CacheError(f"{path}: lock held by another process for 60 s") from exc
+    except OSError as exc:
+        raise CacheError(f"cannot write {path} ({type(exc).__name__}: {exc})") from exc
+    reload()
+    return path
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    import tempfile
+
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise

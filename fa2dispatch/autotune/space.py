@@ -1,0 +1,154 @@
+"""Search spaces: which configs the autotuner tries, per backend, vendor and level, and the
+pruning that drops impossible ones before anything compiles.
+
+Levels: "quick" (a handful per kind, for a first run), "default" (the grid shipped for the
+H100), "full" (everything plausible). A pruned config is reported with its reason, never
+silently dropped.
+
+Shared memory is bounded from below by the tiles a kernel must stage through it: at least one
+block of each streamed operand (K and V in the forward and in the dQ kernel, Q and dO in the
+dK/dV kernel). Operands Triton keeps in registers (Q for Hopper's wgmma) and extra pipeline
+buffers are not counted: the H100 forward at D=128 with 128 x 128 blocks and 3 stages compiles
+to 64 KiB, where counting Q and three K/V buffers would say 224 KiB. So the bound prunes only
+configs that cannot fit; those it lets through and that still do not fit fail to compile and
+are recorded as such by the tuner. The default config is always kept.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, replace
+
+from fa2dispatch.backends import BACKENDS, Config
+from fa2dispatch.backends.triton_fa2.config import TritonConfig, block_d
+from fa2dispatch.hardware import DeviceInfo
+from fa2dispatch.problem import AttentionProblem
+
+LEVELS = ("quick", "default", "full")
+
+# Forward (block_m, block_n, num_warps, num_stages) per level on NVIDIA; measured points from
+# tools/sweep_configs.py on the H100 (docs/PERF_NOTES.md) are in "quick".
+# "default" is sized so the shipped grid compiles in minutes (compilation, not timing, is
+# the cost: each config compiles once per dtype x head dim x causal).
+_NV_FWD = {
+    "quick": [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3)],
+    "default": [(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 128, 4, 3),
+                (128, 128, 8, 2), (128, 64, 4, 2)],
+    "full": list(itertools.product((32, 64, 128, 256), (32, 64, 128), (4, 8), (1, 2, 3, 4))),
+}
+# Backward (dkdv_block_m, dkdv_block_n, bwd_num_warps, bwd_num_stages); the dQ kernel takes
+# the transposed blocks (dq_block_m = dkdv_block_n, dq_block_n = dkdv_block_m), as in FA2.
+_NV_BWD = {
+    "quick": [(64, 64, 4, 2), (32, 64, 4, 2), (64, 128, 8, 2)],
+    "default": [(64, 64, 4, 2), (32, 64, 4, 2), (64, 128, 8, 2), (32, 128, 4, 2), (64, 64, 8, 2), (64, 64, 4, 3)],
+    "full": list(itertools.product((16, 32, 64, 128), (32, 64, 128), (4, 8), (1, 2, 3))),
+}
+# AMD adds the occupancy hint, the MFMA shape and operand packing; num_stages 1-2 (the AMD
+# stream pipeliner).
+_AMD_FWD = {
+    "quick": [(128, 64, 4, 1, 2, 16, 2), (64, 64, 4, 1, 2, 16, 1)],
+    "default": list(itertools.product((64, 128), (32, 64), (4,), (1, 2), (1, 2), (16,), (1, 2))),
+    "full": list(itertools.product((64, 128, 256), (32, 64, 128), (4, 8), (1, 2), (0, 1, 2, 4), (16, 32), (1, 2))),
+}
+_AMD_BWD = {
+    "quick": [(32, 64, 4, 1), (16, 64, 4, 1)],
+    "default": list(itertools.product((16, 32, 64), (64, 128), (4,), (1, 2))),
+    "full": list(itertools.product((16, 32, 64), (32, 64, 128), (4, 8), (1, 2))),
+}
+# Under the interpreter (CPU) a config changes nothing but the block loop: two small ones.
+_CPU = [(32, 16, 4, 1), (16, 32, 4, 1)]
+
+
+@dataclass(frozen=True)
+class Candidate:
+    backend: str
+    config: Config | None
+
+    def label(self) -> str:
+        return self.backend if self.config is None else f"{self.backend} {self.config.short()}"
+
+
+def smem_bytes(problem: AttentionProblem, config: TritonConfig, backward: bool) -> int:
+    """Lower bound of the shared memory one program of the largest kernel needs (see above)."""
+    row = problem.dtype.itemsize * block_d(problem.D)  # bytes of one padded row
+    if not backward:
+        return row * 2 * config.block_n
+    return row * 2 * max(config.dkdv_block_m, config.dq_block_n)
+
+
+def triton_prune_reason(problem: AttentionProblem, device: DeviceInfo, config: TritonConfig,
+                        backward: bool) -> str | None:
+    """Why this Triton config cannot run this kind of problem on this device, or None."""
+    blocks = [("block_m", config.block_m), ("block_n", config.block_n)]
+    if backward:
+        blocks += [("dkdv_block_m", config.dkdv_block_m), ("dkdv_block_n", config.dkdv_block_n),
+                   ("dq_block_m", config.dq_block_m), ("dq_block_n", config.dq_block_n)]
+    for name, value in blocks:
+        if value < 16 or value & (value - 1):
+            return f"{name}={value} (supported: a power of two >= 16, tl.dot's smallest tile)"
+    # Each warp of the forward owns >= 16 query rows (the MMA's M); fewer leaves warps idle.
+    if not backward and device.vendor == "nvidia" and config.block_m < 16 * config.num_warps:
+        return f"{config.num_warps} warps need >= {16 * config.num_warps} query rows, got block_m={config.block_m}"
+    stages = config.bwd_num_stages if backward else config.num_stages
+    if device.vendor == "amd" and stages > 2:
+        return f"num_stages={stages} (supported on AMD: 1-2)"
+    if device.smem_per_block:
+        need = smem_bytes(problem, config, backward)
+        if need > device.smem_per_block:
+            return f"needs ~{need // 1024} KiB of shared memory (device: {device.smem_per_block // 1024} KiB per block)"
+    return None
+
+
+def _triton_configs(problem: AttentionProblem, device: DeviceInfo, level: str,
+                    base: TritonConfig | None) -> list[TritonConfig]:
+    base = base or BACKENDS["triton"].default_config(problem, device)
+    backward = problem.requires_grad
+    if device.vendor == "cpu":
+        points = [replace(base, block_m=m, block_n=n) if not backward else
+                  replace(base, dkdv_block_m=m, dkdv_block_n=n, dq_block_m=n, dq_block_n=m) for m, n, _, _ in _CPU]
+        return list(dict.fromkeys(points))
+    amd = device.vendor == "amd"
+    out = [base]  # the default is always a candidate: the tuned choice is never worse than it
+    if not backward:
+        for point in (_AMD_FWD if amd else _NV_FWD)[level]:
+            m, n, w, s, *rest = point
+            extra = dict(zip(("waves_per_eu", "matrix_instr_nonkdim", "kpack"), rest))
+            out.append(replace(base, block_m=m, block_n=n, num_warps=w, num_stages=s, **extra))
+    else:
+        for m, n, w, s in (_AMD_BWD if amd else _NV_BWD)[level]:
+            out.append(replace(base, dkdv_block_m=m, dkdv_block_n=n, dq_block_m=n, dq_block_n=m,
+                               bwd_num_warps=w, bwd_num_stages=s))
+    return list(dict.fromkeys(out))
+
+
+def candidates(problem: AttentionProblem, device: DeviceInfo, backends: list[str], level: str = "default",
+               triton_base: TritonConfig | None = None) -> tuple[list[Candidate], list[tuple[Candidate, str]]]:
+    """(candidates to time, pruned candidates with their reasons) for one bucket's problem.
+
+    Backends that cannot run the problem are left out entirely (the dispatcher would refuse
+    them too); backends without a config space (PyTorch SDPA) are one candidate each. For a
+    backward bucket only the backward fields vary; ``triton_base`` supplies the forward fields
+    (the tuned forward winner of the same shape), else the default's.
+    """
+    if level not in LEVELS:
+        raise ValueError(f"level={level!r} (supported: {', '.join(LEVELS)})")
+    keep: list[Candidate] = []
+    pruned: list[tuple[Candidate, str]] = []
+    for name in backends:
+        backend = BACKENDS[name]
+        if backend.not_supported_reasons(problem, device):
+            continue
+        if name != "triton":
+            for config in backend.config_space(problem, device) or [None]:
+                keep.append(Candidate(name, config))
+            continue
+        configs = _triton_configs(problem, device, level, triton_base)
+        for config in configs:
+            reason = None if config is configs[0] else triton_prune_reason(problem, device, config,
+                                                                           problem.requires_grad)
+            reason = reason or next(iter(backend.config_reasons(problem, device, config)), None)
+            if reason:
+                pruned.append((Candidate(name, config), reason))
+            else:
+                keep.append(Candidate(name, config))
+    return keep, pruned

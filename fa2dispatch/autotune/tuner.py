@@ -1,0 +1,221 @@
+"""The tuning loop: for each bucket of a grid, time every candidate (every capable backend, and
+every config of those with a search space), keep the fastest unless it beats the incumbent by
+no more than the measured spread, check the winner against the reference, store it.
+
+Inputs per bucket follow BENCH_PROTOCOL.md: 16,384 tokens per batch and a model width of 2,048
+(B = 16384 // max(Mq, Mkv), H = 2048 // D), random normal values. The incumbent is the bucket's
+existing entry when re-tuning, else the dispatcher's default choice, so a re-run that measures
+the same thing keeps the same winner.
+
+Each bucket is stored as soon as it is tuned: an interrupted run resumes where it stopped (a
+fresh entry is skipped unless ``force``).
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
+from typing import Callable
+
+import torch
+
+from fa2dispatch import dispatch
+from fa2dispatch.backends import BACKENDS
+from fa2dispatch.backends.triton_fa2.config import TritonConfig
+from fa2dispatch.hardware import DeviceInfo
+from fa2dispatch.problem import AttentionProblem
+
+from . import cache
+from .buckets import Bucket, bucket_of
+from .space import Candidate, candidates
+from .timer import Timing
+from .verify import verify
+
+TOKENS, HIDDEN = 16384, 2048
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+@dataclass(frozen=True)
+class Grid:
+    """What to tune: every combination of these. ``lengths`` are (Mq, Mkv) pairs."""
+
+    dtypes: tuple[str, ...] = ("float16", "bfloat16")
+    head_dims: tuple[int, ...] = (64, 128)
+    causal: tuple[bool, ...] = (False, True)
+    lengths: tuple[tuple[int, int], ...] = ((1024, 1024), (4096, 4096), (16384, 16384))
+    modes: tuple[str, ...] = ("fwd", "bwd")
+    backends: tuple[str, ...] = tuple(BACKENDS)
+    level: str = "default"
+
+    def problems(self, device: torch.device) -> list[AttentionProblem]:
+        """One problem per bucket, forward buckets first (a backward bucket builds on the
+        forward winner of its shape)."""
+        out = []
+        for mode, dtype, d, causal, (mq, mkv) in itertools.product(self.modes, self.dtypes, self.head_dims,
+                                                                   self.causal, self.lengths):
+            out.append(tuning_problem(DTYPES[dtype], d, causal, mq, mkv, mode == "bwd", device))
+        return out
+
+
+def tuning_problem(dtype: torch.dtype, D: int, causal: bool, Mq: int, Mkv: int, backward: bool,
+                   device: torch.device, group: int = 1) -> AttentionProblem:
+    H = max(group, (HIDDEN // D) // group * group)
+    return AttentionProblem(B=max(1, TOKENS // max(Mq, Mkv)), H=H, Hkv=H // group, Mq=Mq, Mkv=Mkv, D=D, dtype=dtype,
+                            device=device, layout="bshd", causal=causal, softmax_scale=D**-0.5,
+                            requires_grad=backward)
+
+
+@dataclass
+class BucketResult:
+    bucket: Bucket
+    status: str  # "tuned" | "cached" | "failed"
+    entry: dict | None = None
+    note: str = ""
+    tried: list[dict] = field(default_factory=list)
+
+
+def _inputs(problem: AttentionProblem, seed: int) -> tuple[torch.Tensor, ...]:
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+
+    def rand(heads: int, m: int) -> torch.Tensor:
+        return torch.randn(problem.B, m, heads, problem.D, generator=gen).to(problem.device, problem.dtype)
+
+    return rand(problem.H, problem.Mq), rand(problem.Hkv, problem.Mkv), rand(problem.Hkv, problem.Mkv), rand(
+        problem.H, problem.Mq)
+
+
+def _step(problem: AttentionProblem, cand: Candidate, tensors) -> Callable[[], object]:
+    backend, config = BACKENDS[cand.backend], cand.config
+    q, k, v, dout = tensors
+    if not problem.requires_grad:
+        return lambda: backend.forward(problem, q, k, v, config)
+
+    def train_step():  # the backend that runs the forward also runs the backward
+        out, lse = backend.forward(problem, q, k, v, config)
+        return backend.backward(problem, dout, q, k, v, out, lse, config)
+
+    return train_step
+
+
+def _record(cand: Candidate, timing: Timing | None = None, **extra) -> dict:
+    row = {"backend": cand.backend, "config": cand.config.as_dict() if cand.config is not None else None}
+    if timing is not None:
+        row.update(timing.as_dict())
+    row.update(extra)
+    return row
+
+
+def _same(a: Candidate, backend: str, config: dict | None) -> bool:
+    return a.backend == backend and (a.config.as_dict() if a.config is not None else None) == config
+
+
+def tune_problem(problem: AttentionProblem, device: DeviceInfo, timer: Callable[[Callable], Timing], *,
+                 backends: tuple[str, ...] = tuple(BACKENDS), level: str = "default", incumbent: dict | None = None,
+                 triton_base: TritonConfig | None = None, seed: int = 0,
+                 on_candidate: Callable[[Candidate], None] | None = None,
+                 verifier: Callable[..., str | None] = verify) -> BucketResult:
+    """Tune one bucket (``problem`` is its representative). Never raises for a candidate's
+    failure: it is recorded in ``tried``."""
+    bucket = bucket_of(problem)
+    keep, pruned = candidates(problem, device, list(backends), level, triton_base)
+    tried = [_record(c, pruned=reason) for c, reason in pruned]
+    default = dispatch.capable_backends(problem, device)[0]
+    default_backend = default[0] if default else None
+    default_config = BACKENDS[default_backend].default_config(problem, device) if default_backend else None
+    default_dict = default_config.as_dict() if default_config is not None else None
+    timings: list[tuple[Candidate, Timing]] = []
+    tensors = _inputs(problem, seed)
+    try:
+        for cand in keep:
+            if on_candidate is not None:
+                on_candidate(cand)
+            try:
+                timing = timer(_step(problem, cand, tensors))
+            except Exception as exc:  # compile errors, out of resources, a kernel refusing the shape
+                tried.append(_record(cand, error=dispatch._error_text(exc)))
+                if isinstance(exc, torch.OutOfMemoryError):
+                    torch.cuda.empty_cache()
+                continue
+            timings.append((cand, timing))
+            tried.append(_record(cand, timing))
+    finally:
+        del tensors
+    if not timings:
+        return BucketResult(bucket, "failed", note="no candidate ran", tried=tried)
+
+    ranked = sorted(timings, key=lambda ct: ct[1].ms)
+    base = None
+    if incumbent is not None:
+        base = next((ct for ct in timings if _same(ct[0], incumbent["backend"], incumbent.get("config"))), None)
+    if base is None:
+        base = next((ct for ct in timings if _same(ct[0], default_backend, default_dict)), ranked[0])
+    default_timing = next((t for c, t in timings if _same(c, default_backend, default_dict)), None)
+    best = ranked[0]
+    # A challenger must beat the incumbent by more than the noise, so repeated tunes agree.
+    winner = best if base[1].ms - best[1].ms > max(best[1].spread, base[1].spread) else base
+    for cand, timing in [winner, *(ct for ct in ranked if ct is not winner)]:
+        failure = verifier(cand.backend, cand.config, problem, seed)
+        if failure is None:
+            entry = _entry(cand, timing, default_backend, default_dict, default_timing, problem, device, tried)
+            return BucketResult(bucket, "tuned", entry, tried=tried)
+        tried.append(_record(cand, timing, rejected=f"failed verification: {failure}"))
+    return BucketResult(bucket, "failed", note="no candidate passed verification", tried=tried)
+
+
+def _entry(cand: Candidate, timing: Timing, default_backend, default_dict, default_timing: Timing | None,
+           problem: AttentionProblem, device: DeviceInfo, tried: list[dict]) -> dict:
+    return {
+        "backend": cand.backend,
+        "config": cand.config.as_dict() if cand.config is not None else None,
+        **timing.as_dict(),
+        "default": {"backend": default_backend, "config": default_dict,
+                    "ms": round(default_timing.ms, 5) if default_timing else None},
+        "speedup_vs_default": round(default_timing.ms / timing.ms, 4) if default_timing else None,
+        "verified": True,
+        "shape": {f: getattr(problem, f) for f in ("B", "H", "Hkv", "Mq", "Mkv", "D")},
+        "versions": cache.soft_stamp(device),
+        "tuned_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "tried": tried,
+    }
+
+
+def _triton_base(problem: AttentionProblem, results: dict[str, dict]) -> TritonConfig | None:
+    """For a backward bucket: the forward winner of the same shape, if Triton won it."""
+    entry = results.get(bucket_of(replace(problem, requires_grad=False, return_lse=False)).key)
+    if entry and entry.get("backend") == "triton" and entry.get("config"):
+        return TritonConfig(**entry["config"])
+    return None
+
+
+def run(grid: Grid, device: DeviceInfo, timer: Callable[[Callable], Timing], directory, *, force: bool = False,
+        seed: int = 0, on_bucket: Callable[[AttentionProblem, int, int], None] | None = None,
+        on_candidate: Callable[[Candidate], None] | None = None,
+        on_result: Callable[[BucketResult], None] | None = None,
+        verifier: Callable[..., str | None] = verify) -> list[BucketResult]:
+    """Tune every bucket of ``grid`` on ``device`` and store each winner in ``directory``."""
+    torch_device = torch.device("cuda", device.index) if device.is_gpu else torch.device("cpu")
+    problems = grid.problems(torch_device)
+    existing = cache.read_entries(device, directory)
+    results: list[BucketResult] = []
+    for i, problem in enumerate(problems):
+        if on_bucket is not None:
+            on_bucket(problem, i, len(problems))
+        bucket = bucket_of(problem)
+        old = existing.get(bucket.key)
+        if old is not None and not force and cache.is_fresh(old, device):
+            result = BucketResult(bucket, "cached", old, note="fresh entry in the cache")
+        else:
+            result = tune_problem(problem, device, timer, backends=grid.backends, level=grid.level, incumbent=old,
+                                  triton_base=_triton_base(problem, existing), seed=seed, on_candidate=on_candidate,
+                                  verifier=verifier)
+            if result.entry is not None:
+                try:
+                    cache.store(device, {bucket.key: result.entry}, directory)
+                except cache.CacheError as exc:
+                    result.note = f"not stored: {exc}"
+                existing[bucket.key] = result.entry
+        results.append(result)
+        if on_result is not None:
+            on_result(result)
+    return results

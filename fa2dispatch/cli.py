@@ -1,10 +1,11 @@
-"""Command line: ``fa2dispatch demo | info | report``.
+"""Command line: ``fa2dispatch demo | info | report | autotune``.
 
 ``demo`` runs a few attention calls through the dispatcher on this machine (the GPU if there
 is one, else the CPU with Triton under its interpreter), checks each against the float64
 reference, and prints what ran and why. ``info`` prints a short environment summary for bug
 reports; ``report`` the backend selection report (``fa2dispatch.report``), ``--json`` for
-machines. Both take ``--simulate NAME`` to describe a simulated device profile.
+machines. Both take ``--simulate NAME`` to describe a simulated device profile. ``autotune``
+tunes problem buckets here and caches the winners (``fa2dispatch.autotune.command``).
 """
 
 from __future__ import annotations
@@ -157,6 +158,11 @@ def main(argv: list[str] | None = None) -> int:
     report.add_argument("--json", action="store_true", help="print the report as JSON (and nothing else) to stdout")
     _add_simulate(report)
     report.set_defaults(func=cmd_report)
+    from fa2dispatch.autotune.command import add_arguments as add_autotune_arguments
+
+    autotune = sub.add_parser("autotune", help="time the candidates of each problem bucket here; cache the winners")
+    add_autotune_arguments(autotune)
+    _add_simulate(autotune)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -366,3 +366,22 @@ def test_real_tuning_run_under_the_interpreter(isolated_cache, monkeypatch):
     assert decision.config.as_dict() == result.entry["config"]
     entry = cache.lookup(_cpu(), p)[0]
     assert os.path.basename(entry.path) == cache.file_name(_cpu())
+
+
+def test_a_verification_that_raises_moves_on_to_the_next_candidate():
+    def verifier(backend, config, p, seed):
+        if config is not None and config.block_m == 16:
+            raise RuntimeError("out of resources at the reduced size")
+        return None
+
+    result = _tune(ScriptedTimer({"reference": 3.0, "triton block_m=16": 1.0, "triton block_m=32": 2.0}),
+                   verifier=verifier)
+    assert result.entry["config"]["block_m"] == 32
+    assert any("verification raised RuntimeError: out of resources" in t.get("rejected", "") for t in result.tried)
+
+
+def test_grid_puts_forward_buckets_first_and_leaves_the_reference_out():
+    grid = tuner.Grid(modes=("bwd", "fwd"), dtypes=("float16",), head_dims=(64,), causal=(False,),
+                      lengths=((1024, 1024),))
+    assert [p.requires_grad for p in grid.problems(torch.device("cpu"))] == [False, True]
+    assert "reference" not in tuner.Grid().backends and "triton" in tuner.Grid().backends

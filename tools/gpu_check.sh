@@ -5,6 +5,7 @@
 #   OUT=/tmp/out BENCH_ARGS="--quick --modes fwd" bash tools/gpu_check.sh
 #   SKIP_TESTS=1 BENCH_ARGS="--dtype bf16" bash tools/gpu_check.sh    # benchmark only
 #   SKIP_BENCH=1 bash tools/gpu_check.sh                               # tests, report, overhead
+#   AUTOTUNE_ARGS="--dtype fp16" bash tools/gpu_check.sh               # tune into autotune_cache/ only
 #
 # Everything worth keeping lands in $OUT: gpu_tests.log, report.txt, report.json, overhead.*,
 # bench.log, bench.json, bench.md.
@@ -30,6 +31,22 @@ echo "== install"
 if ! python3 -m pip install --no-deps --no-build-isolation -q -e .; then
     echo "editable install failed; trying a plain install"
     python3 -m pip install --no-deps --no-build-isolation -q . || { echo "install failed"; exit 4; }
+fi
+
+if [ -n "${AUTOTUNE_ARGS:-}" ]; then
+    # Tune into the repository's autotune_cache/ (shipped), resuming from what is already there,
+    # and hand the result back through $OUT.
+    echo "== autotune ${AUTOTUNE_ARGS}"
+    read -r -a tune_args <<< "$AUTOTUNE_ARGS"
+    set +e
+    start=$(date +%s)
+    COLUMNS=160 fa2dispatch autotune "${tune_args[@]}" --cache-dir autotune_cache 2>&1 | tee "$OUT/autotune.log"
+    tune_rc=${PIPESTATUS[0]}
+    echo "autotune exit $tune_rc after $(( $(date +%s) - start )) s"
+    set -e
+    mkdir -p "$OUT/autotune_cache"
+    cp autotune_cache/*.json "$OUT/autotune_cache/" 2>/dev/null || echo "no cache file written"
+    exit "$tune_rc"
 fi
 
 echo "== GPU tests"

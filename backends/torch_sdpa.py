@@ -66,7 +66,8 @@ class TorchSDPABackend(Backend):
             return reasons  # a simulated device assumes torch built for its platform
         build = torch.version.cuda if device.vendor == "nvidia" else torch.version.hip
         if build is None:
-            reasons.append(f"torch {torch.__version__} was built without {'CUDA' if device.vendor == 'nvidia' else 'ROCm'}")
+            platform = "CUDA" if device.vendor == "nvidia" else "ROCm"
+            reasons.append(f"torch {torch.__version__} was built without {platform}")
         else:
             reasons.extend(self._build_reasons())
         return reasons

@@ -250,16 +250,25 @@ def _tuned(problem: AttentionProblem, device: DeviceInfo, capable: list[str],
         entry, exact = cache.lookup(device, problem)
         if not exact and os.environ.get(ENV_AUTOTUNE) == "1" and _may_tune_now(device):
             entry, exact = _tune_now(problem, device)
-        if entry is None or entry.backend not in capable:
+        if entry is None:
             return None
-        backend = BACKENDS[entry.backend]
-        config = backend.config_from_dict(entry.config)
+        # the bucket's winner, else the fastest other backend tuned there that can run this call
+        options = [(entry.backend, entry.config, "")]
+        options += [(name, config, f" (runner-up: {entry.backend} cannot run this call)")
+                    for name, config, _ in entry.alternatives]
+        for name, config_dict, note in options:
+            if name not in capable:
+                continue
+            backend = BACKENDS[name]
+            config = backend.config_from_dict(config_dict)
+            if not backend.config_reasons(problem, device, config):
+                break
+        else:
+            return None
     except Exception as exc:  # damaged entries are reported by the cache; anything else here too
         cache.warn_once(f"autotune cache lookup failed ({_error_text(exc)}); using the default choice")
         return None
-    if backend.config_reasons(problem, device, config):
-        return None
-    where = entry.source + ("" if exact else " (nearest tuned bucket)")
+    where = entry.source + ("" if exact else " (nearest tuned bucket)") + note
     return Decision(backend, config, "tuned", device, problem, rejected,
                     tuple(n for n in capable if n != backend.name), tuned_from=where)
 

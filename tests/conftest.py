@@ -68,3 +68,20 @@ def no_kernel_launch(monkeypatch):
     dispatch.clear_memo()
     yield
     dispatch.clear_memo()
+
+
+@pytest.fixture(autouse=True)
+def isolated_autotune_cache(tmp_path_factory, monkeypatch):
+    """No test reads the user's cache or the shipped H100 results unless it asks for them:
+    selection tests state the priority-order defaults. test_shipped_cache.py opts back in."""
+    from fa2dispatch import dispatch
+    from fa2dispatch.autotune import cache
+
+    empty = tmp_path_factory.mktemp("autotune")
+    monkeypatch.setenv(cache.ENV_CACHE_DIR, str(empty / "user"))
+    monkeypatch.setattr(cache, "shipped_dir", lambda: empty / "shipped")
+    cache.reload()
+    dispatch.clear_memo()
+    yield
+    cache.reload()
+    dispatch.clear_memo()

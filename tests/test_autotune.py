@@ -385,3 +385,14 @@ def test_grid_puts_forward_buckets_first_and_leaves_the_reference_out():
                       lengths=((1024, 1024),))
     assert [p.requires_grad for p in grid.problems(torch.device("cpu"))] == [False, True]
     assert "reference" not in tuner.Grid().backends and "triton" in tuner.Grid().backends
+
+
+def test_each_other_backends_fastest_verified_config_is_kept():
+    def verifier(backend, config, p, seed):
+        return "wrong" if config is not None and config.block_m == 16 else None
+
+    timer = ScriptedTimer({"reference": 0.5, "triton block_m=16": 1.0, "triton block_m=32": 2.0})
+    entry = _tune(timer, verifier=verifier).entry
+    assert entry["backend"] == "reference"
+    assert list(entry["per_backend"]) == ["triton"]
+    assert entry["per_backend"]["triton"]["config"]["block_m"] == 32 and entry["per_backend"]["triton"]["ms"] == 2.0

@@ -217,3 +217,15 @@ def test_without_platformdirs_the_shipped_cache_still_serves(dirs, monkeypatch, 
     rows = cache.describe(simulated_device(H100))
     assert rows[0]["origin"] == "user" and rows[0]["path"] is None and "platformdirs not installed" in rows[0]["error"]
     assert rows[1]["origin"] == "shipped" and rows[1]["entries"] == 1
+
+
+def test_a_runner_up_serves_calls_the_winner_cannot_run(dirs):
+    user, _ = dirs
+    runner_up = {**TUNED, "block_n": 128}
+    write(user, {"fwd/float16/d128/causal/g1/q4096/k4096": {
+        **entry("torch-sdpa-cudnn", None, ms=1.0),
+        "per_backend": {"torch-sdpa-flash": {"config": None, "ms": 1.5}, "triton": {"config": runner_up, "ms": 1.2}}}})
+    assert select(causal=True).backend.name == "torch-sdpa-cudnn"
+    unequal = select(causal=True, Mq=3000, Mkv=4000)  # cuDNN and flash refuse it; triton was tuned here too
+    assert (unequal.backend.name, unequal.source, unequal.config) == ("triton", "tuned", TritonConfig(**runner_up))
+    assert unequal.tuned_from.endswith("(runner-up: torch-sdpa-cudnn cannot run this call)")

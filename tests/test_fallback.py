@@ -80,7 +80,8 @@ def test_forward_failure_falls_back_warns_once_and_is_recorded(install, caplog):
 
     decision = fa2dispatch.explain(q, k, v, causal=True)
     assert (decision.backend.name, decision.source) == ("reference", "fallback")
-    assert decision.rejected["failing"] == ["failed at run time (forward): RuntimeError: injected: PTX assembly aborted"]
+    assert decision.rejected["failing"] == [
+        "failed at run time (forward): RuntimeError: injected: PTX assembly aborted"]
     assert "(fallback: the preferred backend failed at run time; next capable backend)" in str(decision)
     [record] = dispatch.failures()
     assert (record.backend, record.phase, record.replaced_by) == ("failing", "forward", "reference")

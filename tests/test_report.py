@@ -137,7 +137,7 @@ def test_cpu_profile_chooses_the_reference():
 def test_forced_backend_is_reported_with_its_reasons(monkeypatch):
     monkeypatch.setenv("FA2DISPATCH_BACKEND", "triton")
     data = report.collect("a100")
-    assert data["device"]["env"] == {"FA2DISPATCH_BACKEND": "triton"}
+    assert data["device"]["env"]["FA2DISPATCH_BACKEND"] == "triton"
     for row in data["matrix"]["rows"]:
         assert row["source"] == "forced" and row["error"] is None
         if row["dtype"] == "float8_e4m3fn":

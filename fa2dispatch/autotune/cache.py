@@ -150,6 +150,8 @@ class Entry:
     config: dict | None
     ms: float | None
     path: str
+    # other backends' fastest verified configs, fastest first: (backend, config, ms)
+    alternatives: tuple[tuple[str, dict | None, float], ...] = ()
 
     @property
     def source(self) -> str:
@@ -203,7 +205,13 @@ def _entries_of(path: Path, data: dict) -> list[Entry]:
             config = raw.get("config")
             if config is not None and not isinstance(config, dict):
                 raise ValueError("config is not an object")
-            out.append(Entry(bucket, raw["backend"], config, raw.get("ms"), str(path)))
+            others = raw.get("per_backend") or {}
+            if not isinstance(others, dict):
+                raise ValueError("per_backend is not an object")
+            alternatives = tuple(sorted(((name, alt.get("config"), float(alt.get("ms", 0.0)))
+                                         for name, alt in others.items() if isinstance(alt, dict)),
+                                        key=lambda a: a[2]))
+            out.append(Entry(bucket, raw["backend"], config, raw.get("ms"), str(path), alternatives))
         except ValueError as exc:
             warn_once(f"autotune cache {path}: entry {key!r} ignored ({exc})")
     return out

@@ -164,9 +164,30 @@ def tune_problem(problem: AttentionProblem, device: DeviceInfo, timer: Callable[
             failure = f"verification raised {dispatch._error_text(exc)}"
         if failure is None:
             entry = _entry(cand, timing, default_backend, default_dict, default_timing, problem, device, tried)
+            entry["per_backend"] = _per_backend(ranked, cand, problem, seed, verifier, tried)
             return BucketResult(bucket, "tuned", entry, tried=tried)
         tried.append(_record(cand, timing, rejected=f"failed verification: {failure}"))
     return BucketResult(bucket, "failed", note="no candidate passed verification", tried=tried)
+
+
+def _per_backend(ranked, winner: Candidate, problem: AttentionProblem, seed: int, verifier, tried: list[dict]) -> dict:
+    """Each other backend's fastest verified config: when the winner cannot run a call of this
+    bucket (cuDNN and causal Mq != Mkv in the same power-of-two bucket), the dispatcher takes the
+    fastest of these that can, instead of an untuned default."""
+    out: dict[str, dict] = {}
+    for cand, timing in ranked:
+        if cand.backend == winner.backend or cand.backend in out:
+            continue
+        try:
+            failure = verifier(cand.backend, cand.config, problem, seed)
+        except Exception as exc:
+            failure = f"verification raised {dispatch._error_text(exc)}"
+        if failure is None:
+            out[cand.backend] = {"config": cand.config.as_dict() if cand.config is not None else None,
+                                 **timing.as_dict()}
+        else:
+            tried.append(_record(cand, timing, rejected=f"failed verification: {failure}"))
+    return out
 
 
 def _entry(cand: Candidate, timing: Timing, default_backend, default_dict, default_timing: Timing | None,

@@ -1,0 +1,49 @@
+"""The autotune results shipped for the H100 (autotune_cache/): valid, matching today's kernel
+sources, and used by the dispatcher on that device (planned here through the h100 profile)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from fa2dispatch import dispatch
+from fa2dispatch.autotune import cache
+from fa2dispatch.autotune.buckets import Bucket
+from fa2dispatch.backends import BACKENDS
+from fa2dispatch.hardware import simulated_device
+from fa2dispatch.problem import AttentionProblem
+
+H100 = simulated_device("h100")
+SHIPPED = cache.shipped_dir() / cache.file_name(H100)  # the real shipped dir (resolved at import)
+
+
+@pytest.fixture
+def shipped(monkeypatch):
+    monkeypatch.setattr(cache, "shipped_dir", lambda: SHIPPED.parent)
+    cache.reload()
+    dispatch.clear_memo()
+
+
+def test_the_shipped_file_matches_the_kernel_sources_and_is_complete():
+    """A kernel change changes the hash and so the file name: re-tune on the H100 and re-ship."""
+    assert SHIPPED.is_file(), f"{SHIPPED.name} missing: the kernel sources changed since the H100 was tuned"
+    data = cache.read(SHIPPED)
+    assert data["device_key"]["kernel_hash"] == cache.kernel_hash()
+    assert (data["device_key"]["name"], data["device_key"]["arch"]) == (H100.name, H100.arch)
+    keys = [Bucket.from_key(k) for k in data["entries"]]
+    assert len(keys) == 48 and {b.mode for b in keys} == {"fwd", "bwd"}
+    for key, entry in data["entries"].items():
+        assert entry["backend"] in BACKENDS and entry["verified"] is True, key
+        assert entry["ms"] <= entry["default"]["ms"] + entry["spread"], key  # never slower than the default
+        assert all(alt["ms"] >= entry["ms"] for alt in entry.get("per_backend", {}).values()), key
+    json.dumps(data)  # plain JSON all the way down
+
+
+def test_the_dispatcher_uses_the_shipped_results_on_an_h100(shipped):
+    p = AttentionProblem(B=4, H=16, Hkv=16, Mq=4096, Mkv=4096, D=128, dtype=torch.float16, device=torch.device("cpu"),
+                         layout="bshd", causal=True, softmax_scale=128**-0.5)
+    decision = dispatch.select(p, device=H100)
+    assert decision.source == "tuned"
+    assert decision.tuned_from == f"fwd/float16/d128/causal/g1/q4096/k4096 in {SHIPPED}"

@@ -37,7 +37,8 @@ def test_the_shipped_file_matches_the_kernel_sources_and_is_complete():
     for key, entry in data["entries"].items():
         assert entry["backend"] in BACKENDS and entry["verified"] is True, key
         assert entry["ms"] <= entry["default"]["ms"] + entry["spread"], key  # never slower than the default
-        assert all(alt["ms"] >= entry["ms"] for alt in entry.get("per_backend", {}).values()), key
+        for alt in entry["per_backend"].values():  # no runner-up beat the winner by more than the noise
+            assert entry["ms"] - alt["ms"] <= max(entry["spread"], alt["spread"]), key
     json.dumps(data)  # plain JSON all the way down
 
 

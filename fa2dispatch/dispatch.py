@@ -305,7 +305,7 @@ def _error_text(exc: BaseException) -> str:
 def may_fall_back(decision: Decision, exc: Exception) -> bool:
     """A failure on a valid call falls back unless the backend was forced or memory ran out
     (the next candidate would need more of it, not less)."""
-    return decision.source != "forced" and not isinstance(exc, torch.OutOfMemoryError)
+    return decision.source != "forced" and not isinstance(exc, torch.cuda.OutOfMemoryError)
 
 
 def record_failure(decision: Decision, choice: str, phase: str, exc: Exception,

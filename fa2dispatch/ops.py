@@ -6,7 +6,8 @@
   (``torch.library``) with a fake implementation and registered autograd, so a model that
   calls ``attention`` traces with ``fullgraph=True``.
 
-Both flavours call ``run_forward`` / ``run_backward``, the only place a backend is invoked.
+Both flavours call ``run_decision`` (through ``run_forward``) and ``run_backward``, the only
+places a backend is invoked, and where a run-time failure falls back to the next candidate.
 """
 
 from __future__ import annotations
@@ -20,17 +21,16 @@ from fa2dispatch.problem import AttentionProblem, make_problem
 
 
 # ``choice`` is the caller's backend request already resolved against the use_backend context
-# and the environment (dispatch.requested_backend), so the backward runs where the forward
-# ran even if the context has changed in between.
+# (dispatch.requested_backend), so the backward runs where the forward ran even if the context
+# has changed in between.
 
 
-def _refuse_simulated(decision: Decision) -> None:
-    if decision.device.simulated:
-        raise RuntimeError(
-            f"FA2DISPATCH_SIMULATE is set: the dispatcher plans for a simulated {decision.device.name} "
-            f"[{decision.device.arch}], where no kernel can run. Use fa2dispatch.explain(...) or "
-            "`fa2dispatch report` to plan; unset FA2DISPATCH_SIMULATE to compute."
-        )
+def _simulated_error(decision: Decision) -> RuntimeError:
+    return RuntimeError(
+        f"FA2DISPATCH_SIMULATE is set: the dispatcher plans for a simulated {decision.device.name} "
+        f"[{decision.device.arch}], where no kernel can run. Use fa2dispatch.explain(...) or "
+        "`fa2dispatch report` to plan; unset FA2DISPATCH_SIMULATE to compute."
+    )
 
 
 def run_forward(problem: AttentionProblem, q, k, v, choice: str):
@@ -41,7 +41,7 @@ def run_forward(problem: AttentionProblem, q, k, v, choice: str):
 def run_decision(decision: Decision, problem: AttentionProblem, q, k, v, choice: str):
     """``run_forward`` for a decision already made."""
     if decision.device.simulated:
-        _refuse_simulated(decision)
+        raise _simulated_error(decision)
     while True:
         try:
             out, lse = decision.backend.forward(problem, q, k, v, decision.config)

@@ -396,3 +396,14 @@ def test_each_other_backends_fastest_verified_config_is_kept():
     assert entry["backend"] == "reference"
     assert list(entry["per_backend"]) == ["triton"]
     assert entry["per_backend"]["triton"]["config"]["block_m"] == 32 and entry["per_backend"]["triton"]["ms"] == 2.0
+
+
+def test_backward_buckets_take_tritons_tuned_forward_fields():
+    forward = tuner.tuning_problem(torch.float16, 64, False, 1024, 1024, False, torch.device("cpu"))
+    backward = replace(forward, requires_grad=True)
+    tuned_fwd = TritonConfig(block_m=64, block_n=64, num_warps=4, num_stages=3).as_dict()
+    key = bucket_of(forward).key
+    assert tuner._triton_base(backward, {key: {"backend": "triton", "config": tuned_fwd}}) == TritonConfig(**tuned_fwd)
+    runner_up = {key: {"backend": "torch-sdpa-cudnn", "config": None, "per_backend": {"triton": {"config": tuned_fwd}}}}
+    assert tuner._triton_base(backward, runner_up) == TritonConfig(**tuned_fwd)
+    assert tuner._triton_base(backward, {}) is None

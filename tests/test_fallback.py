@@ -138,9 +138,9 @@ def test_a_forced_backend_that_fails_raises(install):
 
 
 def test_out_of_memory_does_not_fall_back(install):
-    install(FailingBackend(torch.OutOfMemoryError("injected: CUDA out of memory")))
+    install(FailingBackend(torch.cuda.OutOfMemoryError("injected: CUDA out of memory")))
     q, k, v, _ = make_inputs(CASE, requires_grad=False)
-    with pytest.raises(torch.OutOfMemoryError):
+    with pytest.raises(torch.cuda.OutOfMemoryError):
         fa2dispatch.attention(q, k, v, causal=True)
     assert fa2dispatch.explain(q, k, v, causal=True).backend.name == "failing"
 

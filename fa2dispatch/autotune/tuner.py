@@ -137,7 +137,7 @@ def tune_problem(problem: AttentionProblem, device: DeviceInfo, timer: Callable[
                 timing = timer(_step(problem, cand, tensors))
             except Exception as exc:  # compile errors, out of resources, a kernel refusing the shape
                 tried.append(_record(cand, error=dispatch._error_text(exc)))
-                if isinstance(exc, torch.OutOfMemoryError):
+                if isinstance(exc, torch.cuda.OutOfMemoryError):
                     torch.cuda.empty_cache()
                 continue
             timings.append((cand, timing))
@@ -208,11 +208,13 @@ def _entry(cand: Candidate, timing: Timing, default_backend, default_dict, defau
 
 
 def _triton_base(problem: AttentionProblem, results: dict[str, dict]) -> TritonConfig | None:
-    """For a backward bucket: the forward winner of the same shape, if Triton won it."""
-    entry = results.get(bucket_of(replace(problem, requires_grad=False, return_lse=False)).key)
-    if entry and entry.get("backend") == "triton" and entry.get("config"):
+    """For a backward bucket: Triton's tuned forward config of the same shape (the winner's, or
+    the Triton runner-up's when another backend won the forward bucket)."""
+    entry = results.get(bucket_of(replace(problem, requires_grad=False, return_lse=False)).key) or {}
+    if entry.get("backend") == "triton" and entry.get("config"):
         return TritonConfig(**entry["config"])
-    return None
+    runner_up = (entry.get("per_backend") or {}).get("triton") or {}
+    return TritonConfig(**runner_up["config"]) if runner_up.get("config") else None
 
 
 def run(grid: Grid, device: DeviceInfo, timer: Callable[[Callable], Timing], directory, *, force: bool = False,

@@ -288,7 +288,7 @@ def test_nothing_runs_gives_a_failed_bucket():
 def _grid(**changes) -> tuner.Grid:
     base = dict(dtypes=("float16",), head_dims=(16,), causal=(False, True), lengths=((16, 16), (32, 32)),
                 modes=("fwd",), backends=("reference", "triton"))
-    return tuner.Grid(**{**base, **changes})
+    return tuner.Grid(**{"extras": (), **base, **changes})
 
 
 def test_run_stores_each_bucket_and_resumes_after_an_interruption(isolated_cache, monkeypatch):
@@ -353,7 +353,8 @@ def test_real_tuning_run_under_the_interpreter(isolated_cache, monkeypatch):
     float64 reference (for real), stored, and then used by the dispatcher."""
     monkeypatch.setattr(tuner, "TOKENS", 24)
     monkeypatch.setattr(tuner, "HIDDEN", 32)
-    grid = tuner.Grid(dtypes=("float16",), head_dims=(16,), causal=(True,), lengths=((24, 24),), modes=("fwd",),
+    grid = tuner.Grid(extras=(), dtypes=("float16",), head_dims=(16,), causal=(True,), lengths=((24, 24),),
+                      modes=("fwd",),
                       backends=("triton",), level="quick")
     [result] = tuner.run(grid, _cpu(), WallTimer(runs=20), isolated_cache)
     assert result.status == "tuned", result.note
@@ -381,7 +382,7 @@ def test_a_verification_that_raises_moves_on_to_the_next_candidate():
 
 
 def test_grid_puts_forward_buckets_first_and_leaves_the_reference_out():
-    grid = tuner.Grid(modes=("bwd", "fwd"), dtypes=("float16",), head_dims=(64,), causal=(False,),
+    grid = tuner.Grid(extras=(), modes=("bwd", "fwd"), dtypes=("float16",), head_dims=(64,), causal=(False,),
                       lengths=((1024, 1024),))
     assert [p.requires_grad for p in grid.problems(torch.device("cpu"))] == [False, True]
     assert "reference" not in tuner.Grid().backends and "triton" in tuner.Grid().backends
@@ -407,3 +408,11 @@ def test_backward_buckets_take_tritons_tuned_forward_fields():
     runner_up = {key: {"backend": "torch-sdpa-cudnn", "config": None, "per_backend": {"triton": {"config": tuned_fwd}}}}
     assert tuner._triton_base(backward, runner_up) == TritonConfig(**tuned_fwd)
     assert tuner._triton_base(backward, {}) is None
+
+
+def test_default_grid_adds_gqa_and_decode_buckets_and_named_grids_are_exact():
+    keys = {bucket_of(p).key for p in tuner.Grid().problems(torch.device("cpu"))}
+    assert "bwd/bfloat16/d128/causal/g4/q16384/k16384" in keys and "fwd/float16/d128/causal/g4/q1/k4096" in keys
+    assert len(keys) == 48 + len(tuner.DEFAULT_EXTRAS)
+    named = {bucket_of(p).key for p in tuner.Grid(extras=(), dtypes=("float16",)).problems(torch.device("cpu"))}
+    assert all("/g1/" in k for k in named) and len(named) == 24

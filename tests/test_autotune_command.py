@@ -138,7 +138,7 @@ def test_prune_reasons_are_grouped_with_counts(profile, capsys, tmp_path,
     # fp32 at D=256: large blocks overflow 99 KiB (Ada) and 64 KiB (CDNA) per block.
     flags = ("--full", "--dtype", "fp32", "--head-dim", "256",
              "--seqlen", "4096,1x4096", "--mode", "bwd,fwd", "--causal", "true")
-    grid = tuner.Grid(dtypes=("float32",), head_dims=(256,), causal=(True,),
+    grid = tuner.Grid(extras=(), dtypes=("float32",), head_dims=(256,), causal=(True,),
                       lengths=((4096, 4096), (1, 4096)), level="full")  # fwd first
     blocks = check_dry_run(capsys, tmp_path, grid, simulated_device(profile),
                            "--simulate", profile, *flags)
@@ -147,7 +147,7 @@ def test_prune_reasons_are_grouped_with_counts(profile, capsys, tmp_path,
 
 
 def test_flags_shape_the_grid(capsys, tmp_path, no_kernel_launch):
-    grid = tuner.Grid(dtypes=("bfloat16", "float16"), head_dims=(64, 96),
+    grid = tuner.Grid(extras=(), dtypes=("bfloat16", "float16"), head_dims=(64, 96),
                       causal=(True,), lengths=((4096, 4096), (1, 8192)), modes=("fwd",),
                       backends=("triton", "torch-sdpa-flash"), level="quick")
     a100 = simulated_device("a100")

@@ -133,7 +133,8 @@ def test_autotune_one_bucket_on_the_gpu(tmp_path):
     from fa2dispatch.autotune.timer import CudaTimer
 
     device = device_info(torch.device("cuda"))
-    grid = tuner.Grid(dtypes=("float16",), head_dims=(64,), causal=(True,), lengths=((2048, 2048),), modes=("fwd",),
+    grid = tuner.Grid(extras=(), dtypes=("float16",), head_dims=(64,), causal=(True,), lengths=((2048, 2048),),
+                      modes=("fwd",),
                       level="quick")
     [result] = tuner.run(grid, device, CudaTimer(), tmp_path)
     assert result.status == "tuned", result.note

@@ -151,6 +151,8 @@ def _grid(args: argparse.Namespace) -> tuner.Grid:
     given = {"dtypes": args.dtype, "head_dims": args.head_dim, "causal": args.causal,
              "lengths": args.seqlen, "modes": modes, "backends": args.backends}
     chosen = {field: value for field, value in given.items() if value is not None}
+    if any(field != "backends" for field in chosen):
+        chosen["extras"] = ()  # a grid named on the command line is exactly that grid
     return replace(tuner.Grid(level=args.level), **chosen)
 
 

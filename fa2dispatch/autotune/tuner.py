@@ -36,9 +36,22 @@ TOKENS, HIDDEN = 16384, 2048
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
+# Buckets the default grid adds to its product, where our kernels are the main contenders:
+# GQA 4:1 (cuDNN's adapter refuses H != Hkv) and decode (Mq = 1, causal as FlashAttention-style
+# decode calls pass it; bottom-right it masks nothing), at D = 128.
+# (mode, dtype, D, causal, Mq, Mkv, group)
+DEFAULT_EXTRAS = tuple(
+    [(mode, dtype, 128, True, m, m, 4) for mode in ("fwd", "bwd") for dtype in ("float16", "bfloat16")
+     for m in (1024, 4096, 16384)]
+    + [("fwd", dtype, 128, True, 1, mkv, group) for dtype in ("float16", "bfloat16") for mkv in (4096, 16384)
+       for group in (1, 4)]
+)
+
+
 @dataclass(frozen=True)
 class Grid:
-    """What to tune: every combination of these. ``lengths`` are (Mq, Mkv) pairs."""
+    """What to tune: every combination of these (``lengths`` are (Mq, Mkv) pairs), then the
+    ``extras`` buckets (DEFAULT_EXTRAS for the default grid)."""
 
     dtypes: tuple[str, ...] = ("float16", "bfloat16")
     head_dims: tuple[int, ...] = (64, 128)
@@ -49,6 +62,7 @@ class Grid:
     # not a contender.
     backends: tuple[str, ...] = tuple(name for name in BACKENDS if name != "reference")
     level: str = "default"
+    extras: tuple[tuple, ...] = DEFAULT_EXTRAS
 
     def problems(self, device: torch.device) -> list[AttentionProblem]:
         """One problem per bucket, forward buckets first (a backward bucket builds on the
@@ -58,7 +72,11 @@ class Grid:
         for mode, dtype, d, causal, (mq, mkv) in itertools.product(modes, self.dtypes, self.head_dims,
                                                                    self.causal, self.lengths):
             out.append(tuning_problem(DTYPES[dtype], d, causal, mq, mkv, mode == "bwd", device))
-        return out
+        for mode, dtype, d, causal, mq, mkv, group in sorted(self.extras, key=lambda e: ("fwd", "bwd").index(e[0])):
+            if mode in modes:
+                out.append(tuning_problem(DTYPES[dtype], d, causal, mq, mkv, mode == "bwd", device, group))
+        fwd = [p for p in out if not p.requires_grad]
+        return fwd + [p for p in out if p.requires_grad]
 
 
 def tuning_problem(dtype: torch.dtype, D: int, causal: bool, Mq: int, Mkv: int, backward: bool,

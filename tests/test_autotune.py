@@ -416,3 +416,19 @@ def test_default_grid_adds_gqa_and_decode_buckets_and_named_grids_are_exact():
     assert len(keys) == 48 + len(tuner.DEFAULT_EXTRAS)
     named = {bucket_of(p).key for p in tuner.Grid(extras=(), dtypes=("float16",)).problems(torch.device("cpu"))}
     assert all("/g1/" in k for k in named) and len(named) == 24
+
+
+def test_backward_buckets_on_a_tuned_forward_base_still_time_the_default():
+    p = problem(requires_grad=True)
+    base = replace(space.BACKENDS["triton"].default_config(p, H100), block_m=64, block_n=64, num_warps=4)
+    keep, _ = space.candidates(p, H100, ["triton"], "default", triton_base=base)
+    configs = [c.config for c in keep]
+    assert configs[0] == space.BACKENDS["triton"].default_config(p, H100) and configs[1] == base
+    assert all(c.block_m == 64 for c in configs[1:])
+
+
+def test_grid_groups_make_gqa_buckets():
+    grid = tuner.Grid(extras=(), dtypes=("float16",), head_dims=(128,), causal=(True,), lengths=((1024, 1024),),
+                      modes=("bwd",), groups=(4,))
+    [p] = grid.problems(torch.device("cpu"))
+    assert (p.H, p.Hkv, bucket_of(p).key) == (16, 4, "bwd/float16/d128/causal/g4/q1024/k1024")

@@ -309,3 +309,17 @@ def test_a_tiny_real_run_under_the_interpreter(capsys, tmp_path, monkeypatch):
     # A second run finds the bucket fresh and times nothing.
     assert autotune(*flags) == 0
     assert "cached" in table_row(capsys.readouterr().out, key)
+
+
+def test_group_flag_names_gqa_buckets(capsys, tmp_path):
+    from fa2dispatch import cli
+
+    code = cli.main(["autotune", "--dry-run", "--simulate", "h100", "--dtype", "fp16", "--head-dim", "128",
+                     "--causal", "true", "--seqlen", "1024", "--mode", "bwd", "--group", "4",
+                     "--cache-dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert code == 0 and "bwd/float16/d128/causal/g4/q1024/k1024" in out and "total: 1 bucket," in out
+    with pytest.raises(SystemExit) as info:
+        cli.main(["autotune", "--dry-run", "--group", "0"])
+    assert info.value.code == 2
+    assert "group='0' (supported: an integer >= 1" in capsys.readouterr().err

@@ -85,6 +85,12 @@ def _length(item: str) -> tuple[int, int]:
     return int(parts[0]), int(parts[-1])
 
 
+def _group(item: str) -> int:
+    if not item.isdecimal() or int(item) < 1:
+        _fail(f"group={item!r} (supported: an integer >= 1, query heads per key/value head)")
+    return int(item)
+
+
 def _runs(text: str) -> int:
     # BENCH_PROTOCOL.md: the median of fewer runs is too noisy to rank configs.
     if not text.isdecimal() or int(text) < MIN_RUNS:
@@ -108,6 +114,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--seqlen", type=_items(_length),
         help="Mq = Mkv, or MqxMkv like 1x8192 (default: 1024,4096,16384)")
     add("--causal", type=_one_of("causal", CAUSAL), help="true, false, both (default)")
+    add("--group", type=_items(_group), help="GQA ratios H/Hkv, e.g. 1,4 (default: 1)")
     add("--mode", type=_items(_one_of("mode", {m: m for m in MODES})),
         help="fwd: no gradients; bwd: forward + backward (default: both)")
     names = {name: name for name in BACKENDS}
@@ -149,7 +156,7 @@ def _grid(args: argparse.Namespace) -> tuner.Grid:
     # winner of its shape, which must be tuned by then.
     modes = tuple(m for m in MODES if m in args.mode) if args.mode else None
     given = {"dtypes": args.dtype, "head_dims": args.head_dim, "causal": args.causal,
-             "lengths": args.seqlen, "modes": modes, "backends": args.backends}
+             "lengths": args.seqlen, "modes": modes, "backends": args.backends, "groups": args.group}
     chosen = {field: value for field, value in given.items() if value is not None}
     if any(field != "backends" for field in chosen):
         chosen["extras"] = ()  # a grid named on the command line is exactly that grid

@@ -101,14 +101,17 @@ def triton_prune_reason(problem: AttentionProblem, device: DeviceInfo, config: T
 
 def _triton_configs(problem: AttentionProblem, device: DeviceInfo, level: str,
                     base: TritonConfig | None) -> list[TritonConfig]:
-    base = base or BACKENDS["triton"].default_config(problem, device)
+    default = BACKENDS["triton"].default_config(problem, device)
+    base = base or default
     backward = problem.requires_grad
     if device.vendor == "cpu":
         points = [replace(base, block_m=m, block_n=n) if not backward else
                   replace(base, dkdv_block_m=m, dkdv_block_n=n, dq_block_m=n, dq_block_n=m) for m, n, _, _ in _CPU]
         return list(dict.fromkeys(points))
     amd = device.vendor == "amd"
-    out = [base]  # the default is always a candidate: the tuned choice is never worse than it
+    # The default is always a candidate (first), so the tuned choice is never worse than it;
+    # a backward bucket also varies its fields around the tuned forward base.
+    out = [default, base]
     if not backward:
         for point in (_AMD_FWD if amd else _NV_FWD)[level]:
             m, n, w, s, *rest = point
@@ -118,7 +121,7 @@ def _triton_configs(problem: AttentionProblem, device: DeviceInfo, level: str,
         for m, n, w, s in (_AMD_BWD if amd else _NV_BWD)[level]:
             out.append(replace(base, dkdv_block_m=m, dkdv_block_n=n, dq_block_m=n, dq_block_n=m,
                                bwd_num_warps=w, bwd_num_stages=s))
-    return list(dict.fromkeys(out))
+    return list(dict.fromkeys(out))  # order kept, duplicates (base == default) dropped
 
 
 def candidates(problem: AttentionProblem, device: DeviceInfo, backends: list[str], level: str = "default",

@@ -58,6 +58,7 @@ class Grid:
     causal: tuple[bool, ...] = (False, True)
     lengths: tuple[tuple[int, int], ...] = ((1024, 1024), (4096, 4096), (16384, 16384))
     modes: tuple[str, ...] = ("fwd", "bwd")
+    groups: tuple[int, ...] = (1,)  # GQA ratios H // Hkv
     # Every fast candidate; the reference (materialized scores, 16 GB at 16k) is the fallback,
     # not a contender.
     backends: tuple[str, ...] = tuple(name for name in BACKENDS if name != "reference")
@@ -69,9 +70,9 @@ class Grid:
         forward winner of its shape)."""
         out = []
         modes = sorted(self.modes, key=("fwd", "bwd").index)
-        for mode, dtype, d, causal, (mq, mkv) in itertools.product(modes, self.dtypes, self.head_dims,
-                                                                   self.causal, self.lengths):
-            out.append(tuning_problem(DTYPES[dtype], d, causal, mq, mkv, mode == "bwd", device))
+        for mode, dtype, d, causal, (mq, mkv), group in itertools.product(
+                modes, self.dtypes, self.head_dims, self.causal, self.lengths, self.groups):
+            out.append(tuning_problem(DTYPES[dtype], d, causal, mq, mkv, mode == "bwd", device, group))
         for mode, dtype, d, causal, mq, mkv, group in sorted(self.extras, key=lambda e: ("fwd", "bwd").index(e[0])):
             if mode in modes:
                 out.append(tuning_problem(DTYPES[dtype], d, causal, mq, mkv, mode == "bwd", device, group))

@@ -151,8 +151,9 @@ def _argument_cases():
                            layout=layout))
     for backend in ("flash", "", None):
         cases.append(_case(f"backend-{backend!r}", ValueError,
-                           re.escape(f"backend={backend!r} is not known (known: 'auto', 'triton', 'cupy', 'triton-fp8', "
-                                     "'torch-sdpa-cudnn', 'torch-sdpa-flash', 'torch-sdpa-efficient', 'reference')"),
+                           re.escape(f"backend={backend!r} is not known (known: 'auto', 'triton', 'cupy', "
+                                     "'triton-fp8', 'torch-sdpa-cudnn', 'torch-sdpa-flash', 'torch-sdpa-efficient', "
+                                     "'reference')"),
                            qkv, backend=backend))
     for causal in (1, "yes", None):
         cases.append(_case(f"causal-{type(causal).__name__}", TypeError,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from fa2dispatch.dispatch import Decision, call_memo, check_backend_name, decide, remember_call, requested_backend
-from fa2dispatch.ops import attention_eager, attention_forward_op, run_decision
+from fa2dispatch.ops import attention_eager, attention_forward_op
 from fa2dispatch.problem import AttentionProblem, make_problem
 
 
@@ -62,10 +62,7 @@ def attention(
         )
     else:
         problem, choice, decision = _prepare(q, k, v, causal, softmax_scale, layout, return_lse, backend)
-        if problem.requires_grad:
-            out, lse = attention_eager(q, k, v, problem, choice)
-        else:
-            out, lse, _ = run_decision(decision, problem, q, k, v, choice)
+        out, lse = attention_eager(q, k, v, problem, choice, decision)
     return (out, lse) if return_lse else out
 
 

@@ -7,7 +7,7 @@ grid), so a warm call costs one dictionary lookup. An explicit choice (argument,
 ``use_backend`` context, ``FA2DISPATCH_BACKEND``) wins; an explicit choice that cannot run the
 call raises ``ValueError`` with that backend's reasons.
 
-Fallback: when the chosen backend fails to compile or launch on a valid call, ``run_forward``
+Fallback: when the chosen backend fails to compile or launch on a valid call, ``run_decision``
 and ``run_backward`` (the only places a backend is invoked, in ``ops.py``) call
 ``record_failure``: the next candidate takes over, the memo remembers it, a warning is logged
 once per backend, and ``failures()`` keeps the record for the report. Invalid input never gets
@@ -76,18 +76,6 @@ class Decision:
         "default": "first capable backend in the device's priority order, default config",
         "fallback": "the preferred backend failed at run time; next capable backend",
     }
-
-    def as_dict(self) -> dict:
-        return {
-            "backend": self.backend.name,
-            "config": self.config.as_dict() if self.config is not None else None,
-            "source": self.source,
-            "device": f"{self.device.name} [{self.device.arch}]" + (" (simulated)" if self.device.simulated else ""),
-            "problem": self.problem.describe(),
-            "fallbacks": list(self.fallbacks),
-            "tuned_from": self.tuned_from,
-            "rejected": {name: list(reasons) for name, reasons in self.rejected.items()},
-        }
 
     def __str__(self) -> str:
         sim = " (simulated)" if self.device.simulated else ""
@@ -197,7 +185,7 @@ def _reasons(backend: Backend, problem: AttentionProblem, device: DeviceInfo) ->
     try:
         return backend.not_supported_reasons(problem, device)
     except Exception as exc:
-        return [f"its capability check failed ({_error_text(exc)})"]
+        return [f"its capability check failed ({error_text(exc)})"]
 
 
 def effective_choice(choice: str) -> str:
@@ -266,7 +254,7 @@ def _tuned(problem: AttentionProblem, device: DeviceInfo, capable: list[str],
         else:
             return None
     except Exception as exc:  # damaged entries are reported by the cache; anything else here too
-        cache.warn_once(f"autotune cache lookup failed ({_error_text(exc)}); using the default choice")
+        cache.warn_once(f"autotune cache lookup failed ({error_text(exc)}); using the default choice")
         return None
     where = entry.source + ("" if exact else " (nearest tuned bucket)") + note
     return Decision(backend, config, "tuned", device, problem, rejected,
@@ -297,9 +285,10 @@ def _tune_now(problem: AttentionProblem, device: DeviceInfo):
 # ------------------------------------------------------------------ run-time failures
 
 
-def _error_text(exc: BaseException) -> str:
-    first = (str(exc).strip().splitlines() or [""])[0]
-    return f"{type(exc).__name__}: {first[:300]}"
+def error_text(exc: BaseException) -> str:
+    """One line for a report or a reason: "Type: first line of the message" (300 chars at most)."""
+    first = (str(exc).strip().splitlines() or [""])[0][:300]
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
 
 
 def may_fall_back(decision: Decision, exc: Exception) -> bool:
@@ -314,7 +303,7 @@ def record_failure(decision: Decision, choice: str, phase: str, exc: Exception,
     when nothing can (the caller re-raises). The memo is updated so later calls skip the
     failing backend for this problem."""
     problem, device = decision.problem, decision.device
-    error = _error_text(exc)
+    error = error_text(exc)
     remaining = [n for n in decision.fallbacks
                  if not (needs_foreign_lse and BACKENDS[n].backward_needs_own_forward)
                  and not (phase == "backward" and not BACKENDS[n].supports_backward)]

@@ -70,8 +70,8 @@ def run_backward(decision: Decision, problem: AttentionProblem, dout, dlse, q, k
 
 class _AttentionFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, problem: AttentionProblem, backend: str):
-        out, lse, decision = run_forward(problem, q, k, v, backend)
+    def forward(ctx, q, k, v, problem: AttentionProblem, backend: str, decision: Decision):
+        out, lse, decision = run_decision(decision, problem, q, k, v, backend)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.problem, ctx.backend, ctx.decision = problem, backend, decision
         ctx.set_materialize_grads(False)  # an unused lse gets None, not a tensor of zeros to subtract
@@ -81,13 +81,15 @@ class _AttentionFunction(torch.autograd.Function):
     def backward(ctx, dout, dlse):
         q, k, v, out, lse = ctx.saved_tensors
         dq, dk, dv = run_backward(ctx.decision, ctx.problem, dout, dlse, q, k, v, out, lse, ctx.backend)
-        return dq, dk, dv, None, None
+        return dq, dk, dv, None, None, None
 
 
-def attention_eager(q, k, v, problem: AttentionProblem, backend: str):
+def attention_eager(q, k, v, problem: AttentionProblem, backend: str, decision: Decision):
+    """An eager call with the decision already made (api._prepare): with autograd when the
+    problem has gradients, else the forward alone."""
     if problem.requires_grad:
-        return _AttentionFunction.apply(q, k, v, problem, backend)
-    out, lse, _ = run_forward(problem, q, k, v, backend)
+        return _AttentionFunction.apply(q, k, v, problem, backend, decision)
+    out, lse, _ = run_decision(decision, problem, q, k, v, backend)
     return out, lse
 
 

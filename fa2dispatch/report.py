@@ -36,8 +36,9 @@ ERROR = "error: "
 
 
 def _error(exc: BaseException) -> str:
-    first = (str(exc).strip().splitlines() or [""])[0]
-    return f"{ERROR}{type(exc).__name__}: {first}".rstrip(": ")
+    from fa2dispatch.dispatch import error_text
+
+    return ERROR + error_text(exc)
 
 
 def _guard(probe: Callable[..., Any], *args: Any) -> Any:

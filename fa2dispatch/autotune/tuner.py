@@ -155,7 +155,7 @@ def tune_problem(problem: AttentionProblem, device: DeviceInfo, timer: Callable[
             try:
                 timing = timer(_step(problem, cand, tensors))
             except Exception as exc:  # compile errors, out of resources, a kernel refusing the shape
-                tried.append(_record(cand, error=dispatch._error_text(exc)))
+                tried.append(_record(cand, error=dispatch.error_text(exc)))
                 if isinstance(exc, torch.cuda.OutOfMemoryError):
                     torch.cuda.empty_cache()
                 continue
@@ -177,16 +177,21 @@ def tune_problem(problem: AttentionProblem, device: DeviceInfo, timer: Callable[
     # A challenger must beat the incumbent by more than the noise, so repeated tunes agree.
     winner = best if base[1].ms - best[1].ms > max(best[1].spread, base[1].spread) else base
     for cand, timing in [winner, *(ct for ct in ranked if ct is not winner)]:
-        try:
-            failure = verifier(cand.backend, cand.config, problem, seed)
-        except Exception as exc:  # the check itself failed to run: not a verified winner
-            failure = f"verification raised {dispatch._error_text(exc)}"
+        failure = _check(verifier, cand, problem, seed)
         if failure is None:
             entry = _entry(cand, timing, default_backend, default_dict, default_timing, problem, device, tried)
             entry["per_backend"] = _per_backend(ranked, cand, problem, seed, verifier, tried)
             return BucketResult(bucket, "tuned", entry, tried=tried)
         tried.append(_record(cand, timing, rejected=f"failed verification: {failure}"))
     return BucketResult(bucket, "failed", note="no candidate passed verification", tried=tried)
+
+
+def _check(verifier, cand: Candidate, problem: AttentionProblem, seed: int) -> str | None:
+    """The verifier's verdict; a check that itself fails to run is a failed verification."""
+    try:
+        return verifier(cand.backend, cand.config, problem, seed)
+    except Exception as exc:
+        return f"verification raised {dispatch.error_text(exc)}"
 
 
 def _per_backend(ranked, winner: Candidate, problem: AttentionProblem, seed: int, verifier, tried: list[dict]) -> dict:
@@ -197,10 +202,7 @@ def _per_backend(ranked, winner: Candidate, problem: AttentionProblem, seed: int
     for cand, timing in ranked:
         if cand.backend == winner.backend or cand.backend in out:
             continue
-        try:
-            failure = verifier(cand.backend, cand.config, problem, seed)
-        except Exception as exc:
-            failure = f"verification raised {dispatch._error_text(exc)}"
+        failure = _check(verifier, cand, problem, seed)
         if failure is None:
             out[cand.backend] = {"config": cand.config.as_dict() if cand.config is not None else None,
                                  **timing.as_dict()}

@@ -100,7 +100,8 @@ def test_smem_bound_matches_a_measured_compile():
 
 def _entry(backend="triton", config=None, device=H100, **extra) -> dict:
     config = config if config is not None or backend != "triton" else TritonConfig().as_dict()
-    return {"backend": backend, "config": config, "ms": 1.0, "versions": cache.soft_stamp(device), **extra}
+    return {"backend": backend, "config": config, "ms": 1.0, "versions": cache.soft_stamp(device),
+            "kernel_hash": cache.kernel_hash(backend), **extra}
 
 
 def test_round_trip_store_read_lookup(isolated_cache):
@@ -125,7 +126,7 @@ def test_hard_mismatch_is_never_overwritten(isolated_cache):
     foreign = {"schema": cache.SCHEMA, "device_key": {**cache.device_key(H100), "name": "NVIDIA H200"},
                "entries": {"x": 1}}
     path.write_text(json.dumps(foreign))
-    with pytest.raises(cache.CacheError, match="belongs to another device or kernel .*not overwritten"):
+    with pytest.raises(cache.CacheError, match="belongs to another device .*not overwritten"):
         cache.store(H100, {bucket_of(problem()).key: _entry()}, isolated_cache)
     assert json.loads(path.read_text()) == foreign
     assert cache.read_entries(H100, isolated_cache) == {}

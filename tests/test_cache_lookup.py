@@ -1,5 +1,5 @@
 """Buckets and the autotune cache as the dispatcher reads it: tuned winners, nearest buckets,
-user over shipped, and files that must be ignored (damaged, another device or kernel)."""
+user over shipped, and files and results that must be ignored (damaged, another device, other kernel sources)."""
 
 from __future__ import annotations
 
@@ -52,8 +52,8 @@ def write(directory, entries, profile=H100, **key_changes):
     return path
 
 
-def entry(backend="triton", config=TUNED, ms=1.0):
-    return {"backend": backend, "config": config, "ms": ms}
+def entry(backend="triton", config=TUNED, ms=1.0, **extra):
+    return {"backend": backend, "config": config, "ms": ms, "kernel_hash": cache.kernel_hash(backend), **extra}
 
 
 def select(**overrides):
@@ -145,7 +145,8 @@ def test_damaged_file_is_reported_and_treated_as_empty(dirs, caplog):
 
 @pytest.mark.parametrize("content, why", [('{"schema": 99, "device_key": {}, "entries": {}}', "schema 99"),
                                           ("[1, 2]", "schema 'list'"),
-                                          ('{"schema": 1}', "missing device_key or entries")])
+                                          ('{"schema": 2}', "missing device_key or entries"),
+                                          ('{"schema": 1, "device_key": {}, "entries": {}}', "schema 1 (supported: 2)")])
 def test_wrong_schema_is_treated_as_empty(dirs, content, why):
     user, _ = dirs
     (user / cache.file_name(simulated_device(H100))).write_text(content)
@@ -160,7 +161,7 @@ def test_hard_mismatch_is_ignored_with_a_warning(dirs, caplog):
     write(user, {bucket_of(problem()).key: entry()}, arch="sm_80")
     with caplog.at_level(logging.WARNING, logger="fa2dispatch"):
         assert select().source == "default"
-    assert any("belongs to another device or kernel (arch 'sm_80' != 'sm_90')" in r.message for r in caplog.records)
+    assert any("belongs to another device (arch 'sm_80' != 'sm_90')" in r.message for r in caplog.records)
     [row] = [r for r in cache.describe(simulated_device(H100)) if r["origin"] == "user"]
     assert row["match"] == "hard: arch 'sm_80' != 'sm_90'"
 
@@ -185,12 +186,39 @@ def test_bad_entries_are_skipped_not_fatal(dirs, caplog):
     assert "autotune cache lookup failed" in text and "block_q" in text
 
 
-def test_kernel_hash_changes_the_file_name():
+def test_kernel_hashes_are_per_backend_and_the_file_name_is_the_device():
     device = simulated_device(H100)
-    assert cache.file_name(device) == f"nvidia-h100-80gb-hbm3_sm_90_{cache.kernel_hash()[:12]}.json"
-    assert len(cache.kernel_hash()) == 16
-    cache.kernel_hash.cache_clear()
-    assert cache.device_key(device)["kernel_hash"] == cache.kernel_hash()
+    assert cache.file_name(device) == "nvidia-h100-80gb-hbm3_sm_90.json"
+    hashes = cache.kernel_hashes()
+    assert set(hashes) == set(cache.KERNEL_SOURCES) and len(hashes["triton"]) == 16
+    assert len(set(hashes.values())) == len(hashes)  # each backend hashes its own sources
+    assert cache.kernel_hash("torch-sdpa-cudnn") is None  # torch's kernels: the torch version covers them
+    assert cache.device_key(device)["kernel_hashes"] == hashes
+
+
+def test_results_measured_on_other_kernel_sources_are_dropped(dirs, caplog):
+    """A stale winner gives way to its fastest current runner-up; a stale runner-up is dropped;
+    an entry with nothing current left serves nothing. Each with one warning."""
+    user, _ = dirs
+    cudnn = {"config": None, "kernel_hash": None, "ms": 1.5}
+    stale_triton = {"config": TUNED, "kernel_hash": "0" * 16, "ms": 1.2}
+    write(user, {
+        bucket_of(problem()).key: entry(kernel_hash="0" * 16, per_backend={"torch-sdpa-cudnn": cudnn}),
+        bucket_of(problem(D=64)).key: entry("torch-sdpa-cudnn", None, per_backend={"triton": stale_triton}),
+        bucket_of(problem(D=96)).key: entry(kernel_hash="f" * 16),
+    })
+    with caplog.at_level(logging.WARNING, logger="fa2dispatch"):
+        promoted = select()
+        assert (promoted.source, promoted.backend.name) == ("tuned", "torch-sdpa-cudnn")
+        loaded = cache.lookup(simulated_device(H100), problem(D=64))[0]
+        assert loaded.backend == "torch-sdpa-cudnn" and loaded.alternatives == ()
+        assert cache.lookup(simulated_device(H100), problem(D=96)) == (None, False)
+    text = " ".join(r.message for r in caplog.records)
+    assert "3 result(s) of backend 'triton' were measured on other kernel sources" in text
+    assert not cache.is_fresh(entry(kernel_hash="0" * 16), simulated_device(H100))
+    assert not cache.is_fresh({**entry(), "versions": cache.soft_stamp(simulated_device(H100)),
+                               "per_backend": {"triton": stale_triton}}, simulated_device(H100))
+    assert cache.is_fresh({**entry(), "versions": cache.soft_stamp(simulated_device(H100))}, simulated_device(H100))
 
 
 def test_locations_put_the_user_dir_first(monkeypatch, tmp_path):
@@ -224,7 +252,8 @@ def test_a_runner_up_serves_calls_the_winner_cannot_run(dirs):
     runner_up = {**TUNED, "block_n": 128}
     write(user, {"fwd/float16/d128/causal/g1/q4096/k4096": {
         **entry("torch-sdpa-cudnn", None, ms=1.0),
-        "per_backend": {"torch-sdpa-flash": {"config": None, "ms": 1.5}, "triton": {"config": runner_up, "ms": 1.2}}}})
+        "per_backend": {"torch-sdpa-flash": {"config": None, "ms": 1.5},
+                        "triton": {"config": runner_up, "ms": 1.2, "kernel_hash": cache.kernel_hash("triton")}}}})
     assert select(causal=True).backend.name == "torch-sdpa-cudnn"
     unequal = select(causal=True, Mq=3000, Mkv=4000)  # cuDNN and flash refuse it; triton was tuned here too
     assert (unequal.backend.name, unequal.source, unequal.config) == ("triton", "tuned", TritonConfig(**runner_up))

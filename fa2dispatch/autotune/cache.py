@@ -1,20 +1,28 @@
 """The on-disk autotune cache: where it lives, what a file holds, and lookups for dispatch.
 
-One JSON file per device key. The file name carries the device (product name, arch) and the
-hash of the kernel sources, so a kernel change starts a new file and never overwrites the
-old one; the header carries the whole key::
+One JSON file per device (product name and arch in the file name); the header carries the
+whole device key, and every entry carries the hash of its backend's kernel sources::
 
-    {"schema": 1,
+    {"schema": 2,
      "device_key": {"name": ..., "arch": ..., "driver": ..., "toolkit": ..., "torch": ...,
-                    "triton": ..., "cupy": ..., "kernel_hash": ...},
+                    "triton": ..., "cupy": ..., "kernel_hashes": {"triton": ..., "cupy": ...}},
      "entries": {"fwd/float16/d128/full/g1/q4096/k4096":
-                    {"backend": "triton", "config": {...}, "ms": 0.41, "default_ms": 0.44,
-                     "spread": 0.004, "verified": true, "tried": [...]}}}
+                    {"backend": "triton", "config": {...}, "kernel_hash": "...", "ms": 0.41,
+                     "spread": 0.004, "verified": true, "versions": {...}, "tried": [...],
+                     "per_backend": {"torch-sdpa-cudnn": {"config": null, "kernel_hash": null,
+                                                          "ms": 0.39, ...}}}}}
 
-Matching a file against the device: another product, arch or kernel hash is a *hard* mismatch
-(the file is ignored with a warning, and never overwritten); other driver, toolkit or library
-versions are a *soft* mismatch (entries still serve, and the autotuner re-tunes them). A damaged
-file is reported and treated as empty.
+Kernel hashes are per backend (``KERNEL_SOURCES``): changing the CuPy sources leaves the
+tuned Triton and cuDNN results standing. A result whose backend's sources changed since it
+was measured is dropped at load (with one warning); when that was the winner, the fastest
+remaining verified runner-up of the entry serves until the next ``fa2dispatch autotune``,
+which re-tunes the bucket. Backends without sources of ours (PyTorch SDPA) have no hash:
+their kernels are torch's, whose version is a soft field below.
+
+Matching a file against the device: another product or arch is a *hard* mismatch (the file is
+ignored with a warning, and never overwritten); other driver, toolkit or library versions are a
+*soft* mismatch (entries still serve, and the autotuner re-tunes them). A damaged file or one of
+another schema is reported and treated as empty.
 
 Lookup order: the user cache (``$FA2DISPATCH_CACHE_DIR``, else the platform's user cache dir),
 then the cache shipped in ``fa2dispatch/autotune_cache``. The user's entry wins per bucket.
@@ -40,12 +48,17 @@ from .buckets import Bucket, bucket_of
 
 log = logging.getLogger("fa2dispatch")
 
-SCHEMA = 1
+SCHEMA = 2  # 1: one kernel hash per file (any kernel change orphaned every backend's results)
 ENV_CACHE_DIR = "FA2DISPATCH_CACHE_DIR"
-HARD_FIELDS = ("name", "arch", "kernel_hash")
+HARD_FIELDS = ("name", "arch")
 SOFT_FIELDS = ("driver", "toolkit", "torch", "triton", "cupy")
-# Kernel sources whose change invalidates tuned entries (relative to the backends package).
-KERNEL_SOURCES = ("triton_fa2/kernels.py", "triton_fa2/launch.py", "triton_fp8/*.py", "cupy_cuda/*.cu")
+# Per backend, the sources (globs relative to the backends package) whose change invalidates
+# that backend's tuned results: kernels and launchers, which decide what a config means.
+KERNEL_SOURCES = {
+    "triton": ("triton_fa2/kernels.py", "triton_fa2/launch.py"),
+    "cupy": ("cupy_cuda/*.cu", "cupy_cuda/*.cuh", "cupy_cuda/launch.py"),
+    "triton-fp8": ("triton_fp8/*.py",),
+}
 
 
 class CacheError(Exception):
@@ -83,17 +96,25 @@ def locations() -> list[tuple[Path, str]]:
 
 
 @functools.lru_cache(maxsize=None)
-def kernel_hash() -> str:
-    """SHA-256 (first 16 hex digits) over the kernel sources, in a fixed order."""
+def kernel_hash(backend: str) -> str | None:
+    """SHA-256 (first 16 hex digits) over ``backend``'s kernel sources in a fixed order; None for
+    a backend with no sources of ours (its kernels come with torch)."""
     import fa2dispatch.backends as backends
 
+    patterns = KERNEL_SOURCES.get(backend)
+    if not patterns:
+        return None
     root = Path(backends.__file__).parent
     digest = hashlib.sha256()
-    for pattern in KERNEL_SOURCES:
+    for pattern in patterns:
         for path in sorted(root.glob(pattern)):
             digest.update(path.relative_to(root).as_posix().encode())
             digest.update(path.read_bytes())
     return digest.hexdigest()[:16]
+
+
+def kernel_hashes() -> dict[str, str | None]:
+    return {name: kernel_hash(name) for name in KERNEL_SOURCES}
 
 
 def device_key(device: DeviceInfo) -> dict:
@@ -106,13 +127,13 @@ def device_key(device: DeviceInfo) -> dict:
         "torch": v.torch if v else None,
         "triton": v.triton if v else None,
         "cupy": v.cupy if v else None,
-        "kernel_hash": kernel_hash(),
+        "kernel_hashes": kernel_hashes(),  # for the reader; each entry carries its own
     }
 
 
 def file_name(device: DeviceInfo) -> str:
     slug = re.sub(r"[^A-Za-z0-9]+", "-", device.name).strip("-").lower() or "device"
-    return f"{slug}_{device.arch}_{kernel_hash()[:12]}.json"
+    return f"{slug}_{device.arch}.json"
 
 
 def match(header: dict, device: DeviceInfo) -> tuple[str, str]:
@@ -195,8 +216,17 @@ def warn_once(message: str) -> None:
     log.warning("fa2dispatch: %s", message)
 
 
+def _current(backend: str, stamped) -> bool:
+    """Whether a result stamped with ``stamped`` was measured on today's sources of ``backend``."""
+    return stamped == kernel_hash(backend)
+
+
 def _entries_of(path: Path, data: dict) -> list[Entry]:
+    """The usable entries of one file. Results measured on other kernel sources of their backend
+    are dropped (one warning per file and backend); an entry whose winner is dropped is served
+    by its fastest current runner-up, and one with nothing current left is skipped."""
     out = []
+    stale: dict[str, int] = {}
     for key, raw in data["entries"].items():
         try:
             bucket = Bucket.from_key(key)
@@ -208,12 +238,30 @@ def _entries_of(path: Path, data: dict) -> list[Entry]:
             others = raw.get("per_backend") or {}
             if not isinstance(others, dict):
                 raise ValueError("per_backend is not an object")
-            alternatives = tuple(sorted(((name, alt.get("config"), float(alt.get("ms", 0.0)))
-                                         for name, alt in others.items() if isinstance(alt, dict)),
-                                        key=lambda a: a[2]))
-            out.append(Entry(bucket, raw["backend"], config, raw.get("ms"), str(path), alternatives))
-        except ValueError as exc:
+            results = [(raw["backend"], config, float(raw.get("ms") or 0.0), raw.get("kernel_hash"))]
+            results += [(name, alt.get("config"), float(alt.get("ms", 0.0)), alt.get("kernel_hash"))
+                        for name, alt in others.items() if isinstance(alt, dict)]
+            current = []
+            for name, cfg, ms, stamped in results:
+                if _current(name, stamped):
+                    current.append((name, cfg, ms))
+                else:
+                    stale[name] = stale.get(name, 0) + 1
+            if not current:
+                continue
+            if current[0][0] == raw["backend"]:
+                winner, rest = current[0], current[1:]
+                winner = (winner[0], winner[1], raw.get("ms"))
+            else:  # the winner's kernels changed: the fastest current runner-up serves
+                ranked = sorted(current, key=lambda r: r[2])
+                winner, rest = ranked[0], ranked[1:]
+            alternatives = tuple(sorted(rest, key=lambda a: a[2]))
+            out.append(Entry(bucket, winner[0], winner[1], winner[2], str(path), alternatives))
+        except (ValueError, TypeError) as exc:
             warn_once(f"autotune cache {path}: entry {key!r} ignored ({exc})")
+    for name, count in sorted(stale.items()):
+        warn_once(f"autotune cache {path}: {count} result(s) of backend {name!r} were measured on other "
+                  f"kernel sources and are ignored; run `fa2dispatch autotune` to re-tune them")
     return out
 
 
@@ -236,7 +284,7 @@ def table(device: DeviceInfo) -> Table:
             continue
         verdict, why = match(data["device_key"], device)
         if verdict == "hard":
-            warn_once(f"autotune cache {path} belongs to another device or kernel ({why}); ignored")
+            warn_once(f"autotune cache {path} belongs to another device ({why}); ignored")
             continue
         for entry in _entries_of(path, data):
             merged.add(entry)
@@ -292,7 +340,12 @@ def soft_stamp(device: DeviceInfo) -> dict:
 
 
 def is_fresh(entry: dict, device: DeviceInfo) -> bool:
-    return entry.get("versions") == soft_stamp(device)
+    """Measured with today's versions and, for the winner and every runner-up, today's kernel
+    sources of its backend; anything else is re-tuned by the next autotune run."""
+    if entry.get("versions") != soft_stamp(device) or not _current(entry.get("backend"), entry.get("kernel_hash")):
+        return False
+    others = entry.get("per_backend") or {}
+    return all(_current(name, alt.get("kernel_hash")) for name, alt in others.items() if isinstance(alt, dict))
 
 
 def write_dir(cache_dir: str | os.PathLike | None = None) -> Path:
@@ -336,7 +389,7 @@ def store(device: DeviceInfo, entries: dict[str, dict], directory: Path) -> Path
                 else:
                     verdict, why = match(data["device_key"], device)
                     if verdict == "hard":
-                        raise CacheError(f"{path} belongs to another device or kernel ({why}); not overwritten")
+                        raise CacheError(f"{path} belongs to another device ({why}); not overwritten")
                     merged = data["entries"]
             merged.update(entries)
             payload = {"schema": SCHEMA, "device_key": device_key(device), "entries": dict(sorted(merged.items()))}

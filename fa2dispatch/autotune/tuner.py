@@ -205,7 +205,7 @@ def _per_backend(ranked, winner: Candidate, problem: AttentionProblem, seed: int
         failure = _check(verifier, cand, problem, seed)
         if failure is None:
             out[cand.backend] = {"config": cand.config.as_dict() if cand.config is not None else None,
-                                 **timing.as_dict()}
+                                 "kernel_hash": cache.kernel_hash(cand.backend), **timing.as_dict()}
         else:
             tried.append(_record(cand, timing, rejected=f"failed verification: {failure}"))
     return out
@@ -216,6 +216,7 @@ def _entry(cand: Candidate, timing: Timing, default_backend, default_dict, defau
     return {
         "backend": cand.backend,
         "config": cand.config.as_dict() if cand.config is not None else None,
+        "kernel_hash": cache.kernel_hash(cand.backend),
         **timing.as_dict(),
         "default": {"backend": default_backend, "config": default_dict,
                     "ms": round(default_timing.ms, 5) if default_timing else None},

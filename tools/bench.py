@@ -133,6 +133,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="seed for the random inputs")
     p.add_argument("--json", default="bench_results.json", help="where to write rows + header as JSON")
     p.add_argument("--markdown", default=None, help="also write a GitHub markdown table (for BENCHMARKS.md)")
+    p.add_argument("--plot", action=argparse.BooleanOptionalAction, default=True,
+                   help="also write a PNG (TFLOP/s against seqlen, one line per provider) next to the JSON "
+                        "(tools/bench_plot.py; needs matplotlib)")
     args = p.parse_args(argv)
 
     if args.seqlens is None:
@@ -675,6 +678,13 @@ def main(argv: list[str] | None = None) -> int:
     write_outputs(args, header, rows)
     print_table(header, rows, args.providers)
     print(f"rows written to {args.json}" + (f" and {args.markdown}" if args.markdown else ""), flush=True)
+    if args.plot:
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        import bench_plot
+
+        png = bench_plot.default_path(args.json)
+        why = bench_plot.plot({**header, "rows": rows}, png)
+        print(f"plot not written: {why}" if why else f"plot written to {png}", flush=True)
     return status
 
 

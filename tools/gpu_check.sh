@@ -6,15 +6,22 @@
 #   SKIP_TESTS=1 BENCH_ARGS="--dtype bf16" bash tools/gpu_check.sh    # benchmark only
 #   SKIP_BENCH=1 bash tools/gpu_check.sh                               # tests, report, overhead
 #   AUTOTUNE_ARGS="--dtype fp16" bash tools/gpu_check.sh               # tune into autotune_cache/ only
+#   TESTS="tests/test_cupy_gpu.py" bash tools/gpu_check.sh             # a subset of the gpu tests
+#   CUPY_BENCH_ARGS="--head-dims 128 --seqlens 2048,16384" ...          # also bench the CuPy backend
+#   FP8_BENCH_ARGS="--quick" ...                                        # also run tools/bench_fp8.py
+#   SKIP_OVERHEAD=1 ...                                                 # no dispatch-overhead run
 #
-# Everything worth keeping lands in $OUT: gpu_tests.log, report.txt, report.json, overhead.*,
-# bench.log, bench.json, bench.md.
+# Everything worth keeping lands in $OUT/results.tar.gz (the device tool returns at most 8
+# files): gpu_tests.log, report.txt, report.json, overhead.*, bench*.log/json/md, autotune files.
 # Exits with the test exit code; a failing benchmark is reported but does not change it.
 set -euo pipefail
 
-OUT="${OUT:-/tmp/out}"
+FINAL_OUT="${OUT:-/tmp/out}"
+OUT="$FINAL_OUT/all"
 BENCH_ARGS="${BENCH_ARGS:-}"
 mkdir -p "$OUT"
+pack() { tar -C "$FINAL_OUT" -czf "$FINAL_OUT/results.tar.gz" all && rm -rf "$OUT"; }
+trap pack EXIT
 
 echo "== GPU"
 # Current vs max SM clock: a throttled or power-capped GPU explains low numbers before any kernel does.
@@ -62,7 +69,9 @@ if [ "${SKIP_TESTS:-0}" = 1 ]; then
     echo "SKIP_TESTS=1: benchmark only" | tee "$OUT/gpu_tests.log"
     test_rc=0
 else
-    python3 -m pytest -m gpu -q ${timeout_args[@]+"${timeout_args[@]}"} tests 2>&1 | tee "$OUT/gpu_tests.log"
+    read -r -a test_paths <<< "${TESTS:-tests}"
+    python3 -m pytest -m gpu -q -p no:cacheprovider ${timeout_args[@]+"${timeout_args[@]}"} "${test_paths[@]}" 2>&1 \
+        | tee "$OUT/gpu_tests.log" | grep -v -E '^(PASSED|SKIPPED) '
     test_rc=${PIPESTATUS[0]}
 fi
 set -e
@@ -73,9 +82,11 @@ COLUMNS=160 fa2dispatch report > "$OUT/report.txt" 2>&1; echo "report exit $?"
 head -n 60 "$OUT/report.txt"
 fa2dispatch report --json > "$OUT/report.json" 2> "$OUT/report_json.err"; echo "report --json exit $?"
 
-echo "== dispatch overhead"
-PYTHONUNBUFFERED=1 python3 tools/bench.py --overhead --json "$OUT/overhead.json" --markdown "$OUT/overhead.md" \
-    2>&1 | tee "$OUT/overhead.log"
+if [ "${SKIP_OVERHEAD:-0}" != 1 ]; then
+    echo "== dispatch overhead"
+    PYTHONUNBUFFERED=1 python3 tools/bench.py --overhead --json "$OUT/overhead.json" --markdown "$OUT/overhead.md" \
+        2>&1 | tee "$OUT/overhead.log"
+fi
 set -e
 
 echo "== benchmark"
@@ -91,6 +102,22 @@ else
     bench_rc=${PIPESTATUS[0]}
     set -e
 fi
+set +e
+if [ -n "${CUPY_BENCH_ARGS:-}" ]; then
+    echo "== benchmark: the CuPy backend"
+    read -r -a cupy_args <<< "$CUPY_BENCH_ARGS"
+    PYTHONUNBUFFERED=1 python3 tools/bench.py --backend cupy --json "$OUT/bench_cupy.json" \
+        --markdown "$OUT/bench_cupy.md" "${cupy_args[@]}" 2>&1 | tee "$OUT/bench_cupy.log"
+    echo "cupy bench exit ${PIPESTATUS[0]}"
+fi
+if [ -n "${FP8_BENCH_ARGS:-}" ]; then
+    echo "== benchmark: fp8"
+    read -r -a fp8_args <<< "$FP8_BENCH_ARGS"
+    PYTHONUNBUFFERED=1 python3 tools/bench_fp8.py --json "$OUT/bench_fp8.json" --markdown "$OUT/bench_fp8.md" \
+        "${fp8_args[@]}" 2>&1 | tee "$OUT/bench_fp8.log"
+    echo "fp8 bench exit ${PIPESTATUS[0]}"
+fi
+set -e
 
 echo "== summary"
 # pytest -q ends with one line like "12 passed, 3 skipped in 4.56s"; exit code 5 means no test was collected.

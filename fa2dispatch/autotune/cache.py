@@ -95,11 +95,11 @@ def locations() -> list[tuple[Path, str]]:
     return [*user, (shipped_dir(), "shipped")]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def kernel_hash(backend: str) -> str | None:
     """SHA-256 (first 16 hex digits) over ``backend``'s kernel sources in a fixed order; None for
     a backend with no sources of ours (its kernels come with torch)."""
-    import fa2dispatch.backends as backends
+    from fa2dispatch import backends
 
     patterns = KERNEL_SOURCES.get(backend)
     if not patterns:

@@ -56,6 +56,75 @@ def attention_math(
     return out, lse
 
 
+def dequantize_fp8(x8: torch.Tensor, descale: torch.Tensor | None, layout: str = "bshd",
+                   dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """``x8 * descale[b, head]`` in ``dtype``; a (B, Hkv) descale of q is shared by each group
+    of query heads. None: descale 1."""
+    x = x8.to(dtype)
+    if descale is None:
+        return x
+    heads = x.shape[2] if layout == "bshd" else x.shape[1]
+    d = descale.to(dtype).repeat_interleave(heads // descale.shape[1], dim=1)
+    return x * (d[:, None, :, None] if layout == "bshd" else d[:, :, None, None])
+
+
+def _fp8_matmul(a8: torch.Tensor, b8: torch.Tensor) -> torch.Tensor:
+    """a8 @ b8^T for e4m3 (..., M, K) and (..., N, K), float32 result. On a GPU with fp8 tensor
+    cores (sm_89+) through PyTorch's own fp8 matmul, ``torch._scaled_mm`` with fast accumulation:
+    Hopper's fp8 MMA adds into its float32 accumulator with fewer bits than float32 (so does our
+    kernel), and that is the precision PyTorch gets there too. Elsewhere exact float32."""
+    if not (a8.is_cuda and torch.cuda.get_device_capability(a8.device) >= (8, 9)):
+        return torch.matmul(a8.float(), b8.float().transpose(-1, -2))
+
+    def pad(t):  # _scaled_mm wants every dim a multiple of 16; zero rows/columns add nothing
+        m, k = t.shape[-2:]
+        return torch.nn.functional.pad(t.float(), (0, -k % 16, 0, -m % 16)).to(a8.dtype).contiguous()
+
+    a, b = pad(a8), pad(b8)
+    one = torch.ones((), device=a8.device)
+    flat_a, flat_b = a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:])
+    out = torch.stack([torch._scaled_mm(x, y.t(), scale_a=one, scale_b=one, out_dtype=torch.float32,
+                                        use_fast_accum=True) for x, y in zip(flat_a, flat_b)])
+    return out.reshape(*a.shape[:-1], b.shape[-2])[..., : a8.shape[-2], : b8.shape[-2]]
+
+
+def attention_fp8_emulation(q8, k8, v8, q_descale=None, k_descale=None, v_descale=None, *, causal: bool,
+                            softmax_scale: float, layout: str = "bshd", out_dtype: torch.dtype = torch.bfloat16,
+                            p_scale: float = 256.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """PyTorch's own math in the precision of the fp8 pipeline (the tolerance side of STYLE.md's
+    rule for fp8; the truth is ``attention_math`` in float64 on the dequantized inputs).
+
+    S = (q8 k8^T) * softmax_scale * q_descale * k_descale; P = exp(S - rowmax) scaled by
+    ``p_scale`` and rounded to e4m3 by torch's own cast; O = (P8 @ v8) / rowsum of the unrounded
+    scaled P, times v_descale, rounded to ``out_dtype``. Both matmuls in PyTorch's fp8 matmul
+    (``_fp8_matmul``). v natural layout. Returns (out in q's layout, lse float32 (B, H, Mq));
+    rows that see no key give 0 and -inf."""
+    qh, kh, vh = (_to_bhsd(t, layout) for t in (q8, k8, v8))
+    B, H, Hkv, Mq, Mkv = qh.shape[0], qh.shape[1], kh.shape[1], qh.shape[2], kh.shape[2]
+
+    def per_head(d, heads):  # (B, heads, 1, 1) float32
+        if d is None:
+            return torch.ones(B, heads, 1, 1, device=qh.device)
+        return d.float().repeat_interleave(heads // d.shape[1], dim=1)[:, :, None, None]
+
+    if H != Hkv:  # GQA: expand + reshape copies (repeat_interleave may lack fp8 kernels)
+        kh, vh = (t[:, :, None].expand(B, Hkv, H // Hkv, *t.shape[2:]).reshape(B, H, *t.shape[2:]) for t in (kh, vh))
+    scores = _fp8_matmul(qh, kh) * (softmax_scale * per_head(q_descale, H) * per_head(k_descale, H))
+    if causal:
+        i = torch.arange(Mq, device=qh.device)[:, None]
+        j = torch.arange(Mkv, device=qh.device)[None, :]
+        scores = scores.masked_fill(j > i + (Mkv - Mq), float("-inf"))
+    m = scores.amax(dim=-1, keepdim=True)
+    m = torch.where(torch.isneginf(m), torch.zeros_like(m), m)
+    p = torch.exp(scores - m) * p_scale
+    rowsum = p.sum(dim=-1, keepdim=True)
+    pv = _fp8_matmul(p.to(torch.float8_e4m3fn), vh.transpose(-1, -2))
+    out = pv / torch.where(rowsum == 0, torch.ones_like(rowsum), rowsum) * per_head(v_descale, H)
+    lse = torch.where(rowsum[..., 0] == 0, float("-inf"), (m + torch.log(rowsum / p_scale))[..., 0])
+    out = out.to(out_dtype)
+    return (out.transpose(1, 2) if layout == "bshd" else out), lse
+
+
 class ReferenceBackend(Backend):
     name = "reference"
     vendors = ("nvidia", "amd", "cpu")

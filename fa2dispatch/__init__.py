@@ -9,8 +9,10 @@ One attention API, several kernels under it, and a dispatcher that picks one and
 from fa2dispatch.api import attention, explain
 from fa2dispatch.dispatch import Decision, use_backend
 from fa2dispatch.errors import NoBackendError
+from fa2dispatch.fp8 import hadamard, quantize_fp8
 from fa2dispatch.problem import AttentionProblem
 
 __version__ = "0.1.0"
 
-__all__ = ["AttentionProblem", "Decision", "NoBackendError", "attention", "explain", "use_backend", "__version__"]
+__all__ = ["AttentionProblem", "Decision", "NoBackendError", "attention", "explain", "hadamard", "quantize_fp8",
+           "use_backend", "__version__"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from fa2dispatch import fp8 as _fp8
 from fa2dispatch.dispatch import Decision, call_memo, check_backend_name, decide, remember_call, requested_backend
 from fa2dispatch.ops import attention_eager, attention_forward_op
 from fa2dispatch.problem import AttentionProblem, make_problem
@@ -19,6 +20,13 @@ def attention(
     layout: str = "bshd",
     return_lse: bool = False,
     backend: str = "auto",
+    q_descale: torch.Tensor | None = None,
+    k_descale: torch.Tensor | None = None,
+    v_descale: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+    v_layout: str = "natural",
+    fp8: bool = False,
+    hadamard: bool = False,
 ):
     """Exact attention ``softmax(softmax_scale * q k^T) v``, FlashAttention-2 style.
 
@@ -41,6 +49,21 @@ def attention(
             backend if the chosen one fails to compile or launch (logged once, listed by
             ``fa2dispatch report``).
 
+    FP8 (forward only; ``triton-fp8`` on sm_89 / sm_90, chosen automatically for fp8 inputs):
+        q_descale, k_descale, v_descale: with float8_e4m3fn q, k, v, FlashAttention-3's descale
+            factors: float32 (B, Hkv) on q's device (``q_descale`` may also be (B, H)); the real
+            inputs are ``x8 * descale[b, head]``. None: 1. ``fa2dispatch.quantize_fp8`` makes them.
+        out_dtype: output dtype of an fp8 call, ``torch.bfloat16`` (default) or ``torch.float16``.
+        v_layout: ``"natural"`` (v laid out like k) or ``"transposed"``: v given as V^T, shape
+            (B, Hkv, D, Mkv) with Mkv contiguous, the K-major operand of Hopper's fp8 MMA; a
+            natural v is transposed once per call (one copy of v; its cost is in BENCHMARKS.md).
+        fp8: with float16/bfloat16 q, k, v: quantize them per head on the fly (inference), run
+            the fp8 kernel, return the output in the inputs' dtype.
+        hadamard: with ``fp8=True``: rotate q and k by a fixed random Hadamard matrix before
+            quantizing (q k^T is unchanged; outliers are spread). D must be a power of two.
+        fp8 inputs (or ``fp8=True``) that require gradients raise ``ValueError``: there is no
+        backward through fp8. Under ``torch.compile`` fp8 calls raise ``NotImplementedError``.
+
     Raises:
         ValueError / TypeError: invalid input, naming the argument.
         NoBackendError: (a ``NotImplementedError``) no backend can run the call; ``.reasons``
@@ -50,6 +73,15 @@ def attention(
         ``out`` shaped and laid out like q, in q's dtype; ``(out, lse)`` if ``return_lse``.
         Differentiable with respect to q, k and v (and through lse).
     """
+    fp8_call = fp8 is not False or hadamard is not False or q_descale is not None or k_descale is not None \
+        or v_descale is not None or out_dtype is not None or v_layout != "natural" \
+        or getattr(q, "dtype", None) == torch.float8_e4m3fn
+    if fp8_call:
+        if torch.compiler.is_compiling():
+            raise NotImplementedError("fa2dispatch.attention: fp8 calls (float8_e4m3fn inputs, descales, fp8=True) "
+                                      "are not supported under torch.compile; call them eagerly")
+        return _attention_fp8(q, k, v, causal, softmax_scale, layout, return_lse, backend, q_descale, k_descale,
+                              v_descale, out_dtype, v_layout, fp8, hadamard)
     if torch.compiler.is_compiling():
         problem = make_problem(q, k, v, causal=causal, softmax_scale=softmax_scale, layout=layout,
                                return_lse=return_lse)
@@ -66,19 +98,77 @@ def attention(
     return (out, lse) if return_lse else out
 
 
-def _signature(q, k, v, causal, softmax_scale, layout, return_lse, backend) -> tuple | None:
+def _tensor_key(t) -> tuple | None:
+    """What validation reads of an optional tensor argument (None stays None; anything else is
+    keyed by its type alone, and validation refuses it before a decision is remembered)."""
+    if t is None:
+        return None
+    if not isinstance(t, torch.Tensor):
+        return (type(t),)
+    return (t.shape, t.dtype, t.device)
+
+
+def _attention_fp8(q, k, v, causal, softmax_scale, layout, return_lse, backend, q_descale, k_descale, v_descale,
+                   out_dtype, v_layout, fp8, hadamard):
+    """An eager fp8 call: on-the-fly quantization for ``fp8=True``, then the fp8 kernel."""
+    if fp8 is not False or hadamard is not False:
+        _check_on_the_fly(q, k, v, fp8, hadamard, q_descale, k_descale, v_descale, out_dtype, v_layout)
+        # shapes, layout, devices, head dim: the inputs' own errors (naming q, k, v) come first
+        make_problem(q, k, v, causal=causal, softmax_scale=softmax_scale, layout=layout, return_lse=return_lse)
+        if hadamard:
+            _fp8.hadamard_rotation(q.shape[-1])  # a ValueError naming hadamard for D not a power of two
+        out_dtype = q.dtype  # the output comes back in the inputs' dtype
+        q, k, v, args = _fp8.quantize_inputs(q, k, v, layout, hadamard)
+        q_descale, k_descale, v_descale = args.q_descale, args.k_descale, args.v_descale
+    fp8_extra = (q_descale, k_descale, v_descale, out_dtype, v_layout)
+    problem, choice, decision = _prepare(q, k, v, causal, softmax_scale, layout, return_lse, backend, fp8_extra)
+    args = _fp8.FP8Args(q_descale, k_descale, v_descale)
+    out, lse = attention_eager(q, k, v, problem, choice, decision, args)
+    return (out, lse) if return_lse else out
+
+
+def _check_on_the_fly(q, k, v, fp8, hadamard, q_descale, k_descale, v_descale, out_dtype, v_layout) -> None:
+    for name, flag in (("fp8", fp8), ("hadamard", hadamard)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
+    if hadamard and not fp8:
+        raise ValueError("hadamard=True needs fp8=True: the rotation is applied to q and k before they are "
+                         "quantized (rotate pre-quantized inputs yourself with fa2dispatch.fp8.hadamard)")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in (torch.float16, torch.bfloat16):
+            raise TypeError(f"fp8=True quantizes float16/bfloat16 inputs, but {name} (shape {tuple(t.shape)}) is "
+                            f"{t.dtype}" + (": pass fp8 inputs without fp8=True, with their descales"
+                                            if t.dtype == torch.float8_e4m3fn else ""))
+    given = [n for n, t in (("q_descale", q_descale), ("k_descale", k_descale), ("v_descale", v_descale),
+                            ("out_dtype", out_dtype)) if t is not None]
+    if given or v_layout != "natural":
+        given += ["v_layout"] if v_layout != "natural" else []
+        raise ValueError(f"fp8=True computes the scales itself and returns the inputs' dtype: "
+                         f"{', '.join(given)} cannot be given with it")
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        raise ValueError("fp8=True with inputs that require grad: fp8 attention is forward-only (there is no "
+                         "backward through the fp8 quantization); call it under torch.no_grad() / "
+                         "torch.inference_mode(), or drop fp8=True for training")
+
+
+def _signature(q, k, v, causal, softmax_scale, layout, return_lse, backend, fp8_extra=None) -> tuple | None:
     """Everything validation reads, with the types of the flags (True == 1 must not share an
     entry with 1). None when the inputs are not tensors (full validation says why)."""
     try:
         return (q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device, k.device, v.device,
                 causal, type(causal), softmax_scale, type(softmax_scale), layout, type(layout), return_lse,
                 type(return_lse), backend, type(backend),
-                torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
+                torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad),
+                None if fp8_extra is None else (*map(_tensor_key, fp8_extra[:3]), fp8_extra[3],
+                                                type(fp8_extra[3]), fp8_extra[4], type(fp8_extra[4])))
     except AttributeError:
         return None
 
 
-def _prepare(q, k, v, causal, softmax_scale, layout, return_lse, backend) -> tuple[AttentionProblem, str, Decision]:
+def _prepare(q, k, v, causal, softmax_scale, layout, return_lse, backend,
+             fp8_extra: tuple | None = None) -> tuple[AttentionProblem, str, Decision]:
     """(problem, resolved choice, decision) of an eager call, before anything launches.
 
     Validation and the decision are pure functions of what ``_signature`` collects (strides are
@@ -86,7 +176,7 @@ def _prepare(q, k, v, causal, softmax_scale, layout, return_lse, backend) -> tup
     (``dispatch.call_memo``, cleared with the decision memo and on any run-time failure).
     """
     choice = _resolve_backend(backend)
-    key = _signature(q, k, v, causal, softmax_scale, layout, return_lse, backend)
+    key = _signature(q, k, v, causal, softmax_scale, layout, return_lse, backend, fp8_extra)
     if key is not None:
         key = (key, choice)
         try:
@@ -95,7 +185,13 @@ def _prepare(q, k, v, causal, softmax_scale, layout, return_lse, backend) -> tup
             key, hit = None, None
         if hit is not None:
             return hit
-    problem = make_problem(q, k, v, causal=causal, softmax_scale=softmax_scale, layout=layout, return_lse=return_lse)
+    if fp8_extra is None:
+        problem = make_problem(q, k, v, causal=causal, softmax_scale=softmax_scale, layout=layout,
+                               return_lse=return_lse)
+    else:
+        problem = make_problem(q, k, v, causal=causal, softmax_scale=softmax_scale, layout=layout,
+                               return_lse=return_lse, out_dtype=fp8_extra[3], v_layout=fp8_extra[4])
+        _fp8.check_fp8_args(problem, *fp8_extra[:3])
     check_backend_name(backend)
     prepared = (problem, choice, decide(problem, choice))
     if key is not None:
@@ -124,6 +220,24 @@ def explain(
     layout: str = "bshd",
     return_lse: bool = False,
     backend: str = "auto",
+    q_descale: torch.Tensor | None = None,
+    k_descale: torch.Tensor | None = None,
+    v_descale: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+    v_layout: str = "natural",
+    fp8: bool = False,
+    hadamard: bool = False,
 ) -> Decision:
-    """The dispatcher's decision for ``attention(q, k, v, **same arguments)``, without running it."""
-    return _prepare(q, k, v, causal, softmax_scale, layout, return_lse, backend)[2]
+    """The dispatcher's decision for ``attention(q, k, v, **same arguments)``, without running it.
+    With ``fp8=True`` it describes the quantized call (q, k, v in float8_e4m3fn)."""
+    if fp8 is not False or hadamard is not False:
+        _check_on_the_fly(q, k, v, fp8, hadamard, q_descale, k_descale, v_descale, out_dtype, v_layout)
+        if hadamard:
+            _fp8.hadamard_rotation(q.shape[-1])
+        out_dtype = q.dtype
+        q, k, v = (torch.empty(t.shape, dtype=torch.float8_e4m3fn, device=t.device) for t in (q, k, v))
+    fp8_extra = (q_descale, k_descale, v_descale, out_dtype, v_layout)
+    if all(x is None for x in fp8_extra[:4]) and v_layout == "natural" and getattr(q, "dtype", None) != \
+            torch.float8_e4m3fn:
+        fp8_extra = None
+    return _prepare(q, k, v, causal, softmax_scale, layout, return_lse, backend, fp8_extra)[2]

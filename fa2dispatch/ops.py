@@ -38,13 +38,16 @@ def run_forward(problem: AttentionProblem, q, k, v, choice: str):
     return run_decision(decide(problem, choice), problem, q, k, v, choice)
 
 
-def run_decision(decision: Decision, problem: AttentionProblem, q, k, v, choice: str):
-    """``run_forward`` for a decision already made."""
+def run_decision(decision: Decision, problem: AttentionProblem, q, k, v, choice: str, fp8_args=None):
+    """``run_forward`` for a decision already made. ``fp8_args`` (``fa2dispatch.fp8.FP8Args``,
+    the descales of an fp8 call) reaches the backend as a keyword only when given, so backends
+    without fp8 keep the plain interface."""
     if decision.device.simulated:
         raise _simulated_error(decision)
+    extra = {} if fp8_args is None else {"fp8_args": fp8_args}
     while True:
         try:
-            out, lse = decision.backend.forward(problem, q, k, v, decision.config)
+            out, lse = decision.backend.forward(problem, q, k, v, decision.config, **extra)
             return out, lse, decision
         except Exception as exc:
             replacement = record_failure(decision, choice, "forward", exc)
@@ -84,12 +87,13 @@ class _AttentionFunction(torch.autograd.Function):
         return dq, dk, dv, None, None, None
 
 
-def attention_eager(q, k, v, problem: AttentionProblem, backend: str, decision: Decision):
+def attention_eager(q, k, v, problem: AttentionProblem, backend: str, decision: Decision, fp8_args=None):
     """An eager call with the decision already made (api._prepare): with autograd when the
-    problem has gradients, else the forward alone."""
+    problem has gradients, else the forward alone. fp8 problems never have gradients
+    (validation refuses them), so ``fp8_args`` only reaches the forward."""
     if problem.requires_grad:
         return _AttentionFunction.apply(q, k, v, problem, backend, decision)
-    out, lse, _ = run_decision(decision, problem, q, k, v, backend)
+    out, lse, _ = run_decision(decision, problem, q, k, v, backend, fp8_args)
     return out, lse
 
 
@@ -112,6 +116,10 @@ def attention_forward_op(
     problem = _problem(q, k, v, causal, softmax_scale, layout, needs_grad, return_lse)
     out, lse, _ = run_forward(problem, q, k, v, backend)
     return out, lse
+
+
+# The custom op carries no fp8 arguments (descales, out_dtype, v_layout): fp8 calls under
+# torch.compile are refused in api.attention with a NotImplementedError that says so.
 
 
 @attention_forward_op.register_fake

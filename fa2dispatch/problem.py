@@ -43,6 +43,10 @@ class AttentionProblem:
     softmax_scale: float
     requires_grad: bool = False
     return_lse: bool = False  # the caller receives lse (and may differentiate through it)
+    # fp8 calls only (None / "natural" otherwise): the output dtype (None: bfloat16) and how v
+    # is laid out ("transposed": (B, Hkv, D, Mkv), the K-major operand Hopper's fp8 MMA takes)
+    out_dtype: torch.dtype | None = None
+    v_layout: str = "natural"
 
     def __hash__(self) -> int:
         # Computed once: a problem keys the dispatcher's memo on every call (dataclass's own
@@ -58,6 +62,13 @@ class AttentionProblem:
         return self.dtype.itemsize == 1
 
     @property
+    def output_dtype(self) -> torch.dtype:
+        """dtype of the output: the inputs' own, or for fp8 inputs ``out_dtype`` (default bfloat16)."""
+        if self.out_dtype is not None:
+            return self.out_dtype
+        return torch.bfloat16 if self.is_fp8 else self.dtype
+
+    @property
     def group(self) -> int:
         """Query heads per key/value head (1: MHA, H: MQA, otherwise GQA)."""
         return self.H // self.Hkv
@@ -69,15 +80,20 @@ class AttentionProblem:
             f"layout={self.layout} device={self.device}"
             + (" backward" if self.requires_grad else "")
             + (" return_lse" if self.return_lse else "")
+            + (f" out={str(self.output_dtype).removeprefix('torch.')}" if self.is_fp8 else "")
+            + (" v=transposed" if self.v_layout == "transposed" else "")
         )
 
 
 def _split_dims(name: str, t: torch.Tensor, layout: str) -> tuple[int, int, int, int]:
-    """Return (B, heads, M, D) of one input in the given layout."""
+    """Return (B, heads, M, D) of one input in the given layout ("vt": v pre-transposed)."""
     if t.dim() != 4:
-        expected = "(B, M, H, D)" if layout == "bshd" else "(B, H, M, D)"
-        raise ValueError(f"{_describe(name, t)}: expected a 4-d tensor {expected} for layout={layout!r}")
-    if layout == "bshd":
+        expected = {"bshd": "(B, M, H, D)", "bhsd": "(B, H, M, D)", "vt": "(B, Hkv, D, Mkv)"}[layout]
+        where = "v_layout='transposed'" if layout == "vt" else f"layout={layout!r}"
+        raise ValueError(f"{_describe(name, t)}: expected a 4-d tensor {expected} for {where}")
+    if layout == "vt":
+        b, h, d, m = t.shape
+    elif layout == "bshd":
         b, m, h, d = t.shape
     else:
         b, h, m, d = t.shape
@@ -93,8 +109,13 @@ def make_problem(
     softmax_scale: float | None = None,
     layout: str = "bshd",
     return_lse: bool = False,
+    out_dtype: torch.dtype | None = None,
+    v_layout: str = "natural",
 ) -> AttentionProblem:
-    """Validate one call and describe it. Raises ValueError/TypeError naming the argument."""
+    """Validate one call and describe it. Raises ValueError/TypeError naming the argument.
+
+    ``out_dtype`` and ``v_layout`` apply to float8_e4m3fn inputs only (see ``fa2dispatch.fp8``);
+    fp8 inputs that require gradients are refused: the fp8 path is forward-only."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -113,9 +134,12 @@ def make_problem(
         if t.device != q.device:
             raise ValueError(f"{_describe(name, t)}: device differs from q's {q.device}")
 
+    is_fp8 = q.dtype == torch.float8_e4m3fn
+    _check_fp8_options(q, k, v, is_fp8, out_dtype, v_layout)
+
     B, H, Mq, D = _split_dims("q", q, layout)
     Bk, Hkv, Mkv, Dk = _split_dims("k", k, layout)
-    Bv, Hv, Mv, Dv = _split_dims("v", v, layout)
+    Bv, Hv, Mv, Dv = _split_dims("v", v, "vt" if v_layout == "transposed" else layout)
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.numel() == 0:
             raise ValueError(f"{_describe(name, t)}: every dimension must be >= 1")
@@ -159,4 +183,33 @@ def make_problem(
         softmax_scale=float(softmax_scale),
         requires_grad=torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)),
         return_lse=return_lse,
+        out_dtype=(out_dtype or torch.bfloat16) if is_fp8 else None,
+        v_layout=v_layout,
     )
+
+
+def _check_fp8_options(q, k, v, is_fp8: bool, out_dtype, v_layout) -> None:
+    """out_dtype, v_layout and gradients of an fp8 call; the descales are checked by
+    ``fa2dispatch.fp8.check_fp8_args``."""
+    if not isinstance(v_layout, str) or v_layout not in ("natural", "transposed"):
+        raise ValueError(f"v_layout={v_layout!r} is not supported (supported: 'natural', 'transposed')")
+    if out_dtype is not None:
+        if not isinstance(out_dtype, torch.dtype):
+            raise TypeError(f"out_dtype must be a torch.dtype or None, got {type(out_dtype).__name__}")
+        if out_dtype not in (torch.bfloat16, torch.float16):
+            raise ValueError(f"out_dtype={out_dtype} is not supported (supported: torch.bfloat16, torch.float16)")
+    if not is_fp8:
+        if out_dtype is not None:
+            raise ValueError(f"out_dtype={out_dtype} given but q is {q.dtype}: out_dtype applies to "
+                             "float8_e4m3fn inputs only (the output takes the inputs' dtype)")
+        if v_layout != "natural":
+            raise ValueError(f"v_layout={v_layout!r} given but q is {q.dtype}: a pre-transposed v applies to "
+                             "float8_e4m3fn inputs only")
+        return
+    if torch.is_grad_enabled():
+        for name, t in (("q", q), ("k", k), ("v", v)):
+            if t.requires_grad:
+                raise ValueError(
+                    f"{_describe(name, t)} requires grad, but fp8 (float8_e4m3fn) attention is forward-only: "
+                    "there is no backward through fp8 inputs. Call it under torch.no_grad() / "
+                    "torch.inference_mode(), or use float16/bfloat16 inputs for training")

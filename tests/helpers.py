@@ -122,3 +122,71 @@ def check_case(case: Case, device="cpu", seed=0, backend="triton"):
     for name, ours, t, lp in zip(("dq", "dk", "dv"), (dq, dk, dv), truth[2:], low[2:]):
         check_close(name, ours, t, lp, magnitude)
     return out, lse, dq, dk, dv
+
+
+# ------------------------------------------------------------------ fp8
+
+
+def make_fp8_inputs(case: Case, device="cpu", seed=0, q_per_head=False):
+    """(q8, k8, v8, q_descale, k_descale, v_descale) from the case's normal inputs, quantized per
+    head with fa2dispatch.quantize_fp8; q's descale is (B, H) if ``q_per_head``, else (B, Hkv)
+    (one per key/value-head group, FlashAttention-3's convention)."""
+    import fa2dispatch
+
+    q, k, v, _ = make_inputs(case, "cpu", seed, requires_grad=False)
+    q, k, v = (t.float() for t in (q, k, v))
+    if not q_per_head and case.H != case.Hkv:  # one scale per group of query heads
+        qh = q.transpose(1, 2) if case.layout == "bshd" else q  # (B, H, M, D)
+        amax = qh.unflatten(1, (case.Hkv, case.H // case.Hkv)).abs().amax(dim=(2, 3, 4))
+        qd = torch.where(amax > 0, amax / 448.0, torch.ones_like(amax))
+        q8 = (qh / qd.repeat_interleave(case.H // case.Hkv, dim=1)[:, :, None, None]).clamp(-448, 448)
+        q8 = q8.to(torch.float8_e4m3fn)
+        q8 = q8.transpose(1, 2).contiguous() if case.layout == "bshd" else q8
+    else:
+        q8, qd = fa2dispatch.quantize_fp8(q, layout=case.layout)
+    (k8, kd), (v8, vd) = (fa2dispatch.quantize_fp8(t, layout=case.layout) for t in (k, v))
+    return tuple(t.to(device) for t in (q8, k8, v8, qd, kd, vd))
+
+
+def check_fp8(out, lse, q8, k8, v8, qd, kd, vd, *, causal: bool, layout: str = "bshd",
+              out_dtype=torch.bfloat16, softmax_scale=None):
+    """STYLE.md's rule for fp8: truth is float64 attention on the dequantized inputs; PyTorch's
+    own error is that of the same fp8 pipeline emulated with torch's casts
+    (backends.reference.attention_fp8_emulation)."""
+    from fa2dispatch.backends.reference import attention_fp8_emulation, dequantize_fp8
+
+    scale = softmax_scale if softmax_scale is not None else q8.shape[-1] ** -0.5
+    assert out.dtype == out_dtype and out.shape == q8.shape
+    truth, truth_lse = attention_math(*(dequantize_fp8(x, d, layout) for x, d in ((q8, qd), (k8, kd), (v8, vd))),
+                                      causal=causal, softmax_scale=scale, layout=layout, compute_dtype=torch.float64)
+    emu, emu_lse = attention_fp8_emulation(q8, k8, v8, qd, kd, vd, causal=causal, softmax_scale=scale,
+                                           layout=layout, out_dtype=out_dtype)
+    check_close("out", out.cpu(), truth.cpu(), emu.cpu())
+    if lse is not None:
+        check_lse(lse.cpu(), truth_lse.cpu(), emu_lse.cpu())
+
+
+def check_fp8_on_the_fly(out, q, k, v, *, causal: bool, use_hadamard: bool, layout: str = "bshd"):
+    """``attention(q, k, v, fp8=True, hadamard=...)`` against the exact answer on the original
+    inputs: its RMS error may be at most the quantization's own (exact attention on the
+    dequantized inputs) plus twice the pipeline's (the emulation against that), by the triangle
+    inequality with a 2x margin on the pipeline part. A rotation applied to q but not k, or a
+    scale on the wrong head, gives errors of the size of the output itself."""
+    import fa2dispatch
+    from fa2dispatch.backends.reference import attention_fp8_emulation, dequantize_fp8
+
+    scale = q.shape[-1] ** -0.5
+    qr, kr = (fa2dispatch.hadamard(q), fa2dispatch.hadamard(k)) if use_hadamard else (q, k)
+    (q8, qd), (k8, kd), (v8, vd) = (fa2dispatch.quantize_fp8(t, layout=layout) for t in (qr, kr, v))
+    check_fp8(out, None, q8, k8, v8, qd, kd, vd, causal=causal, layout=layout, out_dtype=q.dtype)
+    exact, _ = attention_math(q, k, v, causal=causal, softmax_scale=scale, layout=layout, compute_dtype=torch.float64)
+    deq, _ = attention_math(*(dequantize_fp8(x, d, layout) for x, d in ((q8, qd), (k8, kd), (v8, vd))),
+                            causal=causal, softmax_scale=scale, layout=layout, compute_dtype=torch.float64)
+    emu, _ = attention_fp8_emulation(q8, k8, v8, qd, kd, vd, causal=causal, softmax_scale=scale, layout=layout,
+                                     out_dtype=q.dtype)
+
+    def rms(a, b):
+        return (a.double() - b.double()).pow(2).mean().sqrt().item()
+
+    bound = rms(deq, exact) + 2 * rms(emu, deq)
+    assert rms(out, exact) <= bound, f"fp8=True: RMS error {rms(out, exact):.3e} > {bound:.3e}"

@@ -15,9 +15,10 @@ from helpers import Case, make_inputs
 
 import fa2dispatch
 from fa2dispatch import dispatch
-from fa2dispatch.backends import BACKENDS, cupy_cuda, triton_fa2
+from fa2dispatch.backends import BACKENDS, triton_fa2
 from fa2dispatch.backends.reference import attention_math
 from fa2dispatch.backends.triton_fa2.interpreter import bf16_defects
+from fa2dispatch.backends.triton_fp8.interpreter import fp8_defects
 from fa2dispatch.problem import AttentionProblem, make_problem
 
 NO_INTERPRETER = "CPU tensors run Triton only under the interpreter: set TRITON_INTERPRET=1"
@@ -46,10 +47,11 @@ def triton_unavailable(monkeypatch):
 
 @pytest.fixture
 def unpatched_interpreter():
-    """The interpreter with its bf16 defects (triton#11584, triton#8322), as users have it."""
+    """The interpreter with its bf16 and fp8 defects (triton#11584, triton#8322), as users have it."""
     was_installed = bool(interpreter_fixes._originals)
     interpreter_fixes.uninstall()
     bf16_defects.cache_clear()
+    fp8_defects.cache_clear()
     dispatch.clear_memo()
     try:
         yield
@@ -57,6 +59,7 @@ def unpatched_interpreter():
         if was_installed:
             interpreter_fixes.install()
         bf16_defects.cache_clear()
+        fp8_defects.cache_clear()
         dispatch.clear_memo()
 
 
@@ -242,8 +245,8 @@ CAUSAL = "bottom-right causal with Mq=9 != Mkv=13 (supported: causal when Mq == 
 ALL_REASONS_FP8_CPU = {  # every reason of every backend, in the CPU priority order
     "reference": [FP8],
     "triton": [FP8],
-    "cupy": ["runs on nvidia devices, not cpu", cupy_cuda.NOT_WRITTEN, FP8_16],
-    "triton-fp8": ["runs on nvidia devices, not cpu", "fp8 kernel not written yet (the FP8 issue)"],
+    "cupy": ["runs on nvidia devices, not cpu", FP8_16],
+    "triton-fp8": ["dtype=float8_e4m3fn: the Triton interpreter rounds fp32->fp8 casts wrongly (triton#8322)"],
     "torch-sdpa-cudnn": ["runs on nvidia devices, not cpu", FP8_16, GQA, CAUSAL],
     "torch-sdpa-flash": ["runs on nvidia/amd devices, not cpu", FP8_16, CAUSAL],
     "torch-sdpa-efficient": ["runs on nvidia/amd devices, not cpu", FP8, GQA, CAUSAL],
@@ -251,9 +254,10 @@ ALL_REASONS_FP8_CPU = {  # every reason of every backend, in the CPU priority or
 
 
 @pytest.mark.interpreter
-def test_no_backend_error_lists_the_inputs_and_every_backend(no_kernel_launch):
-    """fp8 inputs on CPU: every backend refuses; the error is a NotImplementedError whose
-    .reasons maps each backend (in the CPU priority order) to its reasons."""
+def test_no_backend_error_lists_the_inputs_and_every_backend(no_kernel_launch, unpatched_interpreter):
+    """fp8 inputs on CPU under the stock interpreter (its fp8 casts round wrongly): every
+    backend refuses; the error is a NotImplementedError whose .reasons maps each backend (in
+    the CPU priority order) to its reasons."""
     q, k, v = (t.to(torch.float8_e4m3fn) for t in _inputs(torch.float32))
     for call in (fa2dispatch.explain, fa2dispatch.attention):
         with pytest.raises(fa2dispatch.NoBackendError) as info:
@@ -334,7 +338,7 @@ def test_str_of_a_default_decision_lists_every_rejected_backend(triton_unavailab
         "  not chosen:",
     ]
     assert lines[5] == f"    triton                {NO_INTERPRETER}"
-    assert lines[6] == f"    cupy                  runs on nvidia devices, not cpu; {cupy_cuda.NOT_WRITTEN}"
+    assert lines[6] == "    cupy                  runs on nvidia devices, not cpu"
     assert len(lines) == 5 + len(BACKENDS) - 1
 
 

@@ -14,12 +14,11 @@ import torch
 
 import fa2dispatch
 from fa2dispatch import dispatch, hardware
-from fa2dispatch.backends import BACKENDS, PRIORITY, cupy_cuda, family, priority
+from fa2dispatch.backends import BACKENDS, PRIORITY, family, priority
 from fa2dispatch.backends.triton_fa2.config import TritonConfig
 from fa2dispatch.hardware import PROFILES, DeviceInfo, Versions, simulated_device
 from fa2dispatch.problem import AttentionProblem
 
-FP8_NOT_WRITTEN = "fp8 kernel not written yet (the FP8 issue)"
 
 
 @pytest.fixture(autouse=True)
@@ -126,21 +125,20 @@ def test_rtx4090_gets_configs_for_its_99_kib_of_shared_memory():
 
 
 @pytest.mark.parametrize("profile", list(PROFILES))
-def test_fp8_inputs_find_no_backend_yet_and_say_why(profile):
-    with pytest.raises(fa2dispatch.NoBackendError) as info:
-        pick(profile, dtype=torch.float8_e4m3fn)
-    fp8 = info.value.reasons["triton-fp8"]
-    assert fp8[-1] == FP8_NOT_WRITTEN
-    expected_first = {
+def test_fp8_inputs_run_on_sm89_sm90_and_are_refused_elsewhere_naming_the_arch(profile):
+    refused = {
         "a100": "requires sm_89+ but device is sm_80",
         "mi300x": "fp8 e4m3fn on AMD gfx942 is not supported (supported: nvidia sm_89+)",
         "mi250x": "fp8 e4m3fn on AMD gfx90a is not supported (supported: nvidia sm_89+)",
-        "cpu": "runs on nvidia devices, not cpu",
     }
-    if profile in expected_first:
-        assert fp8[0] == expected_first[profile]
-    else:  # sm_89 and sm_90 have e4m3 tensor cores: only the missing kernel is in the way
-        assert fp8 == [FP8_NOT_WRITTEN]
+    if profile not in refused:  # e4m3 tensor cores (sm_89, sm_90), or the interpreter on CPU
+        decision = pick(profile, dtype=torch.float8_e4m3fn)
+        assert decision.backend.name == "triton-fp8" and decision.source == "default"
+        assert decision.rejected["triton"] == ["dtype=float8_e4m3fn (supported: float16, bfloat16, float32)"]
+        return
+    with pytest.raises(fa2dispatch.NoBackendError) as info:
+        pick(profile, dtype=torch.float8_e4m3fn)
+    assert info.value.reasons["triton-fp8"] == [refused[profile]]
     assert info.value.reasons["triton"] == ["dtype=float8_e4m3fn (supported: float16, bfloat16, float32)"]
 
 
@@ -202,9 +200,13 @@ def test_availability_reason_text(device, backend, reason):
 
 
 def test_cupy_reasons_when_installed_on_a_simulated_h100():
-    """With cupy present (simulated by the version record), only the missing kernels remain."""
+    """With cupy present (simulated by the version record) nothing stands in the way; on an
+    sm_75 device the arch does."""
     device = _device(versions=Versions(torch="2.11.0", triton="3.6.0", cupy="14.2.0"))
-    assert BACKENDS["cupy"].available(device) == [cupy_cuda.NOT_WRITTEN]
+    assert BACKENDS["cupy"].available(device) == []
+    assert BACKENDS["cupy"].not_supported_reasons(problem(D=256, requires_grad=True), device) == []
+    old = replace(device, capability=(7, 5), arch="sm_75")
+    assert BACKENDS["cupy"].available(old) == ["requires sm_80+ but device is sm_75"]
 
 
 # ------------------------------------------------------------------ forced choices

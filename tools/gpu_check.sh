@@ -10,6 +10,7 @@
 #   CUPY_BENCH_ARGS="--head-dims 128 --seqlens 2048,16384" ...          # also bench the CuPy backend
 #   FP8_BENCH_ARGS="--quick" ...                                        # also run tools/bench_fp8.py
 #   SKIP_OVERHEAD=1 ...                                                 # no dispatch-overhead run
+#   PYTEST_ARGS="-n 4" ...                                              # extra pytest arguments
 #
 # Everything worth keeping lands in $OUT/results.tar.gz (the device tool returns at most 8
 # files): gpu_tests.log, report.txt, report.json, overhead.*, bench*.log/json/md, autotune files.
@@ -70,7 +71,9 @@ if [ "${SKIP_TESTS:-0}" = 1 ]; then
     test_rc=0
 else
     read -r -a test_paths <<< "${TESTS:-tests}"
-    python3 -m pytest -m gpu -q -p no:cacheprovider ${timeout_args[@]+"${timeout_args[@]}"} "${test_paths[@]}" 2>&1 \
+    read -r -a extra_pytest <<< "${PYTEST_ARGS:-}"   # e.g. "-n 4": NVRTC and Triton compiles run in parallel
+    python3 -m pytest -m gpu -q -p no:cacheprovider ${timeout_args[@]+"${timeout_args[@]}"} \
+        ${extra_pytest[@]+"${extra_pytest[@]}"} "${test_paths[@]}" 2>&1 \
         | tee "$OUT/gpu_tests.log" | grep -v -E '^(PASSED|SKIPPED) '
     test_rc=${PIPESTATUS[0]}
 fi
@@ -113,8 +116,7 @@ fi
 if [ -n "${FP8_BENCH_ARGS:-}" ]; then
     echo "== benchmark: fp8"
     read -r -a fp8_args <<< "$FP8_BENCH_ARGS"
-    PYTHONUNBUFFERED=1 python3 tools/bench_fp8.py --json "$OUT/bench_fp8.json" --markdown "$OUT/bench_fp8.md" \
-        "${fp8_args[@]}" 2>&1 | tee "$OUT/bench_fp8.log"
+    PYTHONUNBUFFERED=1 python3 tools/bench_fp8.py --out "$OUT/bench_fp8" "${fp8_args[@]}" 2>&1 | tee "$OUT/bench_fp8.log"
     echo "fp8 bench exit ${PIPESTATUS[0]}"
 fi
 set -e

@@ -1,9 +1,12 @@
-"""CuPy backend: FlashAttention-2 in CUDA C++ (.cu files) compiled at run time with NVRTC.
+"""CuPy backend: FlashAttention-2 forward and deterministic backward in CUDA C++, compiled at
+run time by NVRTC through ``cupy.RawModule``; no build step at install.
 
-Registered so that reports, cache keys and ``backend="cupy"`` know it. Its availability
-reasons are the real ones (cupy, NVRTC, an NVIDIA sm_80+ device); the CUDA C++ kernels
-themselves are the CuPy backend issue's work, and until they exist the backend says so as its
-last reason rather than pretending to run.
+- ``fa2_fwd.cu``, ``fa2_bwd.cu``, ``common.cuh``: the kernels (mma.sync m16n8k16 with fp32
+  accumulators, ldmatrix, cp.async; fp16 and bf16; head dims 8..256, multiple of 8).
+- ``compile.py``: sources, ``-D`` specialisation, the module caches (how the keys are made is
+  in its docstring). ``config.py``: ``CupyConfig``, defaults, the tuner's candidates.
+- ``launch.py``: raw pointers and strides in, torch's current stream, no synchronisation.
+- ``nvrtc_check.py``: the same sources compiled offline with NVRTC through ctypes (CI).
 """
 
 from __future__ import annotations
@@ -13,20 +16,20 @@ import functools
 import torch
 
 from fa2dispatch.hardware import DeviceInfo
+from fa2dispatch.problem import AttentionProblem
 
 from ..base import Backend
+from .config import CupyConfig, config_reasons, config_space, default_config
 
-NOT_WRITTEN = "CUDA C++ kernels not written yet (the CuPy backend issue); nothing to compile"
 
-
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _nvrtc_problem() -> str | None:
     """None if NVRTC loads through cupy, else why not. Imports cupy: only on the slow path."""
     try:
         import cupy
 
         major_minor = cupy.cuda.nvrtc.getVersion()
-    except Exception as exc:  # ImportError, CUDARuntimeError, missing libnvrtc.so ...
+    except Exception as exc:  # noqa: BLE001 (ImportError, CUDARuntimeError, missing libnvrtc.so ...)
         return f"NVRTC missing ({type(exc).__name__}: {exc})".strip()
     return None if major_minor else "NVRTC missing"
 
@@ -35,9 +38,14 @@ class CupyBackend(Backend):
     name = "cupy"
     description = "FlashAttention-2 in CUDA C++ compiled at run time by NVRTC through cupy.RawModule"
     vendors = ("nvidia",)
-    min_capability = (8, 0)  # mma.sync m16n8k16 with bf16, cp.async
+    min_capability = (8, 0)  # mma.sync m16n8k16 with bf16, cp.async, ldmatrix
     packages = ("cupy",)
     dtypes = (torch.float16, torch.bfloat16)
+    deterministic = True  # dK/dV and dQ in separate kernels, each element summed by one thread
+    supports_gqa = True
+    supports_lse_grad = True
+    supports_causal_unequal = True
+    config_type = CupyConfig
 
     def version(self, device: DeviceInfo) -> str:
         return f"cupy {device.versions.cupy}" if device.versions and device.versions.cupy else "-"
@@ -48,4 +56,44 @@ class CupyBackend(Backend):
             problem = _nvrtc_problem()
             if problem:
                 reasons.append(problem)
-        return reasons + [NOT_WRITTEN]
+        return reasons
+
+    def not_supported_reasons(self, problem: AttentionProblem, device: DeviceInfo) -> list[str]:
+        reasons = super().not_supported_reasons(problem, device)
+        if reasons:
+            return reasons
+        from .launch import grid_reasons
+
+        cfg = default_config(problem.D, device)
+        return grid_reasons(problem, cfg) + config_reasons(problem.D, cfg, device.smem_per_block or None,
+                                                           problem.requires_grad)
+
+    def default_config(self, problem: AttentionProblem, device: DeviceInfo) -> CupyConfig:
+        return default_config(problem.D, device)
+
+    def config_reasons(self, problem, device, config) -> list[str]:
+        from .launch import grid_reasons
+
+        if not isinstance(config, CupyConfig):
+            return [f"config {config!r} is not a CupyConfig"]
+        return grid_reasons(problem, config) + config_reasons(problem.D, config, device.smem_per_block or None,
+                                                              problem.requires_grad)
+
+    def config_space(self, problem: AttentionProblem, device: DeviceInfo) -> list[CupyConfig]:
+        return config_space(problem, device)
+
+    def forward(self, problem, q, k, v, config):
+        from .launch import forward  # lazily: launching imports cupy
+
+        return forward(problem, q, k, v, config or default_config(problem.D, _device(q)))
+
+    def backward(self, problem, dout, q, k, v, out, lse, config, dlse=None):
+        from .launch import backward
+
+        return backward(problem, dout, q, k, v, out, lse, dlse, config or default_config(problem.D, _device(q)))
+
+
+def _device(t: torch.Tensor) -> DeviceInfo:
+    from fa2dispatch.hardware import device_info
+
+    return device_info(t.device)

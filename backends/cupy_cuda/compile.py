@@ -1,0 +1,114 @@
+"""Sources, compile options and the module cache of the CuPy kernels.
+
+The CUDA C++ lives in ``fa2_fwd.cu``, ``fa2_bwd.cu`` and ``common.cuh`` next to this file, read
+with ``importlib.resources``; ``#include "common.cuh"`` is inlined here so NVRTC needs no
+include path and one source text covers everything a module is built from. A module is
+specialised by ``-D`` defines (dtype, head dim, padded head dim, causal, tile sizes):
+``KernelSpec`` says which, and nvrtc_check.py compiles exactly the same text and options.
+
+Caches, two levels:
+- in memory: one ``cupy.RawModule`` per (source file, options, device index), and one function
+  object per kernel name with its dynamic shared-memory limit already raised;
+- on disk: CuPy's own kernel cache (``CUPY_CACHE_DIR``, default ``~/.cupy/kernel_cache``). Its
+  file name is a hash of the full source text, the options, the target arch (``sm_XX`` when
+  NVRTC can emit a cubin for it) and the NVRTC version, so an edited ``.cu`` file or another GPU
+  kind compiles afresh and nothing stale is ever loaded. We rely on it rather than keep a second
+  cubin cache. The autotune cache's kernel hash covers ``cupy_cuda/*.cu`` (autotune/cache.py).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.resources
+from dataclasses import dataclass
+
+import torch
+
+from .config import CupyConfig, d_pad, dkdv_d_pad, dkdv_split
+
+INCLUDE = '#include "common.cuh"'
+# -std=c++17 for the lambdas and static_asserts; no fast-math: the kernels choose their
+# approximate instructions (ex2.approx) explicitly. --maxrregcount=255 and the kernels'
+# __launch_bounds__(threads, 1): without them NVRTC 13.5's ptxas aims for 96 or 128 registers
+# and spills (nvrtc_check: forward D=8 causal spilled 4 bytes at 128 registers on sm_80, the dQ
+# kernel at D=8 8 bytes at 96 on sm_90; both compile without spills with them).
+BASE_OPTIONS = ("--std=c++17", "--maxrregcount=255")
+
+
+@functools.cache
+def source(name: str) -> str:
+    """The full text of one .cu file, common.cuh inlined."""
+    files = importlib.resources.files(__package__)
+    text = files.joinpath(name).read_text(encoding="utf-8")
+    if INCLUDE in text:
+        text = text.replace(INCLUDE, files.joinpath("common.cuh").read_text(encoding="utf-8"))
+    return text
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    """One module to compile and one kernel in it to launch."""
+
+    file: str
+    kernel: str
+    defines: tuple[tuple[str, int], ...]
+    threads: int
+    smem: int  # dynamic shared memory in bytes
+
+    def options(self) -> tuple[str, ...]:
+        return BASE_OPTIONS + tuple(f"-D{k}={v}" for k, v in self.defines)
+
+
+def forward_spec(dtype: torch.dtype, head_dim: int, causal: bool, cfg: CupyConfig) -> KernelSpec:
+    from .config import smem_forward
+
+    defines = (("FA2_BF16", int(dtype == torch.bfloat16)), ("HEAD_DIM", head_dim), ("D_PAD", d_pad(head_dim)),
+               ("CAUSAL", int(causal)), ("BLOCK_M", cfg.block_m), ("BLOCK_N", cfg.block_n),
+               ("NUM_WARPS", cfg.num_warps))
+    return KernelSpec("fa2_fwd.cu", "fa2_fwd", defines, 32 * cfg.num_warps, smem_forward(head_dim, cfg))
+
+
+def backward_specs(dtype: torch.dtype, head_dim: int, causal: bool, cfg: CupyConfig) -> dict[str, KernelSpec]:
+    """The three backward kernels: "pre", "dkdv", "dq". dK/dV pads the head dim to whole column
+    chunks, so it is a module of its own when that differs from the dQ kernel's padding."""
+    from .config import smem_dkdv, smem_dq
+
+    common = (("FA2_BF16", int(dtype == torch.bfloat16)), ("HEAD_DIM", head_dim), ("CAUSAL", int(causal)),
+              ("BWD_STAGES", cfg.bwd_stages))
+    dq_only = (("DQ_BLOCK_M", cfg.dq_block_m), ("DQ_BLOCK_N", cfg.dq_block_n))
+    dkdv_only = (("DKDV_BLOCK_M", cfg.dkdv_block_m), ("DKDV_BLOCK_N", cfg.dkdv_block_n),
+                 ("DKDV_SPLIT", dkdv_split(head_dim)))
+    if dkdv_d_pad(head_dim) == d_pad(head_dim):  # one module holds all three kernels
+        dq = dkdv = common + (("D_PAD", d_pad(head_dim)),) + dq_only + dkdv_only
+    else:
+        dq = common + (("D_PAD", d_pad(head_dim)),) + dq_only
+        dkdv = common + (("D_PAD", dkdv_d_pad(head_dim)),) + dkdv_only
+    return {
+        "pre": KernelSpec("fa2_bwd.cu", "fa2_bwd_pre", dq, 128, 0),
+        "dkdv": KernelSpec("fa2_bwd.cu", "fa2_bwd_dkdv", dkdv, 32 * (cfg.dkdv_block_n // 16), smem_dkdv(head_dim, cfg)),
+        "dq": KernelSpec("fa2_bwd.cu", "fa2_bwd_dq", dq, 32 * (cfg.dq_block_m // 16), smem_dq(head_dim, cfg)),
+    }
+
+
+_modules: dict = {}
+_functions: dict = {}
+
+
+def function(spec: KernelSpec, device_index: int):
+    """The compiled kernel for ``spec`` on this device (compiled on first use, then cached)."""
+    key = (spec, device_index)
+    fn = _functions.get(key)
+    if fn is not None:
+        return fn
+    import cupy
+
+    mkey = (spec.file, spec.options(), device_index)
+    with cupy.cuda.Device(device_index):
+        module = _modules.get(mkey)
+        if module is None:
+            module = _modules[mkey] = cupy.RawModule(code=source(spec.file), options=spec.options())
+        fn = module.get_function(spec.kernel)
+        if spec.smem > 48 * 1024:  # above 48 KiB, dynamic shared memory must be opted into
+            fn.max_dynamic_shared_size_bytes = spec.smem
+    _functions[key] = fn
+    return fn

@@ -1,0 +1,168 @@
+"""Launch configurations of the CuPy CUDA kernels, the shared memory and register budget each
+needs, per-device defaults and the handful of candidates the autotuner tries.
+
+Every launch parameter lives here (tile sizes, warps, the backward's pipeline depth) and each
+is a compile-time constant of the kernel it shapes, so one config is one compiled module per
+(dtype, head dim, causal). Warps split rows only (ALGORITHM.md): each warp owns 16 rows (two
+16-row slabs in the forward when ``block_m = 32 x num_warps``), so the backward's warp counts
+follow from its blocks: ``dkdv_block_n / 16`` and ``dq_block_m / 16``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fa2dispatch.hardware import DeviceInfo
+from fa2dispatch.problem import AttentionProblem
+
+from ..base import Config
+
+
+@dataclass(frozen=True)
+class CupyConfig(Config):
+    # forward: BLOCK_M query rows per CTA (16 or 32 per warp), BLOCK_N keys per step
+    block_m: int = 128
+    block_n: int = 64
+    num_warps: int = 4
+    # backward dK/dV kernel: dkdv_block_n keys per CTA (16 per warp), dkdv_block_m queries per step
+    dkdv_block_m: int = 64
+    dkdv_block_n: int = 64
+    # backward dQ kernel: dq_block_m queries per CTA (16 per warp), dq_block_n keys per step
+    dq_block_m: int = 64
+    dq_block_n: int = 64
+    # backward pipeline depth: 2 = next Q/dO (dK/dV) or K/V (dQ) block in flight during compute
+    bwd_stages: int = 2
+
+
+def d_pad(head_dim: int, multiple: int = 16) -> int:
+    """Head dim as the kernels tile it: a multiple of the MMA's K (16)."""
+    return -(-head_dim // multiple) * multiple
+
+
+def dkdv_split(head_dim: int) -> int:
+    """Column chunks of dK/dV per key block: 2 above 128 so each chunk's two fp32 accumulators
+    (dK and dV, 16 x 128 per warp) stay at 128 registers per thread."""
+    return 1 if d_pad(head_dim) <= 128 else 2
+
+
+def dkdv_d_pad(head_dim: int) -> int:
+    return d_pad(head_dim, 16 * dkdv_split(head_dim))
+
+
+def _row_bytes(dp: int) -> int:
+    return 2 * (dp + 8)  # SROW = D_PAD + 8 elements of 2 bytes (common.cuh)
+
+
+def smem_forward(head_dim: int, cfg: CupyConfig) -> int:
+    return (cfg.block_m + 2 * cfg.block_n) * _row_bytes(d_pad(head_dim))
+
+
+def smem_dkdv(head_dim: int, cfg: CupyConfig) -> int:
+    tiles = 2 * cfg.dkdv_block_n + 2 * cfg.bwd_stages * cfg.dkdv_block_m
+    return tiles * _row_bytes(dkdv_d_pad(head_dim)) + 2 * cfg.bwd_stages * cfg.dkdv_block_m * 4
+
+
+def smem_dq(head_dim: int, cfg: CupyConfig) -> int:
+    return (2 * cfg.dq_block_m + 2 * cfg.bwd_stages * cfg.dq_block_n) * _row_bytes(d_pad(head_dim))
+
+
+# fp32 accumulator registers per thread allowed in one kernel (output tiles + score tiles, plus
+# Q's fragments where the forward keeps them in registers). Measured offline with nvrtc_check
+# (NVRTC 13.5, sm_80 and sm_90): 192 compiles without spills at 255 registers (forward D=128
+# with 32 rows per warp and 64-key blocks; dK/dV D=128 with 64-query steps), 224 spills (forward
+# D=64 with 128-key blocks: 44-220 bytes).
+MAX_ACC_REGS = 192
+
+
+def forward_acc_regs(head_dim: int, cfg: CupyConfig) -> int:
+    """fp32 accumulators (O and S) plus Q's registers (fa2_fwd.cu: Q_IN_REGS) per thread."""
+    dp, mt = d_pad(head_dim), cfg.block_m // (16 * cfg.num_warps)
+    q_regs = mt * dp // 4 if mt * dp <= 128 else 0
+    return mt * (dp + cfg.block_n) // 2 + q_regs
+
+
+def config_reasons(head_dim: int, cfg: CupyConfig, smem_limit: int | None, backward: bool) -> list[str]:
+    """Why this config cannot run a problem of this head dim on a device with ``smem_limit``
+    bytes of shared memory per block (None: unknown, not checked)."""
+    reasons = []
+    dp = d_pad(head_dim)
+    mt, rem = divmod(cfg.block_m, 16 * cfg.num_warps) if cfg.num_warps > 0 else (0, 1)
+    if rem or mt not in (1, 2):
+        reasons.append(f"block_m={cfg.block_m} (supported: 16 or 32 rows per warp x num_warps={cfg.num_warps})")
+    if cfg.block_n % 16 or cfg.block_n <= 0:
+        reasons.append(f"block_n={cfg.block_n} (supported: a multiple of 16)")
+    elif mt in (1, 2) and forward_acc_regs(head_dim, cfg) > MAX_ACC_REGS:
+        reasons.append(f"block_m={cfg.block_m} block_n={cfg.block_n} at head_dim={head_dim} needs "
+                       f"{forward_acc_regs(head_dim, cfg)} accumulator registers per thread (max {MAX_ACC_REGS})")
+    need = [("forward", smem_forward(head_dim, cfg))]
+    if backward:
+        for name, value in (("dkdv_block_n", cfg.dkdv_block_n), ("dq_block_m", cfg.dq_block_m)):
+            if value not in (16, 32, 64, 128):
+                reasons.append(f"{name}={value} (supported: 16, 32, 64 or 128; 16 rows per warp)")
+        for name, value in (("dkdv_block_m", cfg.dkdv_block_m), ("dq_block_n", cfg.dq_block_n)):
+            if value not in (16, 32, 64, 128):
+                reasons.append(f"{name}={value} (supported: 16, 32, 64 or 128)")
+        if cfg.bwd_stages not in (1, 2):
+            reasons.append(f"bwd_stages={cfg.bwd_stages} (supported: 1 or 2)")
+        dch = dkdv_d_pad(head_dim) // dkdv_split(head_dim)
+        if dch + cfg.dkdv_block_m > MAX_ACC_REGS:
+            reasons.append(f"dkdv_block_m={cfg.dkdv_block_m} at head_dim={head_dim} needs {dch + cfg.dkdv_block_m} "
+                           f"accumulator registers per thread (max {MAX_ACC_REGS})")
+        if dp // 2 + cfg.dq_block_n > MAX_ACC_REGS:
+            reasons.append(f"dq_block_n={cfg.dq_block_n} at head_dim={head_dim} needs {dp // 2 + cfg.dq_block_n} "
+                           f"accumulator registers per thread (max {MAX_ACC_REGS})")
+        need += [("dK/dV", smem_dkdv(head_dim, cfg)), ("dQ", smem_dq(head_dim, cfg))]
+    if smem_limit:
+        for kernel, nbytes in need:
+            if nbytes > smem_limit:
+                reasons.append(f"{kernel} kernel needs {nbytes // 1024} KiB of shared memory "
+                               f"(device: {smem_limit // 1024} KiB per block)")
+    return reasons
+
+
+def default_config(head_dim: int, device: DeviceInfo) -> CupyConfig:
+    """Per-device default. The large-smem parts (sm_80, sm_90: 163/227 KiB per block) take
+    FA2's sm80 tiles; the ~99 KiB parts (sm_86, sm_89) take smaller key / query steps."""
+    small = 0 < device.smem_per_block < 160 * 1024
+    dp = d_pad(head_dim)
+    if dp <= 64:
+        fwd = {"block_m": 128, "block_n": 64, "num_warps": 4}
+        bwd = {"dkdv_block_m": 64, "dkdv_block_n": 64, "dq_block_m": 64, "dq_block_n": 64, "bwd_stages": 2}
+    elif dp <= 128:
+        # FA2's own sm80 tiles at D=128 (32 rows per warp, 64-key blocks).
+        fwd = {"block_m": 128, "block_n": 64, "num_warps": 4}
+        if small:
+            bwd = {"dkdv_block_m": 32, "dkdv_block_n": 64, "dq_block_m": 64, "dq_block_n": 32, "bwd_stages": 2}
+        else:
+            # 64 x 64 in both kernels: 201/178/207/205 TFLOP/s (S 4k/4k causal/16k/16k causal, H100,
+            # fp16, tools/cupy_smoke.py) against 191/175/198/201 for 32-query dK/dV steps.
+            bwd = {"dkdv_block_m": 64, "dkdv_block_n": 64, "dq_block_m": 64, "dq_block_n": 64, "bwd_stages": 2}
+    else:
+        fwd = {"block_m": 64, "block_n": 32 if small else 64, "num_warps": 4}
+        if small:
+            bwd = {"dkdv_block_m": 16, "dkdv_block_n": 32, "dq_block_m": 32, "dq_block_n": 16, "bwd_stages": 2}
+        else:
+            bwd = {"dkdv_block_m": 32, "dkdv_block_n": 64, "dq_block_m": 64, "dq_block_n": 32, "bwd_stages": 2}
+    return CupyConfig(**fwd, **bwd)
+
+
+def config_space(problem: AttentionProblem, device: DeviceInfo) -> list[CupyConfig]:
+    """The default first, then a few neighbours; the forward or the backward fields vary
+    (whichever the bucket times), and configs that cannot fit are dropped."""
+    from dataclasses import replace
+
+    base = default_config(problem.D, device)
+    if problem.requires_grad:
+        points = [{"dkdv_block_m": m, "dkdv_block_n": n, "dq_block_m": n, "dq_block_n": m, "bwd_stages": s}
+                  for m, n, s in ((64, 64, 2), (32, 64, 2), (64, 128, 2), (32, 128, 2), (64, 64, 1), (16, 64, 2))]
+    else:
+        points = [{"block_m": m, "block_n": n, "num_warps": w}
+                  for m, n, w in ((128, 64, 4), (128, 128, 4), (128, 32, 4), (64, 64, 4), (64, 128, 4),
+                                  (128, 64, 8), (256, 64, 8))]
+    out = [base]
+    limit = device.smem_per_block or None
+    for point in points:
+        cfg = replace(base, **point)
+        if cfg not in out and not config_reasons(problem.D, cfg, limit, problem.requires_grad):
+            out.append(cfg)
+    return out

@@ -1,0 +1,189 @@
+// FlashAttention-2 forward: out = softmax(scale Q K^T) V and lse = logsumexp per row.
+//
+// One CTA per (query block of BLOCK_M rows, batch x head), a 1-D grid (gridDim.y would cap
+// B x H at 65535). NUM_WARPS warps split the query rows: warp w owns MT = BLOCK_M / (16
+// NUM_WARPS) consecutive 16-row slabs and its rows' softmax state, so no shared-memory
+// reduction is ever needed (ALGORITHM.md, "work partitioning").
+//
+// Pipeline (one K and one V buffer, as FA2's sm80 kernel): while S = Q K[n]^T runs, V[n] is in
+// flight; while softmax and O += P V[n] run, K[n-1] is in flight. Key blocks go from the last
+// to the first, so the (few) blocks that need a mask (the causal diagonal, the ragged end of
+// the keys) come first and the rest of the loop is mask free.
+//
+// Defines (compile.py): FA2_BF16, HEAD_DIM, D_PAD (common.cuh), BLOCK_M, BLOCK_N, NUM_WARPS,
+// CAUSAL (bottom-right aligned: query i sees key j iff j <= i + Mkv - Mq).
+
+#include "common.cuh"
+
+#define NT (NUM_WARPS * 32)
+#define MT (BLOCK_M / (16 * NUM_WARPS))
+#define NT8 (BLOCK_N / 8)
+// Q's A fragments stay in registers for the whole key loop when they fit (32 registers per
+// thread: 16 rows x D=128 or 32 rows x D=64); otherwise they are re-read from smem per block.
+#define Q_IN_REGS (MT * D_PAD <= 128)
+
+static_assert(MT >= 1 && MT * 16 * NUM_WARPS == BLOCK_M, "BLOCK_M must be 16 x NUM_WARPS x (1 or 2)");
+static_assert(BLOCK_N % 16 == 0 && D_PAD % 16 == 0, "tiles are multiples of 16");
+
+extern "C" __global__ void __launch_bounds__(NT, 1) fa2_fwd(
+    const elem_t* __restrict__ q, const elem_t* __restrict__ k, const elem_t* __restrict__ v,
+    elem_t* __restrict__ o, float* __restrict__ lse,
+    i64 sqb, i64 sqh, i64 sqm, i64 skb, i64 skh, i64 skm, i64 svb, i64 svh, i64 svm,
+    i64 sob, i64 soh, i64 som,
+    int H, int group, int Mq, int Mkv, int num_m_blocks, float scale_log2) {
+    extern __shared__ __align__(128) unsigned char smem[];
+    const u32 sQ = smem_u32(smem);
+    const u32 sK = sQ + BLOCK_M * SROW * 2;
+    const u32 sV = sK + BLOCK_N * SROW * 2;
+
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int gr = lane >> 2, t = lane & 3;
+    // Consecutive CTAs share a head (its K and V stay in L2); causal takes the longest query
+    // blocks of each head first.
+    const int bh = blockIdx.x / num_m_blocks;
+    int mb = blockIdx.x % num_m_blocks;
+#if CAUSAL
+    mb = num_m_blocks - 1 - mb;
+#endif
+    const int b = bh / H, h = bh % H, hk = h / group;
+    const int m0 = mb * BLOCK_M;
+    const int off = Mkv - Mq;
+
+    const elem_t* qp = q + b * sqb + h * sqh + m0 * sqm;
+    const elem_t* kp = k + b * skb + hk * skh;
+    const elem_t* vp = v + b * svb + hk * svh;
+
+    int n_end = (Mkv + BLOCK_N - 1) / BLOCK_N;
+#if CAUSAL
+    {
+        const int last_key = m0 + BLOCK_M - 1 + off;  // largest key any row of the block sees
+        n_end = last_key < 0 ? 0 : min(n_end, last_key / BLOCK_N + 1);
+    }
+#endif
+
+    float acc[MT][D_PAD / 8][4];
+    zero(acc);
+    float row_max[MT][2], row_sum[MT][2];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int r = 0; r < 2; ++r) row_max[mt][r] = NEG_INF, row_sum[mt][r] = 0.f;
+
+    const int wrow = warp * MT * 16;  // first row of this warp in the block
+    if (n_end > 0) {
+        load_tile<BLOCK_M, NT>(sQ, qp, sqm, Mq - m0, tid);
+        load_tile<BLOCK_N, NT>(sK, kp + (i64)(n_end - 1) * BLOCK_N * skm, skm, Mkv - (n_end - 1) * BLOCK_N, tid);
+        cp_async_commit();
+    }
+#if Q_IN_REGS
+    u32 qf[MT][D_PAD / 16][4];
+    if (n_end > 0) {
+        cp_async_wait<0>();
+        __syncthreads();
+        load_a_frags<MT, D_PAD>(qf, sQ + wrow * SROW * 2, lane);
+    }
+#endif
+
+    for (int nb = n_end - 1; nb >= 0; --nb) {
+        const int n0 = nb * BLOCK_N;
+        cp_async_wait<0>();
+        __syncthreads();  // K[nb] landed; every warp is done with V[nb+1]
+        load_tile<BLOCK_N, NT>(sV, vp + (i64)n0 * svm, svm, Mkv - n0, tid);
+        cp_async_commit();
+
+        float s[MT][NT8][4];
+        zero(s);
+#if Q_IN_REGS
+        gemm_abt_ra<MT, NT8, D_PAD>(s, qf, sK, lane);
+#else
+        gemm_abt<MT, NT8, D_PAD>(s, sQ + wrow * SROW * 2, sK, lane);
+#endif
+
+        bool need_mask = n0 + BLOCK_N > Mkv;
+#if CAUSAL
+        need_mask = need_mask || n0 + BLOCK_N - 1 > m0 + off;
+#endif
+        if (need_mask) {
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+                for (int j = 0; j < NT8; ++j)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) {
+                        const int col = n0 + j * 8 + 2 * t + (e & 1);
+                        bool masked = col >= Mkv;
+#if CAUSAL
+                        const int row = m0 + wrow + mt * 16 + gr + (e >> 1) * 8;
+                        masked = masked || col > row + off;
+#endif
+                        if (masked) s[mt][j][e] = NEG_INF;
+                    }
+        }
+
+        cp_async_wait<0>();
+        __syncthreads();  // V[nb] landed; every warp is done with K[nb]
+        if (nb > 0) {
+            load_tile<BLOCK_N, NT>(sK, kp + (i64)(n0 - BLOCK_N) * skm, skm, Mkv - (n0 - BLOCK_N), tid);
+            cp_async_commit();
+        }
+
+        // Online softmax in base 2 with the scale folded in: p = 2^(s scale_log2 - m scale_log2).
+        // The accumulator is only rescaled by 2^(m_old - m_new), never divided inside the loop,
+        // and not at all when no row max of the warp moved (alpha == 1 everywhere: most key
+        // blocks once the first few have set the maxima).
+        float alpha[MT][2];
+        bool moved = false;
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+                float mx = row_max[mt][r];
+#pragma unroll
+                for (int j = 0; j < NT8; ++j) mx = fmaxf(mx, fmaxf(s[mt][j][2 * r], s[mt][j][2 * r + 1]));
+                mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
+                mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
+                // A row with no visible key yet keeps max -inf: subtract 0 so exp2 gives 0, not NaN.
+                const float base = mx == NEG_INF ? 0.f : mx * scale_log2;
+                alpha[mt][r] = ex2(row_max[mt][r] * scale_log2 - base);
+                moved = moved || mx != row_max[mt][r];
+                row_max[mt][r] = mx;
+                float sum = 0.f;
+#pragma unroll
+                for (int j = 0; j < NT8; ++j) {
+                    s[mt][j][2 * r] = ex2(fmaf(s[mt][j][2 * r], scale_log2, -base));
+                    s[mt][j][2 * r + 1] = ex2(fmaf(s[mt][j][2 * r + 1], scale_log2, -base));
+                    sum += s[mt][j][2 * r] + s[mt][j][2 * r + 1];
+                }
+                row_sum[mt][r] = row_sum[mt][r] * alpha[mt][r] + sum;  // this thread's part of the row
+            }
+        }
+        if (__any_sync(0xffffffff, moved)) {
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+                for (int j = 0; j < D_PAD / 8; ++j)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) acc[mt][j][e] *= alpha[mt][e >> 1];
+        }
+
+        gemm_sb<MT, NT8, D_PAD / 8>(acc, s, sV, lane);
+    }
+
+    // Epilogue: out = acc / l (0 for a row with no visible key), lse = m scale + ln l (-inf there).
+    float inv[MT][2];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            float l = row_sum[mt][r];
+            l += __shfl_xor_sync(0xffffffff, l, 1);
+            l += __shfl_xor_sync(0xffffffff, l, 2);
+            inv[mt][r] = l > 0.f ? 1.f / l : 0.f;
+            const int row = m0 + wrow + mt * 16 + gr + r * 8;
+            if (t == 0 && row < Mq)
+                lse[(i64)bh * Mq + row] = l > 0.f ? (row_max[mt][r] * scale_log2 + log2f(l)) * 0.6931471805599453f
+                                                  : NEG_INF;
+        }
+    }
+    store_rows<MT, D_PAD / 8>(o + b * sob + h * soh + m0 * som, som, wrow, Mq - m0, 0, acc, inv, lane);
+}

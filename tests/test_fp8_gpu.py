@@ -1,0 +1,96 @@
+"""FP8 forward on a real GPU (sm_89 / sm_90): the STYLE.md rule with the fp8 emulation, at odd
+lengths, causal, GQA, D 64/128/256, Mq != Mkv, NaN-poisoned outputs; pre-transposed V;
+fp8=True and Hadamard; the refusal of backward. Skipped without a GPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import Case, check_fp8, check_fp8_on_the_fly, make_fp8_inputs, make_inputs
+
+import fa2dispatch
+from fa2dispatch import dispatch
+
+pytestmark = pytest.mark.gpu
+FP8 = torch.float8_e4m3fn
+
+
+@pytest.fixture(autouse=True)
+def needs_fp8_gpu():
+    if torch.cuda.is_available() and torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("fp8 needs sm_89+")
+    dispatch.clear_memo()
+    yield
+    dispatch.clear_memo()
+
+
+CASES = [
+    Case(2, 4, 4, 1000, 1000, 128, FP8, causal=False),
+    Case(2, 4, 4, 1000, 1000, 128, FP8, causal=True),
+    Case(1, 8, 2, 777, 1025, 64, FP8, causal=True),  # GQA, Mq < Mkv
+    Case(1, 8, 1, 300, 97, 64, FP8, causal=True),  # MQA, Mq > Mkv: rows with no key
+    Case(2, 2, 2, 513, 513, 256, FP8, causal=True, layout="bhsd"),
+    Case(1, 4, 2, 257, 600, 256, FP8, causal=False),
+    Case(1, 2, 2, 130, 190, 40, FP8, causal=False),  # padded head dim: pointer path
+    Case(3, 6, 3, 4096, 4096, 128, FP8, causal=True),
+    Case(1, 4, 4, 129, 129, 128, FP8, causal=False, contiguous=False),  # strided: pointer path
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_fp8_forward_matches_the_rule(case, nan_poison):
+    q8, k8, v8, qd, kd, vd = make_fp8_inputs(case, device="cuda")
+    if not case.contiguous:  # every other byte of a wider last dim (uint8 ops: fp8 has few kernels)
+        def strided(t):
+            wide = torch.zeros((*t.shape[:-1], 2 * t.shape[-1]), dtype=torch.uint8, device=t.device)
+            wide[..., ::2] = t.view(torch.uint8)
+            return wide.view(FP8)[..., ::2]
+
+        q8, k8, v8 = (strided(t) for t in (q8, k8, v8))
+        assert q8.stride(-1) == 2
+    out, lse = fa2dispatch.attention(q8, k8, v8, q_descale=qd, k_descale=kd, v_descale=vd, causal=case.causal,
+                                     layout=case.layout, return_lse=True)
+    assert fa2dispatch.explain(q8, k8, v8, q_descale=qd, k_descale=kd, v_descale=vd, causal=case.causal,
+                               layout=case.layout).backend.name == "triton-fp8"
+    check_fp8(out, lse, q8, k8, v8, qd, kd, vd, causal=case.causal, layout=case.layout)
+
+
+@pytest.mark.parametrize("tma", [True, False], ids=["descriptors", "pointers"])
+def test_pretransposed_v_fp16_output_and_per_head_q_descale(tma, nan_poison):
+    from fa2dispatch.backends import BACKENDS
+    from fa2dispatch.backends.triton_fp8.launch import transpose_v
+
+    from fa2dispatch.fp8 import FP8Args
+    from fa2dispatch.problem import make_problem
+
+    case = Case(2, 8, 2, 1000, 1111, 128, FP8, causal=True)
+    q8, k8, v8, qd, kd, vd = make_fp8_inputs(case, device="cuda", q_per_head=True)
+    vt = transpose_v(v8, case.layout)
+    kw = {"q_descale": qd, "k_descale": kd, "v_descale": vd, "causal": True, "out_dtype": torch.float16}
+    out = fa2dispatch.attention(q8, k8, vt, v_layout="transposed", **kw)
+    check_fp8(out, None, q8, k8, v8, qd, kd, vd, causal=True, out_dtype=torch.float16)
+    assert torch.equal(out, fa2dispatch.attention(q8, k8, v8, **kw))
+    backend = BACKENDS["triton-fp8"]
+    problem = make_problem(q8, k8, vt, causal=True, out_dtype=torch.float16, v_layout="transposed")
+    from dataclasses import replace
+
+    config = replace(backend.default_config(problem, fa2dispatch.dispatch.decide(problem, "auto").device), tma=tma)
+    out2, _ = backend.forward(problem, q8, k8, vt, config, fp8_args=FP8Args(qd, kd, vd))
+    check_fp8(out2, None, q8, k8, v8, qd, kd, vd, causal=True, out_dtype=torch.float16)
+
+
+@pytest.mark.parametrize("use_hadamard", [False, True], ids=["plain", "hadamard"])
+def test_fp8_true_and_hadamard(use_hadamard):
+    case = Case(2, 8, 4, 1024, 1024, 128, torch.bfloat16, causal=True)
+    q, k, v, _ = make_inputs(case, device="cuda", requires_grad=False)
+    out = fa2dispatch.attention(q, k, v, causal=True, fp8=True, hadamard=use_hadamard)
+    assert out.dtype == torch.bfloat16
+    check_fp8_on_the_fly(out, q, k, v, causal=True, use_hadamard=use_hadamard)
+
+
+def test_backward_through_fp8_is_refused():
+    q, k, v = (torch.randn(1, 128, 4, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    with pytest.raises(ValueError, match="fp8 attention is forward-only"):
+        fa2dispatch.attention(q, k, v, fp8=True)
+    with torch.no_grad():
+        assert fa2dispatch.attention(q, k, v, fp8=True).shape == q.shape

@@ -203,7 +203,8 @@ def _decide(problem: AttentionProblem, choice: str, device: DeviceInfo) -> Decis
         reasons = _reasons(chosen, problem, device)
         if reasons:
             raise ValueError(f"backend={choice!r} cannot run this call ({problem.describe()}): " + "; ".join(reasons))
-        return Decision(chosen, chosen.default_config(problem, device), "forced", device, problem)
+        config, where = _tuned_config_of(chosen, problem, device)
+        return Decision(chosen, config, "forced", device, problem, tuned_from=where)
     capable, rejected = capable_backends(problem, device)
     if not capable:
         raise NoBackendError(f"{problem.describe()} on {device.name} [{device.arch}]", rejected)
@@ -259,6 +260,31 @@ def _tuned(problem: AttentionProblem, device: DeviceInfo, capable: list[str],
     where = entry.source + ("" if exact else " (nearest tuned bucket)") + note
     return Decision(backend, config, "tuned", device, problem, rejected,
                     tuple(n for n in capable if n != backend.name), tuned_from=where)
+
+
+def _tuned_config_of(backend: Backend, problem: AttentionProblem, device: DeviceInfo) -> tuple[Config | None, str | None]:
+    """A forced backend's config: its tuned one from the problem's bucket (the winner's or its
+    runner-up entry there) when the cache has one that fits this call, else its default. The
+    user chose the kernel; the tuner still chose its tiles."""
+    from fa2dispatch.autotune import cache
+
+    default = backend.default_config(problem, device)
+    if backend.config_type is None:
+        return default, None
+    try:
+        entry, exact = cache.lookup(device, problem)
+        if entry is None:
+            return default, None
+        options = [(entry.backend, entry.config)] + [(n, c) for n, c, _ in entry.alternatives]
+        for name, config_dict in options:
+            if name == backend.name:
+                config = backend.config_from_dict(config_dict)
+                if backend.config_reasons(problem, device, config):
+                    return default, None
+                return config, entry.source + ("" if exact else " (nearest tuned bucket)") + f" ({name}'s tuned config)"
+    except Exception as exc:  # the cache never breaks a call
+        cache.warn_once(f"autotune cache lookup failed ({error_text(exc)}); using the default config")
+    return default, None
 
 
 def _may_tune_now(device: DeviceInfo) -> bool:

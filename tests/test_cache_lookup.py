@@ -13,6 +13,7 @@ import torch
 from fa2dispatch import dispatch
 from fa2dispatch.autotune import cache
 from fa2dispatch.autotune.buckets import Bucket, bucket_of, pow2_ceil
+from fa2dispatch.backends import BACKENDS
 from fa2dispatch.backends.triton_fa2.config import TritonConfig
 from fa2dispatch.hardware import simulated_device
 from fa2dispatch.problem import AttentionProblem
@@ -258,3 +259,24 @@ def test_a_runner_up_serves_calls_the_winner_cannot_run(dirs):
     unequal = select(causal=True, Mq=3000, Mkv=4000)  # cuDNN and flash refuse it; triton was tuned here too
     assert (unequal.backend.name, unequal.source, unequal.config) == ("triton", "tuned", TritonConfig(**runner_up))
     assert unequal.tuned_from.endswith("(runner-up: torch-sdpa-cudnn cannot run this call)")
+
+
+def test_a_forced_backend_takes_its_tuned_config(dirs):
+    """backend="triton" with a tuned Triton config in the bucket (as winner or runner-up) runs
+    that config, says where it came from, and stays "forced"; without one, the default."""
+    user, _ = dirs
+    runner_up = {**TUNED, "block_n": 128}
+    write(user, {
+        "fwd/float16/d128/causal/g1/q4096/k4096": {
+            **entry("torch-sdpa-cudnn", None, ms=1.0),
+            "per_backend": {"triton": {"config": runner_up, "ms": 1.2, "kernel_hash": cache.kernel_hash("triton")}}},
+        bucket_of(problem()).key: entry(config=TUNED)})
+    device = simulated_device(H100)
+    forced = dispatch.select(problem(causal=True, Mq=4096, Mkv=4096), "triton", device=device)
+    assert (forced.source, forced.config) == ("forced", TritonConfig(**runner_up))
+    assert forced.tuned_from == "fwd/float16/d128/causal/g1/q4096/k4096 in " \
+        f"{user / cache.file_name(device)} (triton's tuned config)"
+    assert dispatch.select(problem(), "triton", device=device).config == TritonConfig(**TUNED)
+    untuned = dispatch.select(problem(D=64), "triton", device=device)
+    assert untuned.config == BACKENDS["triton"].default_config(problem(D=64), device) and untuned.tuned_from is None
+    assert "tuned   fwd/float16/d128/causal" in str(forced)

@@ -38,7 +38,7 @@ def test_the_shipped_file_matches_the_kernel_sources_and_is_complete():
             assert result["kernel_hash"] == cache.kernel_hash(name), f"{key}: {name} tuned on other sources"
     assert (data["device_key"]["name"], data["device_key"]["arch"]) == (H100.name, H100.arch)
     keys = {Bucket.from_key(k) for k in data["entries"]}
-    assert keys == {bucket_of(p) for p in tuner.Grid().problems(torch.device("cpu"))}  # the whole default grid
+    assert keys >= {bucket_of(p) for p in tuner.Grid().problems(torch.device("cpu"))}  # the whole default grid
     for key, entry in data["entries"].items():
         assert entry["backend"] in BACKENDS and entry["verified"] is True, key
         assert entry["ms"] <= entry["default"]["ms"] + entry["spread"], key  # never slower than the default

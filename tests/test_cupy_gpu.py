@@ -81,6 +81,26 @@ def test_every_tuner_candidate_matches_reference(D, nan_poison):
                     check_close(f"{name} [{cfg.short()}]", ours, t, lp, magnitude)
 
 
+@pytest.mark.parametrize("D", [8, 64, 72, 128, 200])
+def test_forward_epilogue_through_smem_equals_fragment_stores(D):
+    """The forward's O stored through shared memory in 16-byte chunks (o_smem) is bit for bit the
+    fragment-store epilogue: ragged row blocks, rows with no visible key (causal, Mq > Mkv),
+    head dims that are not a multiple of 16, GQA, both layouts (row strides D and H x D)."""
+    from dataclasses import replace
+
+    from fa2dispatch.backends.cupy_cuda.config import default_config
+
+    backend, device = BACKENDS["cupy"], device_info(torch.device("cuda"))
+    base = default_config(D, device)
+    for causal, mq, mkv, layout in ((True, 700, 300, "bhsd"), (False, 333, 517, "bshd"), (True, 1000, 1000, "bshd")):
+        case = Case(2, 6, 2, mq, mkv, D, torch.float16, causal, layout)
+        q, k, v, _ = make_inputs(case, device="cuda", seed=11, requires_grad=False)
+        problem = AttentionProblem(case.B, case.H, case.Hkv, mq, mkv, D, case.dtype, q.device, layout, causal, D**-0.5)
+        outs = [backend.forward(problem, q, k, v, replace(base, o_smem=flag)) for flag in (False, True)]
+        assert torch.equal(outs[0][0], outs[1][0]), f"out differs: {case}"
+        assert torch.equal(outs[0][1], outs[1][1]), f"lse differs: {case}"
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
 def test_backward_is_bitwise_repeatable(dtype):
     case = Case(2, 16, 4, 1024, 1024, 128, dtype, causal=True)

@@ -3,7 +3,11 @@ the worst element's position, to debug fragment layouts) and forward/backward ti
 chosen configs against PyTorch SDPA's flash backend (BENCH_PROTOCOL.md shapes: 16k tokens,
 hidden 2048, (B, H, S, D) contiguous).
 
-    python tools/cupy_smoke.py [--check] [--bench] [--configs "128,64,8;128,32,4"] [--seqlens 2048,8192]
+    python tools/cupy_smoke.py [--check] [--bench] [--configs "128,64,8;128,64,4,0"] [--seqlens 2048,8192]
+
+--configs: block_m,block_n,num_warps[,o_smem (0/1; omitted: the default's, causal only)].
+Timings: triton.testing.do_bench (as tools/bench.py: L2 cleared before each call, median)
+where triton imports, else back-to-back launches between two events.
 """
 # ruff: noqa: B023  (timed lambdas run inside the iteration that defines them)
 
@@ -80,17 +84,27 @@ def check(cases):
             _worst(name, a, b)
 
 
-def _time(fn, reps=20):
+def _time(fn, reps=15, inner=10):
+    """ms per call: triton's do_bench as tools/bench.py runs it (warmup 25 ms, rep 200 ms, L2
+    cleared before each call, median) where triton imports; else the median over ``reps`` of
+    ``inner`` back-to-back calls between two events."""
+    try:
+        from triton.testing import do_bench
+    except ImportError:
+        do_bench = None
+    if do_bench is not None:
+        return do_bench(fn, warmup=25, rep=200, return_mode="median")
     fn()
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     times = []
     for _ in range(reps):
         start.record()
-        fn()
+        for _ in range(inner):
+            fn()
         end.record()
         torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
+        times.append(start.elapsed_time(end) / inner)
     times.sort()
     return times[len(times) // 2]
 
@@ -122,13 +136,20 @@ def bench(configs, seqlens, D=128, dtype=torch.float16, modes=("fwd",)):
                 torch.cuda.synchronize()
                 first = time.time() - t0
                 ms = _time(lambda: backend.forward(prob, q, k, v, cfg))
-                label = (f"{cfg.block_m}x{cfg.block_n}x{cfg.num_warps} dkdv {cfg.dkdv_block_m}x{cfg.dkdv_block_n} "
+                label = (f"{cfg.block_m}x{cfg.block_n}x{cfg.num_warps}{'' if cfg.o_smem is None else ' o_smem=' + str(int(cfg.o_smem))} "
+                         f"dkdv {cfg.dkdv_block_m}x{cfg.dkdv_block_n} "
                          f"dq {cfg.dq_block_m}x{cfg.dq_block_n} s{cfg.bwd_stages}")
                 line = f"   cupy {label:40} fwd {flops / ms / 1e9:6.1f}"
                 if "bwd" in modes:
                     ms = _time(lambda: backend.backward(prob, do, q, k, v, out, lse, cfg))
                     line += f" bwd {2.5 * flops / ms / 1e9:6.1f}"
                 print(line, f"TFLOP/s (first call {first:.1f}s)")
+    from fa2dispatch.backends.cupy_cuda import compile as cc
+
+    for (spec, _), fn in cc._functions.items():
+        if spec.kernel == "fa2_fwd":
+            print(f"   {dict(spec.defines)}: regs {getattr(fn, 'num_regs', '?')} "
+                  f"local {getattr(fn, 'local_size_bytes', '?')} B smem {spec.smem}")
 
 
 def main():
@@ -141,6 +162,7 @@ def main():
     ap.add_argument("--seqlens", default="2048,8192")
     ap.add_argument("--modes", default="fwd")
     ap.add_argument("--head-dim", type=int, default=128)
+    ap.add_argument("--dtypes", default="fp16", help="fp16,bf16 (--bench)")
     args = ap.parse_args()
     if args.check:
         f16, b16 = torch.float16, torch.bfloat16
@@ -159,13 +181,18 @@ def main():
         dev = device_info(torch.device("cuda"))
         configs = [default_config(args.head_dim, dev)]
         for text in filter(None, args.configs.split(";")):
-            m, n, w = (int(x) for x in text.split(","))
-            configs.append(CupyConfig(**{**configs[0].as_dict(), "block_m": m, "block_n": n, "num_warps": w}))
+            m, n, w, *p = (int(x) for x in text.split(","))
+            configs.append(CupyConfig(**{**configs[0].as_dict(), "block_m": m, "block_n": n, "num_warps": w,
+                                         "o_smem": bool(p[0]) if p else configs[0].o_smem}))  # default: None
         for text in filter(None, args.bwd_configs.split(";")):
             m, n, st = (int(x) for x in text.split(","))
             configs.append(CupyConfig(**{**configs[0].as_dict(), "dkdv_block_m": m, "dkdv_block_n": n,
                                          "dq_block_m": n, "dq_block_n": m, "bwd_stages": st}))
-        bench(configs, [int(s) for s in args.seqlens.split(",")], D=args.head_dim, modes=args.modes.split(","))
+        for name in args.dtypes.split(","):
+            dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[name]
+            print(f"# {name}")
+            bench(configs, [int(s) for s in args.seqlens.split(",")], D=args.head_dim, dtype=dtype,
+                  modes=args.modes.split(","))
 
 
 if __name__ == "__main__":

@@ -263,3 +263,40 @@ __device__ __forceinline__ void store_rows(elem_t* __restrict__ g, i64 row_strid
         }
     }
 }
+
+// store_rows through shared memory: the warp writes its MT x 16 rows (times `mul`, rounded to
+// 16 bits) to its own rows of a [row][SROW] smem tile at s_rows (conflict free: SROW is an odd
+// number of 16-byte chunks), then copies them out in 16-byte chunks (lanes walk a row's chunks
+// first, so 8 lanes write 128 contiguous bytes). Rows >= valid_rows and columns >= HEAD_DIM are
+// not stored. Only this warp touches those smem rows: __syncwarp orders the two halves.
+template <int MT, int N8>
+__device__ __forceinline__ void store_rows_via_smem(elem_t* __restrict__ g, i64 row_stride, int row0, int valid_rows,
+                                                    const float (&acc)[MT][N8][4], const float (&mul)[MT][2],
+                                                    u32 s_rows, int lane) {
+    const int gr = lane >> 2, t = lane & 3;
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int half = 0; half < 2; ++half)
+#pragma unroll
+            for (int j = 0; j < N8; ++j) {
+                const u32 addr = s_rows + (u32)((mt * 16 + gr + half * 8) * SROW + j * 8 + 2 * t) * 2u;
+                const u32 val = pack2(acc[mt][j][2 * half] * mul[mt][half], acc[mt][j][2 * half + 1] * mul[mt][half]);
+                asm volatile("st.shared.b32 [%0], %1;" ::"r"(addr), "r"(val) : "memory");
+            }
+    __syncwarp();
+    constexpr int CH = N8;  // 16-byte chunks per row (8 elements each)
+#pragma unroll
+    for (int i = lane; i < MT * 16 * CH; i += 32) {
+        const int r = i / CH, c = i % CH;
+        if (c * 8 < HEAD_DIM && row0 + r < valid_rows) {
+            u32 x0, x1, x2, x3;
+            asm volatile("ld.shared.v4.b32 {%0,%1,%2,%3}, [%4];"
+                         : "=r"(x0), "=r"(x1), "=r"(x2), "=r"(x3)
+                         : "r"(s_rows + (u32)(r * SROW + c * 8) * 2u));
+            elem_t* dst = g + (row0 + r) * row_stride + c * 8;
+            asm volatile("st.global.v4.b32 [%0], {%1,%2,%3,%4};" ::"l"(dst), "r"(x0), "r"(x1), "r"(x2), "r"(x3)
+                         : "memory");
+        }
+    }
+}

@@ -60,11 +60,11 @@ class KernelSpec:
 
 
 def forward_spec(dtype: torch.dtype, head_dim: int, causal: bool, cfg: CupyConfig) -> KernelSpec:
-    from .config import smem_forward
+    from .config import default_o_smem, smem_forward
 
     defines = (("FA2_BF16", int(dtype == torch.bfloat16)), ("HEAD_DIM", head_dim), ("D_PAD", d_pad(head_dim)),
                ("CAUSAL", int(causal)), ("BLOCK_M", cfg.block_m), ("BLOCK_N", cfg.block_n),
-               ("NUM_WARPS", cfg.num_warps))
+               ("NUM_WARPS", cfg.num_warps), ("O_SMEM", int(default_o_smem(cfg, causal))))
     return KernelSpec("fa2_fwd.cu", "fa2_fwd", defines, 32 * cfg.num_warps, smem_forward(head_dim, cfg))
 
 

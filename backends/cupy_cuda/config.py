@@ -24,6 +24,10 @@ class CupyConfig(Config):
     block_m: int = 128
     block_n: int = 64
     num_warps: int = 4
+    # forward epilogue: O through shared memory and 16-byte stores (fa2_fwd.cu, O_SMEM) instead
+    # of 4-byte stores from the accumulator fragments; None: for causal problems only (measured
+    # on the H100: +1-3% causal at 2k-4k, -1-3% non-causal; docs/CUPY_BACKEND.md)
+    o_smem: bool | None = None
     # backward dK/dV kernel: dkdv_block_n keys per CTA (16 per warp), dkdv_block_m queries per step
     dkdv_block_m: int = 64
     dkdv_block_n: int = 64
@@ -79,6 +83,11 @@ def forward_acc_regs(head_dim: int, cfg: CupyConfig) -> int:
     dp, mt = d_pad(head_dim), cfg.block_m // (16 * cfg.num_warps)
     q_regs = mt * dp // 4 if mt * dp <= 128 else 0
     return mt * (dp + cfg.block_n) // 2 + q_regs
+
+
+def default_o_smem(cfg: CupyConfig, causal: bool) -> bool:
+    """Whether the forward stores O through shared memory (``o_smem``; None: when causal)."""
+    return causal if cfg.o_smem is None else cfg.o_smem
 
 
 def config_reasons(head_dim: int, cfg: CupyConfig, smem_limit: int | None, backward: bool) -> list[str]:
@@ -156,9 +165,10 @@ def config_space(problem: AttentionProblem, device: DeviceInfo) -> list[CupyConf
         points = [{"dkdv_block_m": m, "dkdv_block_n": n, "dq_block_m": n, "dq_block_n": m, "bwd_stages": s}
                   for m, n, s in ((64, 64, 2), (32, 64, 2), (64, 128, 2), (32, 128, 2), (64, 64, 1), (16, 64, 2))]
     else:
-        points = [{"block_m": m, "block_n": n, "num_warps": w}
-                  for m, n, w in ((128, 64, 4), (128, 128, 4), (128, 32, 4), (64, 64, 4), (64, 128, 4),
-                                  (128, 64, 8), (256, 64, 8))]
+        points = [{"o_smem": not problem.causal}]  # the other epilogue (default_o_smem)
+        points += [{"block_m": m, "block_n": n, "num_warps": w}
+                   for m, n, w in ((128, 64, 4), (128, 128, 4), (128, 32, 4), (64, 64, 4), (64, 128, 4),
+                                   (128, 64, 8), (256, 64, 8))]
     out = [base]
     limit = device.smem_per_block or None
     for point in points:

@@ -10,10 +10,19 @@
 // to the first, so the (few) blocks that need a mask (the causal diagonal, the ragged end of
 // the keys) come first and the rest of the loop is mask free.
 //
+// Epilogue (O_SMEM 1): each warp rounds its rows of O into its own rows of sQ (free once the
+// key loop is done: Q is in registers or was last read before the last block's second barrier)
+// and stores them from there in 16-byte chunks, a warp instruction writing whole 128-byte
+// lines, instead of 4-byte stores from the accumulator fragments (8 rows x 16 bytes each).
+//
 // Defines (compile.py): FA2_BF16, HEAD_DIM, D_PAD (common.cuh), BLOCK_M, BLOCK_N, NUM_WARPS,
-// CAUSAL (bottom-right aligned: query i sees key j iff j <= i + Mkv - Mq).
+// CAUSAL (bottom-right aligned: query i sees key j iff j <= i + Mkv - Mq), O_SMEM.
 
 #include "common.cuh"
+
+#ifndef O_SMEM
+#define O_SMEM 0
+#endif
 
 #define NT (NUM_WARPS * 32)
 #define MT (BLOCK_M / (16 * NUM_WARPS))
@@ -185,5 +194,10 @@ extern "C" __global__ void __launch_bounds__(NT, 1) fa2_fwd(
                                                   : NEG_INF;
         }
     }
+#if O_SMEM
+    store_rows_via_smem<MT, D_PAD / 8>(o + b * sob + h * soh + m0 * som, som, wrow, Mq - m0, acc, inv,
+                                       sQ + wrow * SROW * 2, lane);
+#else
     store_rows<MT, D_PAD / 8>(o + b * sob + h * soh + m0 * som, som, wrow, Mq - m0, 0, acc, inv, lane);
+#endif
 }

@@ -400,6 +400,17 @@ def test_each_other_backends_fastest_verified_config_is_kept():
     assert entry["per_backend"]["triton"]["config"]["block_m"] == 32 and entry["per_backend"]["triton"]["ms"] == 2.0
 
 
+def test_a_runner_up_config_ahead_only_by_noise_does_not_replace_that_backends_default():
+    """Per backend the winner's rule: its default config (block_m=32 on CPU) stays unless
+    another beats it by more than the spread; runner-ups are listed fastest first."""
+    noise = _tune(ScriptedTimer({"reference": 0.5, "triton block_m=16": 1.95, "triton block_m=32": 2.0},
+                                spread=0.1)).entry
+    assert noise["per_backend"]["triton"]["config"]["block_m"] == 32
+    clear = _tune(ScriptedTimer({"reference": 0.5, "triton block_m=16": 1.5, "triton block_m=32": 2.0},
+                                spread=0.1)).entry
+    assert clear["per_backend"]["triton"]["config"]["block_m"] == 16
+
+
 def test_backward_buckets_take_tritons_tuned_forward_fields():
     forward = tuner.tuning_problem(torch.float16, 64, False, 1024, 1024, False, torch.device("cpu"))
     backward = replace(forward, requires_grad=True)

@@ -36,6 +36,23 @@ def _interpreting() -> bool:
 MIN_TRITON = Version("3.2")
 
 
+def triton_version(device: DeviceInfo) -> str:
+    """The report's version text of a Triton backend."""
+    return f"triton {device.versions.triton}" if device.versions and device.versions.triton else "-"
+
+
+def triton_reasons(device: DeviceInfo) -> list[str]:
+    """What every Triton backend needs beyond the base checks: Triton >= MIN_TRITON, and on CPU
+    tensors the interpreter."""
+    reasons = []
+    found = device.versions.parsed("triton") if device.versions is not None else None
+    if found is not None and found < MIN_TRITON:
+        reasons.append(f"triton {found} is older than {MIN_TRITON} (supported: >= {MIN_TRITON})")
+    if device.vendor == "cpu" and not device.simulated and not _interpreting():
+        reasons.append("CPU tensors run Triton only under the interpreter: set TRITON_INTERPRET=1")
+    return reasons
+
+
 class TritonBackend(Backend):
     name = "triton"
     description = "FlashAttention-2 forward + deterministic backward in Triton (NVIDIA, AMD, CPU interpreter)"
@@ -48,18 +65,10 @@ class TritonBackend(Backend):
     config_type = TritonConfig
 
     def version(self, device: DeviceInfo) -> str:
-        return f"triton {device.versions.triton}" if device.versions and device.versions.triton else "-"
+        return triton_version(device)
 
     def available(self, device: DeviceInfo) -> list[str]:
-        reasons = super().available(device)
-        if reasons:
-            return reasons
-        found = device.versions.parsed("triton") if device.versions is not None else None
-        if found is not None and found < MIN_TRITON:
-            reasons.append(f"triton {found} is older than {MIN_TRITON} (supported: >= {MIN_TRITON})")
-        if device.vendor == "cpu" and not device.simulated and not _interpreting():
-            reasons.append("CPU tensors run Triton only under the interpreter: set TRITON_INTERPRET=1")
-        return reasons
+        return super().available(device) or triton_reasons(device)
 
     def not_supported_reasons(self, problem: AttentionProblem, device: DeviceInfo) -> list[str]:
         from .launch import grid_reasons

@@ -15,14 +15,8 @@ from fa2dispatch.hardware import DeviceInfo, device_info
 from fa2dispatch.problem import AttentionProblem
 
 from ..base import Backend
-from ..triton_fa2 import MIN_TRITON
+from ..triton_fa2 import triton_reasons, triton_version
 from .config import FP8Config, config_space, default_config
-
-
-def _interpreting() -> bool:
-    from .. import triton_fa2
-
-    return triton_fa2._interpreting()
 
 
 class TritonFP8Backend(Backend):
@@ -37,25 +31,17 @@ class TritonFP8Backend(Backend):
     config_type = FP8Config
 
     def version(self, device: DeviceInfo) -> str:
-        return f"triton {device.versions.triton}" if device.versions and device.versions.triton else "-"
+        return triton_version(device)
 
     def available(self, device: DeviceInfo) -> list[str]:
         if device.vendor == "amd":
             # gfx942's fp8 is e4m3fnuz (other bias, no -0), gfx90a has none: name the arch
             return [f"fp8 e4m3fn on AMD {device.arch} is not supported (supported: nvidia sm_89+)"]
-        reasons = super().available(device)
-        if reasons:
-            return reasons
-        found = device.versions.parsed("triton") if device.versions is not None else None
-        if found is not None and found < MIN_TRITON:
-            reasons.append(f"triton {found} is older than {MIN_TRITON} (supported: >= {MIN_TRITON})")
-        if device.vendor == "cpu" and not device.simulated:
-            if not _interpreting():
-                reasons.append("CPU tensors run Triton only under the interpreter: set TRITON_INTERPRET=1")
-            else:
-                from .interpreter import fp8_defects
+        reasons = super().available(device) or triton_reasons(device)
+        if not reasons and device.vendor == "cpu" and not device.simulated:
+            from .interpreter import fp8_defects  # under the interpreter: its fp8 casts must round right
 
-                reasons.extend(fp8_defects())
+            reasons.extend(fp8_defects())
         return reasons
 
     def not_supported_reasons(self, problem: AttentionProblem, device: DeviceInfo) -> list[str]:

@@ -235,7 +235,8 @@ def explain(
         if hadamard:
             _fp8.hadamard_rotation(q.shape[-1])
         out_dtype = q.dtype
-        q, k, v = (torch.empty(t.shape, dtype=torch.float8_e4m3fn, device=t.device) for t in (q, k, v))
+        # shape-only stand-ins: one byte each, expanded (explain must not allocate a copy of q, k, v)
+        q, k, v = (torch.empty((), dtype=torch.float8_e4m3fn, device=t.device).expand(t.shape) for t in (q, k, v))
     fp8_extra = (q_descale, k_descale, v_descale, out_dtype, v_layout)
     if all(x is None for x in fp8_extra[:4]) and v_layout == "natural" and getattr(q, "dtype", None) != \
             torch.float8_e4m3fn:

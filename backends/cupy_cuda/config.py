@@ -140,7 +140,14 @@ def default_config(head_dim: int, device: DeviceInfo) -> CupyConfig:
     elif dp <= 128:
         # FA2's own sm80 tiles at D=128 (32 rows per warp, 64-key blocks).
         fwd = {"block_m": 128, "block_n": 64, "num_warps": 4}
-        if small:
+        if dp == 112:
+            # Head dims 97..112: NVRTC 13.5's ptxas spills at 255 registers with 64-query dK/dV
+            # steps (24-32 bytes, sm_80 and sm_90) and in the causal forward with O through shared
+            # memory (8 bytes, sm_90), though not at D_PAD 96 or 128; 32-query steps and the
+            # register epilogue compile clean (tests/test_cupy_compile.py covers every head dim).
+            fwd["o_smem"] = False
+            bwd = {"dkdv_block_m": 32, "dkdv_block_n": 64, "dq_block_m": 64, "dq_block_n": 32, "bwd_stages": 2}
+        elif small:
             bwd = {"dkdv_block_m": 32, "dkdv_block_n": 64, "dq_block_m": 64, "dq_block_n": 32, "bwd_stages": 2}
         else:
             # 64 x 64 in both kernels: 201/178/207/205 TFLOP/s (S 4k/4k causal/16k/16k causal, H100,

@@ -39,8 +39,10 @@ def fresh_memo():
     dispatch.clear_memo()
 
 
-def _run(case: Case, config: FP8Config | None = None, q_per_head=False, v_transposed=False,
-         out_dtype=torch.bfloat16, seed=0):
+def check_fp8_case(case: Case, config: FP8Config | None = None, q_per_head=False, v_transposed=False,
+                   out_dtype=torch.bfloat16, seed=0):
+    """Run the fp8 kernel on one case and assert STYLE.md's rule against the fp8 emulation
+    (helpers.check_fp8: output and lse, NaN-poisoned outputs included)."""
     q8, k8, v8, qd, kd, vd = make_fp8_inputs(case, seed=seed, q_per_head=q_per_head)
     v_in = v8
     if v_transposed:
@@ -68,12 +70,12 @@ CASES = [
 @pytest.mark.parametrize("tma", [False, True], ids=["pointers", "descriptors"])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_kernel_matches_the_fp8_rule(case, tma, nan_poison):
-    _run(case, FP8Config(block_m=16, block_n=32, num_warps=4, num_stages=1, tma=tma))
+    check_fp8_case(case, FP8Config(block_m=16, block_n=32, num_warps=4, num_stages=1, tma=tma))
 
 
 @pytest.mark.interpreter
 def test_head_dim_256_and_large_blocks():
-    _run(Case(1, 1, 1, 40, 70, 256, FP8, causal=True), FP8Config(block_m=32, block_n=64, num_warps=4,
+    check_fp8_case(Case(1, 1, 1, 40, 70, 256, FP8, causal=True), FP8Config(block_m=32, block_n=64, num_warps=4,
                                                                   num_stages=1, tma=True))
 
 
@@ -83,8 +85,8 @@ def test_head_dim_256_and_large_blocks():
 def test_pretransposed_v_per_query_head_descale_and_fp16_output(tma, layout, nan_poison):
     case = Case(2, 4, 2, 29, 53, 64, FP8, causal=True, layout=layout)
     config = FP8Config(block_m=16, block_n=32, num_warps=4, num_stages=1, tma=tma)
-    a, lse_a = _run(case, config, v_transposed=True, q_per_head=True, out_dtype=torch.float16)
-    b, lse_b = _run(case, config, v_transposed=False, q_per_head=True, out_dtype=torch.float16)
+    a, lse_a = check_fp8_case(case, config, v_transposed=True, q_per_head=True, out_dtype=torch.float16)
+    b, lse_b = check_fp8_case(case, config, v_transposed=False, q_per_head=True, out_dtype=torch.float16)
     assert torch.equal(a, b) and torch.equal(lse_a, lse_b)  # the same kernel on the same V^T
 
 

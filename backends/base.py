@@ -23,7 +23,7 @@ class Config:
         return asdict(self)
 
     def short(self) -> str:
-        return " ".join(f"{k}={v}" for k, v in self.as_dict().items() if v not in (None, 0))
+        return " ".join(f"{k}={v}" for k, v in self.as_dict().items() if v not in (None, 0, ""))
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -56,6 +56,16 @@ class Backend:
     # backward works only after this backend's own forward (its residuals), so it cannot take
     # over a backward whose forward ran elsewhere
     backward_needs_own_forward: ClassVar[bool] = False
+    # FlashAttention-2's features (fa2dispatch.features); a backend that lacks one refuses the call
+    supports_window: ClassVar[bool] = False  # window_size=(left, right)
+    supports_softcap: ClassVar[bool] = False  # softcap > 0
+    supports_alibi: ClassVar[bool] = False  # alibi_slopes
+    supports_dropout: ClassVar[bool] = False  # dropout_p > 0 with fa2dispatch's reproducible RNG
+    supports_top_left: ClassVar[bool] = False  # causal_alignment="top_left" with Mq != Mkv
+    supports_varlen: ClassVar[bool] = False  # attention_varlen (packed sequences, cu_seqlens)
+    supports_kvcache: ClassVar[bool] = False  # attention_with_kvcache, contiguous cache
+    supports_paged_kv: ClassVar[bool] = False  # attention_with_kvcache with block_table
+    supports_attn_mask: ClassVar[bool] = False  # an arbitrary SDPA-style attn_mask (fa2dispatch.compat)
 
     # -- availability and support: lists of reasons, empty means yes -----------------------
     def version(self, device: DeviceInfo) -> str:
@@ -94,12 +104,39 @@ class Backend:
             reasons.append("backward (gradients requested) is not implemented")
         if problem.H != problem.Hkv and not self.supports_gqa:
             reasons.append(f"GQA/MQA H={problem.H} Hkv={problem.Hkv} (supported: H == Hkv)")
-        if problem.causal and problem.Mq != problem.Mkv and problem.Mq != 1 and not self.supports_causal_unequal:
+        if (problem.causal and problem.Mq != problem.Mkv and problem.Mq != 1
+                and problem.causal_alignment == "bottom_right" and not self.supports_causal_unequal):
             reasons.append(f"bottom-right causal with Mq={problem.Mq} != Mkv={problem.Mkv} "
                            "(supported: causal when Mq == Mkv or Mq == 1)")
+        reasons.extend(self.feature_reasons(problem))
+        if problem.deterministic and problem.requires_grad and not self.deterministic:
+            reasons.append("deterministic=True: its backward is not bit-for-bit repeatable")
         if problem.requires_grad and problem.return_lse and not self.supports_lse_grad:
             reasons.append("gradient through the returned lse (return_lse=True with requires_grad) "
                            "is not supported")
+        return reasons
+
+    def feature_reasons(self, problem: AttentionProblem) -> list[str]:
+        """The FlashAttention-2 features this call uses that this backend lacks."""
+        reasons = []
+        if problem.has_window and not self.supports_window:
+            reasons.append(f"sliding window window_size={problem.window} is not supported")
+        if problem.softcap and not self.supports_softcap:
+            reasons.append(f"softcap={problem.softcap:g} is not supported")
+        if problem.alibi and not self.supports_alibi:
+            reasons.append("alibi_slopes are not supported")
+        if problem.dropout_p and not self.supports_dropout:
+            reasons.append(f"dropout_p={problem.dropout_p:g} with fa2dispatch's reproducible RNG is not supported")
+        if problem.causal_alignment == "top_left" and not self.supports_top_left:
+            reasons.append(f"causal_alignment='top_left' with Mq={problem.Mq} != Mkv={problem.Mkv} is not supported")
+        if problem.varlen and not self.supports_varlen:
+            reasons.append("varlen (packed sequences with cu_seqlens) is not supported")
+        if problem.kvcache and not self.supports_kvcache:
+            reasons.append("KV-cache decode (attention_with_kvcache) is not supported")
+        if problem.kvcache and problem.paged_block and not self.supports_paged_kv:
+            reasons.append("paged KV cache (block_table) is not supported")
+        if problem.attn_mask and not self.supports_attn_mask:
+            reasons.append(f"an arbitrary attn_mask ({problem.attn_mask}) is not supported")
         return reasons
 
     def capabilities(self) -> dict:
@@ -115,6 +152,12 @@ class Backend:
             "gqa": self.supports_gqa,
             "lse_grad": self.supports_lse_grad,
             "causal_unequal_lengths": self.supports_causal_unequal,
+            "features": [name for name, flag in (
+                ("window", self.supports_window), ("softcap", self.supports_softcap),
+                ("alibi", self.supports_alibi), ("dropout", self.supports_dropout),
+                ("top_left", self.supports_top_left), ("varlen", self.supports_varlen),
+                ("kvcache", self.supports_kvcache), ("paged_kv", self.supports_paged_kv),
+                ("attn_mask", self.supports_attn_mask)) if flag],
         }
 
     # -- configs ---------------------------------------------------------------------------
@@ -166,3 +209,12 @@ class Backend:
         """Return (dq, dk, dv), each in its input's layout and dtype. ``dlse`` is the
         gradient reaching the returned lse (None when lse was not used)."""
         raise NotImplementedError(f"backend {self.name!r} has no backward")
+
+    def forward_kvcache(self, problem: AttentionProblem, q: torch.Tensor, k_cache: torch.Tensor,
+                        v_cache: torch.Tensor, kv, config: Config | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decode / chunked prefill over a KV cache (``fa2dispatch.attention_with_kvcache``);
+        ``kv`` is ``fa2dispatch.kvcache.KVCacheArgs`` (cache_seqlens, block_table, slopes,
+        num_splits). Return (out like q, lse (B, H, Mq) float32). Backends declaring
+        ``supports_kvcache`` implement it."""
+        raise NotImplementedError(f"backend {self.name!r} has no KV-cache forward")
+

@@ -29,27 +29,51 @@ def attention_math(
     softmax_scale: float,
     layout: str = "bshd",
     compute_dtype: torch.dtype = torch.float32,
+    window: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: torch.Tensor | None = None,
+    causal_alignment: str = "bottom_right",
+    dropout_p: float = 0.0,
+    dropout_keep: torch.Tensor | None = None,
+    attn_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Differentiable attention in ``compute_dtype``.
+    """Differentiable attention in ``compute_dtype``, with FlashAttention-2's features.
 
     Returns (out in the layout of q, in compute_dtype; lse (B, H, Mq) in compute_dtype).
-    Causal masking is bottom-right aligned: query i sees key j iff j <= i + Mkv - Mq.
-    A row that sees no key gives out 0 and lse -inf.
+    Masks, softcap, ALiBi and dropout follow ``fa2dispatch.features`` (the one rule): causal is
+    bottom-right aligned by default (query i sees key j iff j <= i + Mkv - Mq). A row that sees
+    no key gives out 0 and lse -inf. ``dropout_keep``: boolean (B, H, Mq, Mkv), the kernels'
+    mask (``fa2dispatch.rng.attention_dropout_mask``); kept weights are scaled by 1/(1 - p).
+    ``attn_mask``: PyTorch SDPA's (bool: True keeps; float: added to the scores), broadcast to
+    (B, H, Mq, Mkv), applied after the features' own bias and masks.
     """
+    from fa2dispatch import features
+
     qh, kh, vh = (_to_bhsd(t, layout).to(compute_dtype) for t in (q, k, v))
-    H, Hkv, Mq, Mkv = qh.shape[1], kh.shape[1], qh.shape[2], kh.shape[2]
+    B, H, Hkv, Mq, Mkv = qh.shape[0], qh.shape[1], kh.shape[1], qh.shape[2], kh.shape[2]
     if Hkv != H:  # GQA/MQA: query head h reads key/value head h // (H // Hkv)
         kh = kh.repeat_interleave(H // Hkv, dim=1)
         vh = vh.repeat_interleave(H // Hkv, dim=1)
     scores = torch.matmul(qh, kh.transpose(-1, -2)) * softmax_scale
-    if causal:
-        i = torch.arange(Mq, device=q.device)[:, None]
-        j = torch.arange(Mkv, device=q.device)[None, :]
-        scores = scores.masked_fill(j > i + (Mkv - Mq), float("-inf"))
+    if softcap:
+        scores = softcap * torch.tanh(scores / softcap)
+    shift = features.shift_of(Mq, Mkv, causal_alignment)
+    if alibi_slopes is not None:
+        scores = scores + features.alibi_bias(alibi_slopes, B, H, Mq, Mkv, shift, compute_dtype)
+    keep = features.visible(Mq, Mkv, causal=causal, window=window, shift=shift, device=q.device)
+    if keep is not None:
+        scores = scores.masked_fill(~keep, float("-inf"))
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attn_mask, float("-inf"))
+        else:
+            scores = scores + attn_mask.to(compute_dtype)
     lse = torch.logsumexp(scores, dim=-1)
     # Rows that see no key: lse is -inf; subtract 0 instead so exp gives 0, not NaN.
     empty = torch.isneginf(lse)
     probs = torch.exp(scores - torch.where(empty, torch.zeros_like(lse), lse)[..., None])
+    if dropout_p:
+        probs = torch.where(dropout_keep, probs / (1.0 - dropout_p), torch.zeros_like(probs))
     out = torch.matmul(probs, vh)
     if layout == "bshd":
         out = out.transpose(1, 2)
@@ -125,34 +149,95 @@ def attention_fp8_emulation(q8, k8, v8, q_descale=None, k_descale=None, v_descal
     return (out.transpose(1, 2) if layout == "bshd" else out), lse
 
 
+def _feature_kwargs(problem: AttentionProblem, features) -> dict:
+    return dict(window=problem.window, softcap=problem.softcap, causal_alignment=problem.causal_alignment,
+                dropout_p=problem.dropout_p,
+                alibi_slopes=features.alibi_slopes if features is not None and problem.alibi else None,
+                attn_mask=features.attn_mask if features is not None and problem.attn_mask else None)
+
+
+def _dropout_keep(problem: AttentionProblem, features, device) -> torch.Tensor | None:
+    """The kernels' dropout mask for the whole call (B, H, Mq, Mkv); varlen calls use the
+    padded (max_seqlen) index space, as the kernels do."""
+    if not problem.dropout_p:
+        return None
+    from fa2dispatch import rng
+
+    return rng.attention_dropout_mask(features.seed, features.offset, problem.B, problem.H, problem.Mq,
+                                      problem.Mkv, problem.dropout_p, device)
+
+
+def problem_math(problem: AttentionProblem, q, k, v, features=None,
+                 compute_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """``attention_math`` for a whole call as the problem describes it (features, varlen).
+
+    Varlen (layout "thd"): q (total_q, H, D), k/v (total_k, Hkv, D); sequence b is rows
+    ``cu_seqlens[b]:cu_seqlens[b + 1]``; out (total_q, H, D) and lse (H, total_q), as
+    flash-attn's varlen functions return them."""
+    kwargs = _feature_kwargs(problem, features)
+    keep = _dropout_keep(problem, features, q.device)
+    if not problem.varlen:
+        return attention_math(q, k, v, causal=problem.causal, softmax_scale=problem.softmax_scale,
+                              layout=problem.layout, compute_dtype=compute_dtype, dropout_keep=keep, **kwargs)
+    cu_q, cu_k = (c.tolist() for c in (features.cu_seqlens_q, features.cu_seqlens_k))
+    slopes = kwargs.pop("alibi_slopes")
+    outs, lses = [], []
+    for b in range(problem.B):
+        qs, ks, vs = (t[cu[b]:cu[b + 1]].unsqueeze(0) for t, cu in ((q, cu_q), (k, cu_k), (v, cu_k)))
+        lq, lk = qs.shape[1], ks.shape[1]
+        if lq == 0:
+            continue
+        if lk == 0:  # no key at all: every row sees nothing
+            outs.append(qs.new_zeros((lq, problem.H, problem.D), dtype=compute_dtype))
+            lses.append(torch.full((problem.H, lq), float("-inf"), dtype=compute_dtype, device=q.device))
+            continue
+        alibi = None if slopes is None else (slopes if slopes.dim() == 1 else slopes[b:b + 1])
+        out, lse = attention_math(qs, ks, vs, causal=problem.causal, softmax_scale=problem.softmax_scale,
+                                  layout="bshd", compute_dtype=compute_dtype, alibi_slopes=alibi,
+                                  dropout_keep=None if keep is None else keep[b:b + 1, :, :lq, :lk], **kwargs)
+        outs.append(out[0])
+        lses.append(lse[0])
+    out = torch.cat(outs, 0) if outs else q.new_zeros((0, problem.H, problem.D), dtype=compute_dtype)
+    lse = torch.cat(lses, 1) if lses else q.new_zeros((problem.H, 0), dtype=compute_dtype)
+    return out, lse
+
+
 class ReferenceBackend(Backend):
     name = "reference"
     vendors = ("nvidia", "amd", "cpu")
     dtypes = (torch.float16, torch.bfloat16, torch.float32)
     deterministic = True
+    supports_window = supports_softcap = supports_alibi = supports_dropout = True
+    supports_top_left = supports_varlen = supports_attn_mask = True
 
     def available(self, device: DeviceInfo) -> list[str]:
         return []  # plain PyTorch ops: wherever torch runs (meta tensors give meta results)
 
-    def forward(self, problem: AttentionProblem, q, k, v, config: Config | None):
-        out, lse = attention_math(
-            q, k, v, causal=problem.causal, softmax_scale=problem.softmax_scale, layout=problem.layout
-        )
+    def forward(self, problem: AttentionProblem, q, k, v, config: Config | None, features=None):
+        out, lse = problem_math(problem, q, k, v, features)
         return out.to(problem.dtype).contiguous(), lse.float().contiguous()
 
-    def backward(self, problem: AttentionProblem, dout, q, k, v, out, lse, config: Config | None, dlse=None):
-        with torch.enable_grad():
-            leaves = [t.detach().float().requires_grad_() for t in (q, k, v)]
-            ref_out, ref_lse = attention_math(
-                *leaves, causal=problem.causal, softmax_scale=problem.softmax_scale, layout=problem.layout
-            )
-            outputs, grads_in = [ref_out], [dout.float()]
-            if dlse is not None:
-                # lse of a row with no visible key is -inf and has no gradient.
-                outputs.append(torch.where(torch.isneginf(ref_lse), 0.0, ref_lse))
-                grads_in.append(dlse.float())
-            grads = torch.autograd.grad(outputs, leaves, grads_in)
+    def backward(self, problem: AttentionProblem, dout, q, k, v, out, lse, config: Config | None, dlse=None,
+                 features=None):
+        # torch.func.vjp, not torch.autograd.grad: under torch.compile this runs inside the custom
+        # op's backward, below the autograd dispatch key, where autograd records nothing.
+        def fn(q32, k32, v32):
+            ref_out, ref_lse = problem_math(problem, q32, k32, v32, features)
+            # lse of a row with no visible key is -inf and has no gradient
+            return ref_out, torch.where(torch.isneginf(ref_lse), 0.0, ref_lse)
+
+        primals = [t.detach().float() for t in (q, k, v)]
+        (ref_out, ref_lse), vjp = torch.func.vjp(fn, *primals)
+        cot_lse = torch.zeros_like(ref_lse) if dlse is None else dlse.float().reshape(ref_lse.shape)
+        grads = vjp((dout.float().reshape(ref_out.shape), cot_lse))
         return tuple(g.to(problem.dtype) for g in grads)
+
+    supports_kvcache = supports_paged_kv = True
+
+    def forward_kvcache(self, problem: AttentionProblem, q, k_cache, v_cache, kv, config: Config | None):
+        from .kvcache_reference import forward_kvcache
+
+        return forward_kvcache(problem, q, k_cache, v_cache, kv)
 
     def default_config(self, problem: AttentionProblem, device: DeviceInfo) -> Config | None:
         return None

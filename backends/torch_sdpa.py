@@ -7,8 +7,11 @@ behind ``F.scaled_dot_product_attention``'s backends), because only those return
 log-sum-exp our interface hands on and take it back in the backward.
 
 What SDPA cannot express is refused with a reason, never approximated:
-- ``is_causal`` is top-left aligned; ours is bottom-right. They agree when Mq == Mkv, and for
-  Mq == 1 bottom-right causal masks nothing. Other causal calls are refused.
+- ``is_causal`` is top-left aligned; ours is bottom-right by default. They agree when Mq == Mkv,
+  and for Mq == 1 bottom-right causal masks nothing. Other bottom-right causal calls are
+  refused; ``causal_alignment="top_left"`` calls are SDPA's own.
+- Windows, softcap, ALiBi, dropout with our RNG, varlen and KV caches are refused (capability
+  data in base.Backend).
 - The backward ops take no gradient for the log-sum-exp, so ``return_lse`` with gradients is
   refused (it would silently drop that gradient).
 - The backward needs the forward's own residuals, so it never takes over another backend's
@@ -40,7 +43,10 @@ def _like_input(t: torch.Tensor, layout: str) -> torch.Tensor:
 
 
 def _is_causal(problem: AttentionProblem) -> bool:
-    # Bottom-right causal with one query row masks nothing; Mq == Mkv is the same for both alignments.
+    # SDPA's is_causal is top-left aligned. Bottom-right causal with one query row masks nothing;
+    # Mq == Mkv is the same for both alignments.
+    if problem.causal_alignment == "top_left":
+        return problem.causal
     return problem.causal and problem.Mq > 1
 
 
@@ -53,6 +59,7 @@ class TorchSDPABackend(Backend):
     amd_archs = _ROCM_ARCHS
     dtypes = (torch.float16, torch.bfloat16)
     supports_causal_unequal = False
+    supports_top_left = True  # is_causal's own alignment
     supports_lse_grad = False
     backward_needs_own_forward = True
     deterministic = False  # dQ (flash, efficient) is accumulated with atomics unless torch is told otherwise

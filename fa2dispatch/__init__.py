@@ -10,9 +10,11 @@ from fa2dispatch.api import attention, explain
 from fa2dispatch.dispatch import Decision, use_backend
 from fa2dispatch.errors import NoBackendError
 from fa2dispatch.fp8 import hadamard, quantize_fp8
+from fa2dispatch.kvcache import attention_with_kvcache, explain_kvcache
 from fa2dispatch.problem import AttentionProblem
+from fa2dispatch.varlen import attention_varlen
 
 __version__ = "0.1.0"
 
-__all__ = ["AttentionProblem", "Decision", "NoBackendError", "attention", "explain", "hadamard", "quantize_fp8",
-           "use_backend", "__version__"]
+__all__ = ["AttentionProblem", "Decision", "NoBackendError", "attention", "attention_varlen", "attention_with_kvcache",
+           "explain", "explain_kvcache", "hadamard", "quantize_fp8", "use_backend", "__version__"]

@@ -33,18 +33,31 @@ def _simulated_error(decision: Decision) -> RuntimeError:
     )
 
 
-def run_forward(problem: AttentionProblem, q, k, v, choice: str):
+def run_forward(problem: AttentionProblem, q, k, v, choice: str, features=None):
     """(out, lse, the Decision that ran). On a run-time failure the next candidate runs."""
-    return run_decision(decide(problem, choice), problem, q, k, v, choice)
+    return run_decision(decide(problem, choice), problem, q, k, v, choice, features=features)
 
 
-def run_decision(decision: Decision, problem: AttentionProblem, q, k, v, choice: str, fp8_args=None):
-    """``run_forward`` for a decision already made. ``fp8_args`` (``fa2dispatch.fp8.FP8Args``,
-    the descales of an fp8 call) reaches the backend as a keyword only when given, so backends
-    without fp8 keep the plain interface."""
+def _extra(fp8_args, features) -> dict:
+    """Keyword arguments beyond the plain interface, only when given: ``fp8_args``
+    (``fa2dispatch.fp8.FP8Args``, the descales of an fp8 call) and ``features``
+    (``fa2dispatch.features.FeatureArgs``: ALiBi slopes, dropout RNG state, cu_seqlens). A
+    backend that takes neither keeps the plain interface; dispatch never sends a call with
+    features to a backend whose capability data lacks them."""
+    extra = {}
+    if fp8_args is not None:
+        extra["fp8_args"] = fp8_args
+    if features is not None:
+        extra["features"] = features
+    return extra
+
+
+def run_decision(decision: Decision, problem: AttentionProblem, q, k, v, choice: str, fp8_args=None,
+                 features=None):
+    """``run_forward`` for a decision already made."""
     if decision.device.simulated:
         raise _simulated_error(decision)
-    extra = {} if fp8_args is None else {"fp8_args": fp8_args}
+    extra = _extra(fp8_args, features)
     while True:
         try:
             out, lse = decision.backend.forward(problem, q, k, v, decision.config, **extra)
@@ -56,14 +69,16 @@ def run_decision(decision: Decision, problem: AttentionProblem, q, k, v, choice:
             decision = replacement
 
 
-def run_backward(decision: Decision, problem: AttentionProblem, dout, dlse, q, k, v, out, lse, choice: str):
+def run_backward(decision: Decision, problem: AttentionProblem, dout, dlse, q, k, v, out, lse, choice: str,
+                 features=None):
     """(dq, dk, dv) on the backend whose forward produced ``out`` and ``lse``. On a run-time
     failure, the next candidate that can take another backend's forward residuals runs."""
     if dout is None:
         dout = torch.zeros_like(out)
+    extra = _extra(None, features)
     while True:
         try:
-            return decision.backend.backward(problem, dout, q, k, v, out, lse, decision.config, dlse=dlse)
+            return decision.backend.backward(problem, dout, q, k, v, out, lse, decision.config, dlse=dlse, **extra)
         except Exception as exc:
             replacement = record_failure(decision, choice, "backward", exc, needs_foreign_lse=True)
             if replacement is None:
@@ -73,27 +88,29 @@ def run_backward(decision: Decision, problem: AttentionProblem, dout, dlse, q, k
 
 class _AttentionFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, problem: AttentionProblem, backend: str, decision: Decision):
-        out, lse, decision = run_decision(decision, problem, q, k, v, backend)
+    def forward(ctx, q, k, v, problem: AttentionProblem, backend: str, decision: Decision, features=None):
+        out, lse, decision = run_decision(decision, problem, q, k, v, backend, features=features)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.problem, ctx.backend, ctx.decision = problem, backend, decision
+        ctx.problem, ctx.backend, ctx.decision, ctx.features = problem, backend, decision, features
         ctx.set_materialize_grads(False)  # an unused lse gets None, not a tensor of zeros to subtract
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
         q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = run_backward(ctx.decision, ctx.problem, dout, dlse, q, k, v, out, lse, ctx.backend)
-        return dq, dk, dv, None, None, None
+        dq, dk, dv = run_backward(ctx.decision, ctx.problem, dout, dlse, q, k, v, out, lse, ctx.backend,
+                                  ctx.features)
+        return dq, dk, dv, None, None, None, None
 
 
-def attention_eager(q, k, v, problem: AttentionProblem, backend: str, decision: Decision, fp8_args=None):
+def attention_eager(q, k, v, problem: AttentionProblem, backend: str, decision: Decision, fp8_args=None,
+                    features=None):
     """An eager call with the decision already made (api._prepare): with autograd when the
     problem has gradients, else the forward alone. fp8 problems never have gradients
     (validation refuses them), so ``fp8_args`` only reaches the forward."""
     if problem.requires_grad:
-        return _AttentionFunction.apply(q, k, v, problem, backend, decision)
-    out, lse, _ = run_decision(decision, problem, q, k, v, backend, fp8_args)
+        return _AttentionFunction.apply(q, k, v, problem, backend, decision, features)
+    out, lse, _ = run_decision(decision, problem, q, k, v, backend, fp8_args, features)
     return out, lse
 
 
@@ -101,8 +118,11 @@ def attention_eager(q, k, v, problem: AttentionProblem, backend: str, decision: 
 
 
 def _problem(q, k, v, causal: bool, softmax_scale: float, layout: str, needs_grad: bool,
-             return_lse: bool) -> AttentionProblem:
-    problem = make_problem(q, k, v, causal=causal, softmax_scale=softmax_scale, layout=layout, return_lse=return_lse)
+             return_lse: bool, window: list[int], softcap: float, alibi_slopes, causal_alignment: str,
+             deterministic: bool) -> AttentionProblem:
+    problem = make_problem(q, k, v, causal=causal, softmax_scale=softmax_scale, layout=layout, return_lse=return_lse,
+                           window_size=tuple(window), softcap=softcap, alibi_slopes=alibi_slopes,
+                           causal_alignment=causal_alignment, deterministic=deterministic)
     if problem.requires_grad != needs_grad:  # inside the op autograd is off; keep the caller's view
         problem = replace(problem, requires_grad=needs_grad)
     return problem
@@ -112,10 +132,18 @@ def _problem(q, k, v, causal: bool, softmax_scale: float, layout: str, needs_gra
 def attention_forward_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     causal: bool, softmax_scale: float, layout: str, backend: str, needs_grad: bool, return_lse: bool,
+    window: list[int], softcap: float, alibi_slopes: torch.Tensor | None, causal_alignment: str, deterministic: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    problem = _problem(q, k, v, causal, softmax_scale, layout, needs_grad, return_lse)
-    out, lse, _ = run_forward(problem, q, k, v, backend)
+    problem = _problem(q, k, v, causal, softmax_scale, layout, needs_grad, return_lse, window, softcap, alibi_slopes,
+                       causal_alignment, deterministic)
+    out, lse, _ = run_forward(problem, q, k, v, backend, _op_features(problem, alibi_slopes))
     return out, lse
+
+
+def _op_features(problem: AttentionProblem, alibi_slopes):
+    from fa2dispatch.features import FeatureArgs
+
+    return FeatureArgs(alibi_slopes) if problem.alibi else None
 
 
 # The custom op carries no fp8 arguments (descales, out_dtype, v_layout): fp8 calls under
@@ -123,7 +151,8 @@ def attention_forward_op(
 
 
 @attention_forward_op.register_fake
-def _(q, k, v, causal, softmax_scale, layout, backend, needs_grad, return_lse):
+def _(q, k, v, causal, softmax_scale, layout, backend, needs_grad, return_lse, window, softcap, alibi_slopes,
+      causal_alignment, deterministic):
     B, H, Mq = (q.shape[0], q.shape[2], q.shape[1]) if layout == "bshd" else q.shape[:3]
     return q.new_empty(q.shape), q.new_empty((B, H, Mq), dtype=torch.float32)
 
@@ -133,31 +162,36 @@ def attention_backward_op(
     dout: torch.Tensor, dlse: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     out: torch.Tensor, lse: torch.Tensor,
     causal: bool, softmax_scale: float, layout: str, backend: str, return_lse: bool,
+    window: list[int], softcap: float, alibi_slopes: torch.Tensor | None, causal_alignment: str, deterministic: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    problem = _problem(q, k, v, causal, softmax_scale, layout, True, return_lse)
+    problem = _problem(q, k, v, causal, softmax_scale, layout, True, return_lse, window, softcap, alibi_slopes,
+                       causal_alignment, deterministic)
     # The decision memo holds the backend the forward ran on (a fallback updates it).
-    return run_backward(decide(problem, backend), problem, dout, dlse, q, k, v, out, lse, backend)
+    return run_backward(decide(problem, backend), problem, dout, dlse, q, k, v, out, lse, backend,
+                        _op_features(problem, alibi_slopes))
 
 
 @attention_backward_op.register_fake
-def _(dout, dlse, q, k, v, out, lse, causal, softmax_scale, layout, backend, return_lse):
+def _(dout, dlse, q, k, v, out, lse, causal, softmax_scale, layout, backend, return_lse, window, softcap,
+      alibi_slopes, causal_alignment, deterministic):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, causal, softmax_scale, layout, backend, _, return_lse = inputs
+    q, k, v, causal, softmax_scale, layout, backend, _, return_lse, window, softcap, alibi_slopes, alignment, det = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse)
-    ctx.args = (causal, softmax_scale, layout, backend, return_lse)
+    ctx.save_for_backward(q, k, v, out, lse, alibi_slopes)
+    ctx.args = (causal, softmax_scale, layout, backend, return_lse, window, softcap)
+    ctx.tail = (alignment, det)
 
 
 def _backward(ctx, dout, dlse):
-    q, k, v, out, lse = ctx.saved_tensors
+    q, k, v, out, lse, alibi_slopes = ctx.saved_tensors
     # The op's schema takes tensors, so an unused output's gradient arrives as zeros.
     dout = torch.zeros_like(out) if dout is None else dout
     dlse = torch.zeros_like(lse) if dlse is None else dlse
-    dq, dk, dv = attention_backward_op(dout, dlse, q, k, v, out, lse, *ctx.args)
-    return dq, dk, dv, None, None, None, None, None, None
+    dq, dk, dv = attention_backward_op(dout, dlse, q, k, v, out, lse, *ctx.args, alibi_slopes, *ctx.tail)
+    return (dq, dk, dv) + (None,) * 11
 
 
 attention_forward_op.register_autograd(_backward, setup_context=_setup_context)

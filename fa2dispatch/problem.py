@@ -47,6 +47,24 @@ class AttentionProblem:
     # is laid out ("transposed": (B, Hkv, D, Mkv), the K-major operand Hopper's fp8 MMA takes)
     out_dtype: torch.dtype | None = None
     v_layout: str = "natural"
+    # FlashAttention-2's features (fa2dispatch.features has the one visibility rule):
+    # window (left, right), -1 unbounded, canonical (features.normalize_window); softcap 0 = off;
+    # alibi None / "h" (slopes (H,)) / "bh" (slopes (B, H)); dropout probability; where the
+    # causal diagonal sits when Mq != Mkv; a bit-for-bit repeatable backward requested
+    window: tuple[int, int] = (-1, -1)
+    softcap: float = 0.0
+    alibi: str | None = None
+    dropout_p: float = 0.0
+    causal_alignment: str = "bottom_right"
+    deterministic: bool = False
+    # varlen: packed sequences (layout "thd", q (total_q, H, D)); B sequences, Mq and Mkv their
+    # maximum lengths. kvcache: attention_with_kvcache (Mkv the cache capacity); paged_block: the
+    # page size of a paged cache (0: contiguous)
+    varlen: bool = False
+    kvcache: bool = False
+    paged_block: int = 0
+    # an arbitrary SDPA-style mask ("bool" / "float"), from fa2dispatch.compat only
+    attn_mask: str | None = None
 
     def __hash__(self) -> int:
         # Computed once: a problem keys the dispatcher's memo on every call (dataclass's own
@@ -69,6 +87,37 @@ class AttentionProblem:
         return torch.bfloat16 if self.is_fp8 else self.dtype
 
     @property
+    def shift(self) -> int:
+        """Query i's diagonal among the keys is i + shift (features.shift_of)."""
+        return self.Mkv - self.Mq if self.causal_alignment == "bottom_right" else 0
+
+    @property
+    def has_window(self) -> bool:
+        return self.window != (-1, -1)
+
+    @property
+    def feature_names(self) -> tuple[str, ...]:
+        """The features this call uses, by name (the report, autotune buckets, reasons)."""
+        names = []
+        if self.has_window:
+            names.append("window")
+        if self.softcap:
+            names.append("softcap")
+        if self.alibi:
+            names.append("alibi")
+        if self.dropout_p:
+            names.append("dropout")
+        if self.causal_alignment != "bottom_right":
+            names.append("top_left")
+        if self.varlen:
+            names.append("varlen")
+        if self.kvcache:
+            names.append("paged" if self.paged_block else "kvcache")
+        if self.attn_mask:
+            names.append("mask")
+        return tuple(names)
+
+    @property
     def group(self) -> int:
         """Query heads per key/value head (1: MHA, H: MQA, otherwise GQA)."""
         return self.H // self.Hkv
@@ -82,7 +131,25 @@ class AttentionProblem:
             + (" return_lse" if self.return_lse else "")
             + (f" out={str(self.output_dtype).removeprefix('torch.')}" if self.is_fp8 else "")
             + (" v=transposed" if self.v_layout == "transposed" else "")
+            + (f" window={self.window}" if self.has_window else "")
+            + (f" softcap={self.softcap:g}" if self.softcap else "")
+            + (f" alibi=({'B, H' if self.alibi == 'bh' else 'H'})" if self.alibi else "")
+            + (f" dropout={self.dropout_p:g}" if self.dropout_p else "")
+            + (" causal_alignment=top_left" if self.causal_alignment != "bottom_right" else "")
+            + (" deterministic" if self.deterministic and self.requires_grad else "")
+            + (" varlen" if self.varlen else "")
+            + ((f" paged_kv(page={self.paged_block})" if self.paged_block else " kvcache") if self.kvcache else "")
+            + (f" attn_mask({self.attn_mask})" if self.attn_mask else "")
         )
+
+
+def check_like_q(q: torch.Tensor, **tensors: torch.Tensor) -> None:
+    """Each named tensor must have q's dtype (TypeError) and device (ValueError)."""
+    for name, t in tensors.items():
+        if t.dtype != q.dtype:
+            raise TypeError(f"{_describe(name, t)}: dtype differs from q's {q.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{_describe(name, t)}: device differs from q's {q.device}")
 
 
 def _split_dims(name: str, t: torch.Tensor, layout: str) -> tuple[int, int, int, int]:
@@ -111,6 +178,13 @@ def make_problem(
     return_lse: bool = False,
     out_dtype: torch.dtype | None = None,
     v_layout: str = "natural",
+    window_size=(-1, -1),
+    softcap=0.0,
+    alibi_slopes=None,
+    dropout_p=0.0,
+    causal_alignment="bottom_right",
+    deterministic=False,
+    attn_mask=None,
 ) -> AttentionProblem:
     """Validate one call and describe it. Raises ValueError/TypeError naming the argument.
 
@@ -128,11 +202,7 @@ def make_problem(
     if q.dtype not in DTYPES:
         supported = ", ".join(str(d).removeprefix("torch.") for d in DTYPES)
         raise TypeError(f"{_describe('q', q)}: dtype not supported (supported: {supported})")
-    for name, t in (("k", k), ("v", v)):
-        if t.dtype != q.dtype:
-            raise TypeError(f"{_describe(name, t)}: dtype differs from q's {q.dtype}")
-        if t.device != q.device:
-            raise ValueError(f"{_describe(name, t)}: device differs from q's {q.device}")
+    check_like_q(q, k=k, v=v)
 
     is_fp8 = q.dtype == torch.float8_e4m3fn
     _check_fp8_options(q, k, v, is_fp8, out_dtype, v_layout)
@@ -169,7 +239,7 @@ def make_problem(
     elif not math.isfinite(softmax_scale):
         raise ValueError(f"softmax_scale={softmax_scale!r} must be finite")
 
-    return AttentionProblem(
+    problem = AttentionProblem(
         B=B,
         H=H,
         Hkv=Hkv,
@@ -186,6 +256,41 @@ def make_problem(
         out_dtype=(out_dtype or torch.bfloat16) if is_fp8 else None,
         v_layout=v_layout,
     )
+    return with_features(problem, window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes,
+                         dropout_p=dropout_p, causal_alignment=causal_alignment, deterministic=deterministic,
+                         attn_mask=attn_mask)
+
+
+def with_features(problem: AttentionProblem, *, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
+                  dropout_p=0.0, causal_alignment="bottom_right", deterministic=False,
+                  attn_mask=None) -> AttentionProblem:
+    """``problem`` with FlashAttention-2's feature arguments validated and in canonical form
+    (equivalent calls share one problem: a window that masks nothing is no window; the alignment
+    of a call it cannot change is "bottom_right")."""
+    from dataclasses import replace
+
+    from fa2dispatch import features, rng
+
+    window = features.check_window(window_size)
+    softcap = features.check_softcap(softcap)
+    dropout_p = rng.check_dropout_p(dropout_p)
+    alignment = features.check_alignment(causal_alignment)
+    deterministic = features.check_deterministic(deterministic)
+    alibi = features.alibi_kind(alibi_slopes, problem.B, problem.H, problem.device)
+    mask = features.attn_mask_kind(attn_mask, problem.B, problem.H, problem.Mq, problem.Mkv, problem.dtype,
+                                   problem.device)
+    shift = features.shift_of(problem.Mq, problem.Mkv, alignment)
+    if problem.varlen:  # lengths differ per sequence: only the causal rule is length-free
+        window = (window[0], -1 if problem.causal else window[1])
+    else:
+        window = features.normalize_window(window, problem.causal, problem.Mq, problem.Mkv, shift)
+        if problem.Mq == problem.Mkv or not (problem.causal or window != (-1, -1) or alibi):
+            alignment = "bottom_right"  # the alignment changes nothing for this call
+    if mask is None and (window, softcap, alibi, dropout_p, alignment, deterministic) == (
+            (-1, -1), 0.0, None, 0.0, "bottom_right", False):
+        return problem
+    return replace(problem, window=window, softcap=softcap, alibi=alibi, dropout_p=dropout_p,
+                   causal_alignment=alignment, deterministic=deterministic, attn_mask=mask)
 
 
 def _check_fp8_options(q, k, v, is_fp8: bool, out_dtype, v_layout) -> None:

@@ -182,16 +182,22 @@ class Call:
     grad: bool  # forward + backward (requires_grad) rather than forward only
     H: int = H
     Hkv: int = H
+    features: tuple = ()  # (AttentionProblem field, value) pairs: FlashAttention-2's features
 
     def problem(self, device: hardware.DeviceInfo) -> AttentionProblem:
         # The torch device only labels the call: select() is given the DeviceInfo explicitly.
         where = torch.device("cuda" if device.is_gpu else "cpu")
-        return AttentionProblem(B, self.H, self.Hkv, self.Mq, self.Mkv, self.D, getattr(torch, self.dtype), where,
-                                "bshd", self.causal, self.D**-0.5, requires_grad=self.grad)
+        problem = AttentionProblem(B, self.H, self.Hkv, self.Mq, self.Mkv, self.D, getattr(torch, self.dtype), where,
+                                   "bshd", self.causal, self.D**-0.5, requires_grad=self.grad)
+        return dataclasses.replace(problem, **dict(self.features)) if self.features else problem
 
     def fields(self) -> dict:
+        label = {"window": "window={}", "softcap": "softcap={}", "alibi": "alibi", "dropout_p": "dropout={}",
+                 "causal_alignment": "{}", "varlen": "varlen", "kvcache": "kvcache", "paged_block": "paged({})"}
+        names = " ".join(label[k].format(v) for k, v in self.features)
         return {"dtype": self.dtype, "B": B, "H": self.H, "Hkv": self.Hkv, "Mq": self.Mq, "Mkv": self.Mkv,
-                "D": self.D, "causal": self.causal, "pass": "fwd+bwd" if self.grad else "fwd"}
+                "D": self.D, "causal": self.causal,
+                "pass": ("fwd+bwd" if self.grad else "fwd") + (f" {names}" if names else "")}
 
 
 def calls() -> list[Call]:
@@ -202,6 +208,18 @@ def calls() -> list[Call]:
     rows += [Call(dt, 128, mq, mkv, True, grad, *GQA)
              for dt in ("float16", "bfloat16") for grad in (False, True) for mq, mkv in SEQLENS]
     rows += [Call("float8_e4m3fn", 128, mq, mkv, causal, False) for causal in (False, True) for mq, mkv in FP8_SEQLENS]
+    # FlashAttention-2's features (issue 8), bfloat16 D=128 16k causal unless the feature needs otherwise
+    for features, mq, mkv, grads in (
+            ((("window", (4096, -1)),), 16384, 16384, (False, True)),
+            ((("softcap", 50.0),), 16384, 16384, (False, True)),
+            ((("alibi", "h"),), 16384, 16384, (False, True)),
+            ((("dropout_p", 0.1),), 16384, 16384, (True,)),
+            ((("causal_alignment", "top_left"),), 1024, 4096, (False, True)),
+            ((("varlen", True),), 16384, 16384, (False, True)),
+            ((("kvcache", True),), 1, 32768, (False,)),
+            ((("kvcache", True), ("paged_block", 256)), 1, 32768, (False,))):
+        heads = GQA if features[0][0] == "kvcache" else (H, H)
+        rows += [Call("bfloat16", 128, mq, mkv, True, grad, *heads, features) for grad in grads]
     return rows
 
 

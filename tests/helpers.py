@@ -190,3 +190,50 @@ def check_fp8_on_the_fly(out, q, k, v, *, causal: bool, use_hadamard: bool, layo
 
     bound = rms(deq, exact) + 2 * rms(emu, deq)
     assert rms(out, exact) <= bound, f"fp8=True: RMS error {rms(out, exact):.3e} > {bound:.3e}"
+
+
+# ------------------------------------------------------------------ FlashAttention-2 features
+
+
+def feature_math(q, k, v, dout, case: Case, compute_dtype, features: dict, keep=None):
+    """``attention_math`` with FlashAttention-2's features in compute_dtype: (out, lse, dq, dk, dv).
+    ``keep``: the dropout mask (fa2dispatch.rng.attention_dropout_mask of the call's seed)."""
+    leaves = [t.detach().to(compute_dtype).requires_grad_() for t in (q, k, v)]
+    kw = dict(features)
+    kw.pop("generator", None)
+    if "window_size" in kw:
+        kw["window"] = tuple(kw.pop("window_size"))
+    out, lse = attention_math(*leaves, causal=case.causal, softmax_scale=case.D**-0.5, layout=case.layout,
+                              compute_dtype=compute_dtype, dropout_keep=keep, **kw)
+    grads = torch.autograd.grad(out, leaves, dout.to(compute_dtype))
+    return (out, lse, *grads)
+
+
+def check_feature_case(case: Case, features: dict, device="cpu", seed=0, backend="triton"):
+    """``check_case`` with feature keywords (window_size, softcap, alibi_slopes, dropout_p,
+    causal_alignment): forward and backward against float64 truth under the STYLE.md rule.
+    A dropout call draws its RNG state from a generator seeded with ``seed``; the reference
+    rebuilds the same mask from the same draw (fa2dispatch.rng)."""
+    import fa2dispatch
+    from fa2dispatch import rng
+
+    q, k, v, dout = make_inputs(case, device, seed)
+    features = dict(features)
+    keep = None
+    if features.get("dropout_p"):
+        features["generator"] = torch.Generator().manual_seed(seed + 1000)
+        rseed, roffset = rng.draw_seed(torch.Generator().manual_seed(seed + 1000))
+        keep = rng.attention_dropout_mask(rseed, roffset, case.B, case.H, case.Mq, case.Mkv, features["dropout_p"],
+                                          device)
+    out, lse = fa2dispatch.attention(q, k, v, causal=case.causal, layout=case.layout, return_lse=True,
+                                     backend=backend, **features)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), dout)
+    truth = feature_math(q, k, v, dout, case, torch.float64, features, keep)
+    low = feature_math(q, k, v, dout, case, case.dtype, features, keep)
+    magnitude = max_magnitude(truth[0], *truth[2:])
+    check_close("out", out, truth[0], low[0], magnitude)
+    check_lse(lse, truth[1], low[1])
+    for name, ours, t, lp in zip(("dq", "dk", "dv"), (dq, dk, dv), truth[2:], low[2:]):
+        check_close(name, ours, t, lp, magnitude)
+    return out, lse, dq, dk, dv

@@ -20,8 +20,9 @@ PROBLEMS = [("float16", 64), ("bfloat16", 128), ("float16", 256), ("float32", 12
 DOT_KERNELS = {"attn_fwd", "attn_bwd_dkdv", "attn_bwd_dq"}
 
 
-def _compile(target: str, dtype: str, head_dims: list[int]) -> list[dict]:
-    cmd = [sys.executable, "-m", "fa2dispatch.backends.triton_fa2.offline", "--target", target, "--dtype", dtype]
+def _compile(target: str, dtype: str, head_dims: list[int], *extra: str) -> list[dict]:
+    cmd = [sys.executable, "-m", "fa2dispatch.backends.triton_fa2.offline", "--target", target, "--dtype", dtype,
+           *extra]
     for d in head_dims:
         cmd += ["--head-dim", str(d)]
     env = dict(os.environ, TRITON_INTERPRET="0")
@@ -55,3 +56,20 @@ def test_kernels_compile_and_fit(target):
         # Hopper's warpgroup MMA for the 16-bit forward at the common head dims.
         fwd = [r for r in rows if r["kernel"] == "attn_fwd" and r["dtype"] != "float32" and r["head_dim"] in (64, 128)]
         assert fwd and all(r["wgmma"] for r in fwd), "sm_90 forward should use wgmma"
+
+
+@pytest.mark.parametrize("target", ["sm_90", "gfx942"])
+def test_feature_kernels_compile_and_fit(target):
+    """The kernels with every FlashAttention-2 feature on (left window, softcap, ALiBi, dropout,
+    varlen; and a two-sided window) compile, fit, and keep their matrix instructions."""
+    rows = _compile(target, "bfloat16", [128], "--features", "all") + \
+        _compile(target, "float16", [64], "--causal", "false", "--features", "window")
+    _print_report(rows)
+    assert len(rows) == 8
+    for row in rows:
+        where = f"{row['kernel']} {row['dtype']} D={row['head_dim']} features={row['features']} on {target}"
+        assert 0 <= row["shared_bytes"] <= row["smem_limit"], f"{where}: {row['shared_bytes']} B of shared memory"
+        if row["kernel"] in DOT_KERNELS:
+            assert row["mma"], f"{where}: no tensor-core instruction in the generated code"
+        if target == "sm_90" and row["kernel"] == "attn_fwd":
+            assert row["wgmma"], f"{where}: the forward should use wgmma"

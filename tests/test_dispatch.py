@@ -231,8 +231,10 @@ def test_many_heads_run_on_triton_but_a_grid_past_2_31_programs_is_refused():
     assert dispatch.select(problem(70000, 1, 4), "triton").source == "forced"
     huge = dispatch.select(problem(4096, 128, 1 << 20))  # CPU blocks of 16..32 rows: 2^34 programs
     assert huge.backend.name == "reference" and huge.fallbacks == ()
-    assert huge.rejected["triton"] == ["B=4096 x H=128 x Mq=1048576 needs 17179869184 programs "
-                                       "(supported: at most 2147483647)"]
+    assert huge.rejected["triton"][0] == ("B=4096 x H=128 x Mq=1048576 needs 17179869184 programs "
+                                          "(supported: at most 2147483647)")
+    # 2^20 rows x 128 heads x 16 dims is also 2^31 elements in one batch element: 32-bit row offsets
+    assert "row offsets inside it are 32-bit" in huge.rejected["triton"][1]
 
 
 # ------------------------------------------------------------------ nobody can run it

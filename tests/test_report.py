@@ -67,6 +67,7 @@ def _render(data: dict) -> str:
 
 @pytest.mark.parametrize("profile", list(PROFILES))
 def test_every_profile_reports_device_backends_and_matrix(profile):
+    dispatch.clear_failures()  # failures recorded by earlier tests in this worker are not this report's
     data = json.loads(json.dumps(report.collect(profile)))  # JSON-able as it is, no default= needed
     device = hardware.simulated_device(profile)
     dev = data["device"]
@@ -91,7 +92,8 @@ def test_every_profile_reports_device_backends_and_matrix(profile):
 
 
 def test_matrix_covers_dtypes_head_dims_causal_lengths_passes_fp8_and_gqa():
-    rows = report.collect("h100")["matrix"]["rows"]
+    everything = report.collect("h100")["matrix"]["rows"]
+    rows = [r for r in everything if r["pass"] in ("fwd", "fwd+bwd")]  # plain calls; features below
     assert {r["dtype"] for r in rows} == {"float16", "bfloat16", "float32", "float8_e4m3fn"}
     assert {r["D"] for r in rows} == {64, 128, 256}
     assert {r["causal"] for r in rows} == {False, True}
@@ -99,6 +101,23 @@ def test_matrix_covers_dtypes_head_dims_causal_lengths_passes_fp8_and_gqa():
     assert {r["pass"] for r in rows} == {"fwd", "fwd+bwd"}
     assert {(r["H"], r["Hkv"]) for r in rows} == {(16, 16), (32, 8)}
     assert {r["pass"] for r in rows if r["dtype"] == "float8_e4m3fn"} == {"fwd"}
+    features = {r["pass"] for r in everything} - {"fwd", "fwd+bwd"}
+    for name in ("window", "softcap", "alibi", "dropout", "top_left", "varlen", "kvcache", "paged"):
+        assert any(name in p for p in features), name
+
+
+def test_feature_calls_go_to_backends_that_declare_them():
+    """On the H100 every feature row runs on a backend whose capability data has the feature;
+    top-left causal with Mq != Mkv may go to SDPA's kernels (their own alignment)."""
+    data = report.collect("h100")
+    for row in data["matrix"]["rows"]:
+        if row["pass"] in ("fwd", "fwd+bwd"):
+            continue
+        if "top_left" in row["pass"]:
+            assert row["backend"] in ("torch-sdpa-cudnn", "torch-sdpa-flash", "triton"), row
+        else:
+            assert row["backend"] == "triton", row
+            assert any("not supported" in r for r in row["rejected"]["torch-sdpa-cudnn"]), row
 
 
 def test_h100_half_precision_d128_forward_picks_cudnn_and_gqa_goes_to_triton():
@@ -106,7 +125,7 @@ def test_h100_half_precision_d128_forward_picks_cudnn_and_gqa_goes_to_triton():
     (row,) = _rows(data, dtype="float16", D=128, causal=False, Mq=1024, H=16, **{"pass": "fwd"})
     assert row["backend"] == "torch-sdpa-cudnn" and row["source"] == "default"
     assert row["fallbacks"][0] == "triton"
-    for gqa in _rows(data, H=32, Hkv=8):
+    for gqa in _rows(data, H=32, Hkv=8, **{"pass": "fwd"}) + _rows(data, H=32, Hkv=8, **{"pass": "fwd+bwd"}):
         assert gqa["backend"] == "triton"
         assert gqa["rejected"]["torch-sdpa-cudnn"] == ["GQA/MQA H=32 Hkv=8 (supported: H == Hkv)"]
 

@@ -8,15 +8,25 @@ Conventions:
   both layouts (bshd, bhsd) and non-contiguous inputs need no copy.
 - Scores live in base 2: ``qk_scale = softmax_scale * log2(e)`` is folded into one multiply
   and ``exp2`` replaces ``exp``. LSE is stored in natural log, (B, H, Mq) float32.
-- Causal masking is bottom-right aligned: query i sees key j iff j <= i + DIAG with
-  DIAG = Mkv - Mq. Each loop over blocks is split so that only blocks on the diagonal band
-  or at a ragged edge (``MASKED=True``) pay for a mask; the bulk runs mask-free.
+- Visibility follows ``fa2dispatch/features.py`` (the project's one rule): query i sees key j
+  iff j <= i + diag (CAUSAL), i + diag - win_left <= j (HAS_LEFT), j <= i + diag + win_right
+  (HAS_RIGHT), with diag = Mkv - Mq (bottom-right, FlashAttention-2) or 0 (TOP_LEFT). Each loop
+  over blocks is split in three so that only blocks on a band edge or at a ragged edge
+  (``MASKED=True``) pay for a mask; the bulk runs mask-free, and blocks outside the band are
+  never visited (a sliding window costs O(window), not O(Mkv)).
+- Features are constexpr-gated, so a plain call compiles to the plain kernel: SOFTCAP
+  (``softcap * tanh(s / softcap)``, tanh from exp2), ALIBI (``- slope * |i + diag - j|``),
+  DROPOUT (Philox mask regenerated from (seed, offset) by ``dropout.py``, never stored),
+  VARLEN (sequence b is rows ``cu_seqlens[b]:cu_seqlens[b+1]`` of a packed (total, H, D)
+  tensor; lse then is (H, total_q)).
 - HEAD_DIM is the real head dim, BLOCK_D the next power of two >= 16 (tl.dot's minimum);
   the padding columns are loaded as 0 and never stored.
 """
 
 import triton
 import triton.language as tl
+
+from .dropout import attention_dropout_keep
 
 LOG2E = tl.constexpr(1.4426950408889634)  # 1/ln(2)
 LN2 = tl.constexpr(0.6931471805599453)  # ln(2)
@@ -60,20 +70,159 @@ def _block_and_head(n_rows, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _seq_bounds(CuQ, CuK, off_z, Mq, Mkv, VARLEN: tl.constexpr):
+    """(first row, length) of sequence ``off_z`` in q and in k/v: packed sequences for VARLEN,
+    else (0, Mq) and (0, Mkv)."""
+    if VARLEN:
+        q_start = tl.load(CuQ + off_z)
+        seq_q = tl.load(CuQ + off_z + 1) - q_start
+        k_start = tl.load(CuK + off_z)
+        seq_k = tl.load(CuK + off_z + 1) - k_start
+        return q_start.to(tl.int64), seq_q, k_start.to(tl.int64), seq_k
+    else:
+        return (off_z * 0).to(tl.int64), Mq, (off_z * 0).to(tl.int64), Mkv
+
+
+@triton.jit
+def _diag(seq_q, seq_k, TOP_LEFT: tl.constexpr):
+    if TOP_LEFT:
+        return seq_q * 0
+    else:
+        return seq_k - seq_q
+
+
+@triton.jit
+def _tanh(x):
+    """tanh from exp2 (portable: NVIDIA, AMD and the interpreter): sign(x) (1 - e) / (1 + e),
+    e = exp(-2|x|); absolute error ~1 float32 ulp of 1."""
+    e = tl.math.exp2(tl.abs(x) * (-2.0 * LOG2E))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(x < 0, -t, t)
+
+
+@triton.jit
 def _kv_ranges(start_m, Mq, Mkv, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Key ranges of one query block: [0, full_hi) needs no mask, [full_hi, hi) does."""
-    diag = Mkv - Mq
-    even_hi = (Mkv // BLOCK_N) * BLOCK_N  # key blocks past this one are ragged
-    if CAUSAL:
-        # The last row of the block sees keys < start_m + BLOCK_M + diag; the first row
-        # sees every key < start_m + diag + 1, so blocks below that are mask-free.
-        hi = tl.minimum(tl.maximum(start_m + BLOCK_M + diag, 0), Mkv)
-        full_hi = (tl.maximum(start_m + diag + 1, 0) // BLOCK_N) * BLOCK_N
+    """Key ranges of a plain (bottom-right causal or full) query block: [0, full_hi) needs no
+    mask, [full_hi, hi) does (the fp8 kernel's form of ``_key_ranges``)."""
+    lo, a, b, hi = _key_ranges(start_m, Mkv, Mkv - Mq, 0, 0, CAUSAL, False, False, BLOCK_M, BLOCK_N)
+    return b, hi
+
+
+@triton.jit
+def _key_ranges(start_m, seq_k, diag, win_left, win_right, CAUSAL: tl.constexpr, HAS_LEFT: tl.constexpr,
+               HAS_RIGHT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Key ranges of one query block: [lo, a) and [b, hi) need a mask, [a, b) does not; keys
+    outside [lo, hi) are invisible to every row of the block."""
+    even_hi = (seq_k // BLOCK_N) * BLOCK_N  # key blocks past this one are ragged
+    if CAUSAL or HAS_RIGHT:
+        up = diag
+        if not CAUSAL:
+            up = diag + win_right
+        # The last row sees keys < start_m + BLOCK_M + up; the first every key < start_m + up + 1.
+        hi = tl.minimum(tl.maximum(start_m + BLOCK_M + up, 0), seq_k)
+        full_hi = (tl.maximum(start_m + up + 1, 0) // BLOCK_N) * BLOCK_N
         full_hi = tl.minimum(full_hi, even_hi)
     else:
-        hi = Mkv
+        hi = seq_k
         full_hi = even_hi
-    return full_hi, hi
+    if HAS_LEFT:
+        low = diag - win_left
+        # The first row sees keys >= start_m + low; the last row keys >= start_m + BLOCK_M - 1 + low.
+        lo = (tl.maximum(start_m + low, 0) // BLOCK_N) * BLOCK_N
+        full_lo = tl.cdiv(tl.maximum(start_m + BLOCK_M - 1 + low, 0), BLOCK_N) * BLOCK_N
+    else:
+        lo = hi * 0
+        full_lo = hi * 0
+    a = tl.minimum(tl.maximum(full_lo, lo), hi)
+    b = tl.maximum(tl.minimum(full_hi, hi), a)
+    return lo, a, b, hi
+
+
+@triton.jit
+def _q_ranges(start_n, seq_q, diag, win_left, win_right, CAUSAL: tl.constexpr, HAS_LEFT: tl.constexpr,
+              HAS_RIGHT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Query ranges of one key block (the dK/dV loop): [lo, a) and [b, hi) masked, [a, b) not."""
+    even_end = (seq_q // BLOCK_M) * BLOCK_M  # query blocks past this one are ragged
+    if CAUSAL or HAS_RIGHT:
+        up = diag
+        if not CAUSAL:
+            up = diag + win_right
+        # Rows < start_n - up see none of this block; rows >= start_n + BLOCK_N - 1 - up see all of it.
+        lo = (tl.maximum(start_n - up, 0) // BLOCK_M) * BLOCK_M
+        full_lo = tl.cdiv(tl.maximum(start_n + BLOCK_N - up, 0), BLOCK_M) * BLOCK_M
+    else:
+        lo = seq_q * 0
+        full_lo = seq_q * 0
+    if HAS_LEFT:
+        low = diag - win_left
+        # Rows <= start_n - low see all of it (left side); rows > start_n + BLOCK_N - 1 - low none.
+        hi = tl.minimum(tl.maximum(start_n + BLOCK_N - low, 0), seq_q)
+        full_hi = (tl.maximum(start_n - low + 1, 0) // BLOCK_M) * BLOCK_M
+        full_hi = tl.minimum(full_hi, even_end)
+    else:
+        hi = seq_q
+        full_hi = even_end
+    a = tl.minimum(tl.maximum(full_lo, lo), hi)
+    b = tl.maximum(tl.minimum(full_hi, hi), a)
+    return lo, a, b, hi
+
+
+@triton.jit
+def _scores(q, k, qk_scale, cap_a, cap_b, slope2, offs_m, offs_n, seq_q, seq_k, diag, win_left, win_right,
+            MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+            SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Scores of a (rows x keys) tile in base 2, with softcap, ALiBi and (MASKED) the masks.
+    Returns (s, t) where t = tanh(softmax_scale * q.k / softcap) for the softcap backward
+    (t = s when SOFTCAP is off)."""
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+    if SOFTCAP:
+        t = _tanh(s * cap_a)  # cap_a = softmax_scale / softcap
+        s = t * cap_b  # cap_b = softcap * log2(e)
+    else:
+        s = s * qk_scale
+        t = s
+    if ALIBI:
+        rel = (offs_m[:, None] + diag - offs_n[None, :]).to(tl.float32)
+        s = s - slope2 * tl.abs(rel)
+    if MASKED:
+        keep = offs_n[None, :] < seq_k
+        if CAUSAL:
+            keep = keep & (offs_n[None, :] <= offs_m[:, None] + diag)
+        if HAS_RIGHT:
+            keep = keep & (offs_n[None, :] <= offs_m[:, None] + diag + win_right)
+        if HAS_LEFT:
+            keep = keep & (offs_n[None, :] >= offs_m[:, None] + diag - win_left)
+        s = tl.where(keep, s, float("-inf"))
+    return s, t
+
+
+@triton.jit
+def _scores_t(k, q, qk_scale, cap_a, cap_b, slope2, offs_m, offs_n, seq_q, seq_k, diag, win_left, win_right,
+              MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+              SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """``_scores`` transposed: a (keys x queries) tile computed as k q^T, for the dK/dV loop
+    (P^T and dS^T then feed the dots without transposing a result). MASKED also masks query
+    rows past the sequence."""
+    s = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
+    if SOFTCAP:
+        t = _tanh(s * cap_a)
+        s = t * cap_b
+    else:
+        s = s * qk_scale
+        t = s
+    if ALIBI:
+        rel = (offs_m[None, :] + diag - offs_n[:, None]).to(tl.float32)
+        s = s - slope2 * tl.abs(rel)
+    if MASKED:
+        keep = offs_m[None, :] < seq_q
+        if CAUSAL:
+            keep = keep & (offs_n[:, None] <= offs_m[None, :] + diag)
+        if HAS_RIGHT:
+            keep = keep & (offs_n[:, None] <= offs_m[None, :] + diag + win_right)
+        if HAS_LEFT:
+            keep = keep & (offs_n[:, None] >= offs_m[None, :] + diag - win_left)
+        s = tl.where(keep, s, float("-inf"))
+    return s, t
 
 
 # ----------------------------------------------------------------------------- forward
@@ -81,20 +230,19 @@ def _kv_ranges(start_m, Mq, Mkv, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BL
 
 @triton.jit
 def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-               offs_m, offs_d, lo, hi, Mkv, diag, qk_scale,
-               MASKED: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-               BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+               offs_m, offs_d, lo, hi, seq_q, seq_k, diag, qk_scale,
+               win_left, win_right, cap_a, cap_b, slope2, seed, offset, bh, Mq, Mkv, p_drop,
+               MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+               SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr,
+               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
     offs_n0 = tl.arange(0, BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + offs_n0
         k = _load_rows(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                       offs_n, Mkv, offs_d, HEAD_DIM, BLOCK_D, MASKED)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+                       offs_n, seq_k, offs_d, HEAD_DIM, BLOCK_D, MASKED)
+        s, _ = _scores(q, k, qk_scale, cap_a, cap_b, slope2, offs_m, offs_n, seq_q, seq_k, diag, win_left, win_right,
+                       MASKED, CAUSAL, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DOT_PRECISION)
         if MASKED:
-            keep = offs_n[None, :] < Mkv
-            if CAUSAL:
-                keep = keep & (offs_n[None, :] <= offs_m[:, None] + diag)
-            s = tl.where(keep, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             # A row with no visible key so far keeps m = -inf; subtract 0 so exp2 gives 0.
             m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -107,56 +255,84 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
         v = _load_rows(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-                       offs_n, Mkv, offs_d, HEAD_DIM, BLOCK_D, MASKED)
+                       offs_n, seq_k, offs_d, HEAD_DIM, BLOCK_D, MASKED)
+        if DROPOUT:  # l keeps the undropped sum (the lse is the softmax's); 1/(1-p) comes at the end
+            p = tl.where(attention_dropout_keep(seed, offset, bh, Mq, Mkv, offs_m, offs_n, p_drop), p, 0.0)
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
         m_i = m_new
     return acc, l_i, m_i
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed", "offset"])
 def attn_fwd(Q, K, V, Out, Lse, qk_scale,
              stride_qz, stride_qh, stride_qm, stride_qd,
              stride_kz, stride_kh, stride_kn, stride_kd,
              stride_vz, stride_vh, stride_vn, stride_vd,
              stride_oz, stride_oh, stride_om, stride_od,
+             stride_lz, stride_lh,
              H, GROUP, Mq, Mkv,
+             CuQ, CuK, win_left, win_right, cap_a, cap_b, Slopes, stride_sz, stride_sh,
+             seed, offset, p_drop, rp_drop,
              CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+             TOP_LEFT: tl.constexpr = False, HAS_LEFT: tl.constexpr = False, HAS_RIGHT: tl.constexpr = False,
+             SOFTCAP: tl.constexpr = False, ALIBI: tl.constexpr = False, DROPOUT: tl.constexpr = False,
+             VARLEN: tl.constexpr = False):
     """One program per (query block, batch*head); q stays on chip throughout."""
     start_m, off_bh = _block_and_head(Mq, BLOCK_M)
     off_z = (off_bh // H).to(tl.int64)
     off_h = (off_bh % H).to(tl.int64)
+    q_start, seq_q, k_start, seq_k = _seq_bounds(CuQ, CuK, off_z, Mq, Mkv, VARLEN)
+    if start_m >= seq_q:  # varlen: this sequence is shorter than the longest
+        return
     off_hkv = off_h // GROUP
-    q_base = Q + off_z * stride_qz + off_h * stride_qh
-    k_base = K + off_z * stride_kz + off_hkv * stride_kh
-    v_base = V + off_z * stride_vz + off_hkv * stride_vh
+    q_base = Q + off_z * stride_qz + off_h * stride_qh + q_start * stride_qm
+    k_base = K + off_z * stride_kz + off_hkv * stride_kh + k_start * stride_kn
+    v_base = V + off_z * stride_vz + off_hkv * stride_vh + k_start * stride_vn
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     q = _load_rows(q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-                   offs_m, Mq, offs_d, HEAD_DIM, BLOCK_D, True)
+                   offs_m, seq_q, offs_d, HEAD_DIM, BLOCK_D, True)
+    slope2 = 0.0
+    if ALIBI:
+        slope2 = tl.load(Slopes + off_z * stride_sz + off_h * stride_sh) * LOG2E
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    diag = Mkv - Mq
-    full_hi, hi = _kv_ranges(start_m, Mq, Mkv, CAUSAL, BLOCK_M, BLOCK_N)
+    diag = _diag(seq_q, seq_k, TOP_LEFT)
+    lo, a, b, hi = _key_ranges(start_m, seq_k, diag, win_left, win_right, CAUSAL, HAS_LEFT, HAS_RIGHT,
+                              BLOCK_M, BLOCK_N)
+    if HAS_LEFT:
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+                                   offs_m, offs_d, lo, a, seq_q, seq_k, diag, qk_scale,
+                                   win_left, win_right, cap_a, cap_b, slope2, seed, offset, off_bh, Mq, Mkv, p_drop,
+                                   True, CAUSAL, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DROPOUT,
+                                   HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-                               offs_m, offs_d, 0, full_hi, Mkv, diag, qk_scale,
-                               False, CAUSAL, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION)
+                               offs_m, offs_d, a, b, seq_q, seq_k, diag, qk_scale,
+                               win_left, win_right, cap_a, cap_b, slope2, seed, offset, off_bh, Mq, Mkv, p_drop,
+                               False, CAUSAL, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DROPOUT,
+                               HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-                               offs_m, offs_d, full_hi, hi, Mkv, diag, qk_scale,
-                               True, CAUSAL, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION)
+                               offs_m, offs_d, b, hi, seq_q, seq_k, diag, qk_scale,
+                               win_left, win_right, cap_a, cap_b, slope2, seed, offset, off_bh, Mq, Mkv, p_drop,
+                               True, CAUSAL, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DROPOUT,
+                               HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION)
 
     # l == 0 only for rows that saw no key: output 0 and lse -inf, never NaN.
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
-    out = acc / l_safe[:, None]
+    if DROPOUT:
+        out = acc * (rp_drop / l_safe)[:, None]
+    else:
+        out = acc / l_safe[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * LN2)
-    o_base = Out + off_z * stride_oz + off_h * stride_oh
+    o_base = Out + off_z * stride_oz + off_h * stride_oh + q_start * stride_om
     _store_rows(o_base + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
-                out.to(Out.dtype.element_ty), offs_m, Mq, offs_d, HEAD_DIM, BLOCK_D)
-    tl.store(Lse + off_bh.to(tl.int64) * Mq + offs_m, lse, mask=offs_m < Mq)
+                out.to(Out.dtype.element_ty), offs_m, seq_q, offs_d, HEAD_DIM, BLOCK_D)
+    tl.store(Lse + off_z * stride_lz + off_h * stride_lh + q_start + offs_m, lse, mask=offs_m < seq_q)
 
 
 # ---------------------------------------------------------------------------- backward
@@ -166,59 +342,73 @@ def attn_fwd(Q, K, V, Out, Lse, qk_scale,
 def attn_bwd_preprocess(Out, DO, Delta,
                         stride_oz, stride_oh, stride_om, stride_od,
                         stride_doz, stride_doh, stride_dom, stride_dod,
-                        H, Mq,
-                        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
+                        stride_lz, stride_lh,
+                        H, Mq, CuQ,
+                        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                        VARLEN: tl.constexpr = False):
     """delta_i = sum_d dO_id * O_id (float32), the row term of dS = P * (dP - delta)."""
     start_m, off_bh = _block_and_head(Mq, BLOCK_M)
     off_z = (off_bh // H).to(tl.int64)
     off_h = (off_bh % H).to(tl.int64)
+    q_start, seq_q, _, _ = _seq_bounds(CuQ, CuQ, off_z, Mq, Mq, VARLEN)
+    if start_m >= seq_q:
+        return
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    o = _load_rows(Out + off_z * stride_oz + off_h * stride_oh + offs_m[:, None] * stride_om
-                   + offs_d[None, :] * stride_od, offs_m, Mq, offs_d, HEAD_DIM, BLOCK_D, True)
-    do = _load_rows(DO + off_z * stride_doz + off_h * stride_doh + offs_m[:, None] * stride_dom
-                    + offs_d[None, :] * stride_dod, offs_m, Mq, offs_d, HEAD_DIM, BLOCK_D, True)
+    o = _load_rows(Out + off_z * stride_oz + off_h * stride_oh + q_start * stride_om + offs_m[:, None] * stride_om
+                   + offs_d[None, :] * stride_od, offs_m, seq_q, offs_d, HEAD_DIM, BLOCK_D, True)
+    do = _load_rows(DO + off_z * stride_doz + off_h * stride_doh + q_start * stride_dom + offs_m[:, None] * stride_dom
+                    + offs_d[None, :] * stride_dod, offs_m, seq_q, offs_d, HEAD_DIM, BLOCK_D, True)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
-    tl.store(Delta + off_bh.to(tl.int64) * Mq + offs_m, delta, mask=offs_m < Mq)
+    tl.store(Delta + off_z * stride_lz + off_h * stride_lh + q_start + offs_m, delta, mask=offs_m < seq_q)
 
 
 @triton.jit
 def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
                     stride_qm, stride_qd, stride_dom, stride_dod,
-                    offs_n, offs_d, lo, hi, Mq, diag, qk_scale,
-                    MASKED: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                    BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                    offs_n, offs_d, lo, hi, seq_q, seq_k, diag, qk_scale,
+                    win_left, win_right, cap_a, cap_b, slope2, seed, offset, bh, Mq, Mkv, p_drop, rp_drop,
+                    MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+                    SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr,
+                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Accumulate dK, dV of one key block over query blocks [lo, hi). Works on transposed
     scores (keys x queries) so P^T and dS^T feed the dots without a transpose of the result."""
     offs_m0 = tl.arange(0, BLOCK_M)
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + offs_m0
         q = _load_rows(q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-                       offs_m, Mq, offs_d, HEAD_DIM, BLOCK_D, MASKED)
+                       offs_m, seq_q, offs_d, HEAD_DIM, BLOCK_D, MASKED)
         do = _load_rows(do_base + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod,
-                        offs_m, Mq, offs_d, HEAD_DIM, BLOCK_D, MASKED)
+                        offs_m, seq_q, offs_d, HEAD_DIM, BLOCK_D, MASKED)
         if MASKED:
-            lse = tl.load(lse_base + offs_m, mask=offs_m < Mq, other=0.0)
-            delta = tl.load(delta_base + offs_m, mask=offs_m < Mq, other=0.0)
+            lse = tl.load(lse_base + offs_m, mask=offs_m < seq_q, other=0.0)
+            delta = tl.load(delta_base + offs_m, mask=offs_m < seq_q, other=0.0)
         else:
             lse = tl.load(lse_base + offs_m)
             delta = tl.load(delta_base + offs_m)
-        s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
+        s_t, t_t = _scores_t(k, q, qk_scale, cap_a, cap_b, slope2, offs_m, offs_n, seq_q, seq_k, diag, win_left,
+                             win_right, MASKED, CAUSAL, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DOT_PRECISION)
         p_t = tl.math.exp2(s_t - lse[None, :] * LOG2E)
         if MASKED:
-            # where(), not a multiply: p_t may be inf for rows whose lse is -inf.
-            keep = offs_m[None, :] < Mq
-            if CAUSAL:
-                keep = keep & (offs_n[:, None] <= offs_m[None, :] + diag)
-            p_t = tl.where(keep, p_t, 0.0)
-        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
-        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+            # where(), not a multiply: p_t is NaN for rows whose lse is -inf (they see no key).
+            p_t = tl.where(s_t == float("-inf"), 0.0, p_t)
+        if DROPOUT:  # dV takes the dropped weights; dP is masked and scaled the same way
+            keep_t = attention_dropout_keep(seed, offset, bh, Mq, Mkv, offs_m, offs_n, p_drop, TRANSPOSED=True)
+            pd_t = tl.where(keep_t, p_t * rp_drop, 0.0)
+            dv = tl.dot(pd_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+            dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+            dp_t = tl.where(keep_t, dp_t * rp_drop, 0.0)
+        else:
+            dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+            dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])
+        if SOFTCAP:
+            ds_t = ds_t * (1.0 - t_t * t_t)
         dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
     return dk, dv
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed", "offset"])
 def attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV, qk_scale, softmax_scale,
                   stride_qz, stride_qh, stride_qm, stride_qd,
                   stride_kz, stride_kh, stride_kn, stride_kd,
@@ -226,124 +416,161 @@ def attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV, qk_scale, softmax_scale,
                   stride_doz, stride_doh, stride_dom, stride_dod,
                   stride_dkz, stride_dkh, stride_dkn, stride_dkd,
                   stride_dvz, stride_dvh, stride_dvn, stride_dvd,
+                  stride_lz, stride_lh,
                   H, HKV, GROUP, Mq, Mkv,
+                  CuQ, CuK, win_left, win_right, cap_a, cap_b, Slopes, stride_sz, stride_sh,
+                  seed, offset, p_drop, rp_drop,
                   CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                  TOP_LEFT: tl.constexpr = False, HAS_LEFT: tl.constexpr = False, HAS_RIGHT: tl.constexpr = False,
+                  SOFTCAP: tl.constexpr = False, ALIBI: tl.constexpr = False, DROPOUT: tl.constexpr = False,
+                  VARLEN: tl.constexpr = False):
     """One program per (key block, batch*kv head): K and V stay on chip while the program
     loops over every query head of its group and every query block, so dK and dV are summed
     on chip (GQA included) with no atomics: deterministic."""
     start_n, off_bhkv = _block_and_head(Mkv, BLOCK_N)
     off_z = (off_bhkv // HKV).to(tl.int64)
     off_hkv = (off_bhkv % HKV).to(tl.int64)
+    q_start, seq_q, k_start, seq_k = _seq_bounds(CuQ, CuK, off_z, Mq, Mkv, VARLEN)
+    if start_n >= seq_k:
+        return
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    k = _load_rows(K + off_z * stride_kz + off_hkv * stride_kh + offs_n[:, None] * stride_kn
-                   + offs_d[None, :] * stride_kd, offs_n, Mkv, offs_d, HEAD_DIM, BLOCK_D, True)
-    v = _load_rows(V + off_z * stride_vz + off_hkv * stride_vh + offs_n[:, None] * stride_vn
-                   + offs_d[None, :] * stride_vd, offs_n, Mkv, offs_d, HEAD_DIM, BLOCK_D, True)
+    k = _load_rows(K + off_z * stride_kz + off_hkv * stride_kh + k_start * stride_kn + offs_n[:, None] * stride_kn
+                   + offs_d[None, :] * stride_kd, offs_n, seq_k, offs_d, HEAD_DIM, BLOCK_D, True)
+    v = _load_rows(V + off_z * stride_vz + off_hkv * stride_vh + k_start * stride_vn + offs_n[:, None] * stride_vn
+                   + offs_d[None, :] * stride_vd, offs_n, seq_k, offs_d, HEAD_DIM, BLOCK_D, True)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
 
-    diag = Mkv - Mq
-    q_blocks_end = tl.cdiv(Mq, BLOCK_M) * BLOCK_M
-    even_end = (Mq // BLOCK_M) * BLOCK_M  # query blocks past this one are ragged
-    if CAUSAL:
-        # Rows < start_n - diag see none of this block; rows >= start_n + BLOCK_N - diag see all of it.
-        lo = (tl.maximum(start_n - diag, 0) // BLOCK_M) * BLOCK_M
-        mid = tl.cdiv(tl.maximum(start_n + BLOCK_N - diag, 0), BLOCK_M) * BLOCK_M
-        mid = tl.minimum(tl.maximum(mid, lo), q_blocks_end)
-    else:
-        lo = 0
-        mid = 0
-    tail = tl.maximum(mid, even_end)
-
+    diag = _diag(seq_q, seq_k, TOP_LEFT)
+    lo, a, b, hi = _q_ranges(start_n, seq_q, diag, win_left, win_right, CAUSAL, HAS_LEFT, HAS_RIGHT,
+                             BLOCK_M, BLOCK_N)
     for g in range(0, GROUP):
         off_h = off_hkv * GROUP + g
-        q_base = Q + off_z * stride_qz + off_h * stride_qh
-        do_base = DO + off_z * stride_doz + off_h * stride_doh
-        row_base = (off_z * H + off_h) * Mq
+        q_base = Q + off_z * stride_qz + off_h * stride_qh + q_start * stride_qm
+        do_base = DO + off_z * stride_doz + off_h * stride_doh + q_start * stride_dom
+        row_base = off_z * stride_lz + off_h * stride_lh + q_start
+        bh = off_z * H + off_h
+        slope2 = 0.0
+        if ALIBI:
+            slope2 = tl.load(Slopes + off_z * stride_sz + off_h * stride_sh) * LOG2E
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, Lse + row_base, Delta + row_base,
                                  stride_qm, stride_qd, stride_dom, stride_dod, offs_n, offs_d,
-                                 lo, mid, Mq, diag, qk_scale,
-                                 True, CAUSAL, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PRECISION)
+                                 lo, a, seq_q, seq_k, diag, qk_scale,
+                                 win_left, win_right, cap_a, cap_b, slope2, seed, offset, bh, Mq, Mkv, p_drop, rp_drop,
+                                 True, CAUSAL, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DROPOUT,
+                                 HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PRECISION)
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, Lse + row_base, Delta + row_base,
                                  stride_qm, stride_qd, stride_dom, stride_dod, offs_n, offs_d,
-                                 mid, even_end, Mq, diag, qk_scale,
-                                 False, CAUSAL, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PRECISION)
+                                 a, b, seq_q, seq_k, diag, qk_scale,
+                                 win_left, win_right, cap_a, cap_b, slope2, seed, offset, bh, Mq, Mkv, p_drop, rp_drop,
+                                 False, CAUSAL, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DROPOUT,
+                                 HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PRECISION)
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, Lse + row_base, Delta + row_base,
                                  stride_qm, stride_qd, stride_dom, stride_dod, offs_n, offs_d,
-                                 tail, Mq, Mq, diag, qk_scale,
-                                 True, CAUSAL, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PRECISION)
+                                 b, hi, seq_q, seq_k, diag, qk_scale,
+                                 win_left, win_right, cap_a, cap_b, slope2, seed, offset, bh, Mq, Mkv, p_drop, rp_drop,
+                                 True, CAUSAL, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DROPOUT,
+                                 HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PRECISION)
 
     dk = dk * softmax_scale
-    _store_rows(DK + off_z * stride_dkz + off_hkv * stride_dkh + offs_n[:, None] * stride_dkn
-                + offs_d[None, :] * stride_dkd, dk.to(DK.dtype.element_ty), offs_n, Mkv, offs_d, HEAD_DIM, BLOCK_D)
-    _store_rows(DV + off_z * stride_dvz + off_hkv * stride_dvh + offs_n[:, None] * stride_dvn
-                + offs_d[None, :] * stride_dvd, dv.to(DV.dtype.element_ty), offs_n, Mkv, offs_d, HEAD_DIM, BLOCK_D)
+    _store_rows(DK + off_z * stride_dkz + off_hkv * stride_dkh + k_start * stride_dkn + offs_n[:, None] * stride_dkn
+                + offs_d[None, :] * stride_dkd, dk.to(DK.dtype.element_ty), offs_n, seq_k, offs_d, HEAD_DIM, BLOCK_D)
+    _store_rows(DV + off_z * stride_dvz + off_hkv * stride_dvh + k_start * stride_dvn + offs_n[:, None] * stride_dvn
+                + offs_d[None, :] * stride_dvd, dv.to(DV.dtype.element_ty), offs_n, seq_k, offs_d, HEAD_DIM, BLOCK_D)
 
 
 @triton.jit
 def _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-                  offs_m, offs_d, lo, hi, Mkv, diag, qk_scale,
-                  MASKED: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                  BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                  offs_m, offs_d, lo, hi, seq_q, seq_k, diag, qk_scale,
+                  win_left, win_right, cap_a, cap_b, slope2, seed, offset, bh, Mq, Mkv, p_drop, rp_drop,
+                  MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+                  SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr,
+                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
     offs_n0 = tl.arange(0, BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + offs_n0
         k = _load_rows(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                       offs_n, Mkv, offs_d, HEAD_DIM, BLOCK_D, MASKED)
+                       offs_n, seq_k, offs_d, HEAD_DIM, BLOCK_D, MASKED)
         v = _load_rows(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-                       offs_n, Mkv, offs_d, HEAD_DIM, BLOCK_D, MASKED)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+                       offs_n, seq_k, offs_d, HEAD_DIM, BLOCK_D, MASKED)
+        s, t = _scores(q, k, qk_scale, cap_a, cap_b, slope2, offs_m, offs_n, seq_q, seq_k, diag, win_left, win_right,
+                       MASKED, CAUSAL, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DOT_PRECISION)
         p = tl.math.exp2(s - lse2[:, None])
         if MASKED:
-            keep = offs_n[None, :] < Mkv
-            if CAUSAL:
-                keep = keep & (offs_n[None, :] <= offs_m[:, None] + diag)
-            p = tl.where(keep, p, 0.0)
+            p = tl.where(s == float("-inf"), 0.0, p)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        if DROPOUT:
+            keep = attention_dropout_keep(seed, offset, bh, Mq, Mkv, offs_m, offs_n, p_drop)
+            dp = tl.where(keep, dp * rp_drop, 0.0)
         ds = p * (dp - delta[:, None])
+        if SOFTCAP:
+            ds = ds * (1.0 - t * t)
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
     return dq
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed", "offset"])
 def attn_bwd_dq(Q, K, V, DO, Lse, Delta, DQ, qk_scale, softmax_scale,
                 stride_qz, stride_qh, stride_qm, stride_qd,
                 stride_kz, stride_kh, stride_kn, stride_kd,
                 stride_vz, stride_vh, stride_vn, stride_vd,
                 stride_doz, stride_doh, stride_dom, stride_dod,
                 stride_dqz, stride_dqh, stride_dqm, stride_dqd,
+                stride_lz, stride_lh,
                 H, GROUP, Mq, Mkv,
+                CuQ, CuK, win_left, win_right, cap_a, cap_b, Slopes, stride_sz, stride_sh,
+                seed, offset, p_drop, rp_drop,
                 CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                TOP_LEFT: tl.constexpr = False, HAS_LEFT: tl.constexpr = False, HAS_RIGHT: tl.constexpr = False,
+                SOFTCAP: tl.constexpr = False, ALIBI: tl.constexpr = False, DROPOUT: tl.constexpr = False,
+                VARLEN: tl.constexpr = False):
     """One program per (query block, batch*head), parallel over queries like the forward;
     dQ is summed on chip over key blocks: no atomics, deterministic."""
     start_m, off_bh = _block_and_head(Mq, BLOCK_M)
     off_z = (off_bh // H).to(tl.int64)
     off_h = (off_bh % H).to(tl.int64)
+    q_start, seq_q, k_start, seq_k = _seq_bounds(CuQ, CuK, off_z, Mq, Mkv, VARLEN)
+    if start_m >= seq_q:
+        return
     off_hkv = off_h // GROUP
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    q = _load_rows(Q + off_z * stride_qz + off_h * stride_qh + offs_m[:, None] * stride_qm
-                   + offs_d[None, :] * stride_qd, offs_m, Mq, offs_d, HEAD_DIM, BLOCK_D, True)
-    do = _load_rows(DO + off_z * stride_doz + off_h * stride_doh + offs_m[:, None] * stride_dom
-                    + offs_d[None, :] * stride_dod, offs_m, Mq, offs_d, HEAD_DIM, BLOCK_D, True)
-    row_base = off_bh.to(tl.int64) * Mq
-    lse2 = tl.load(Lse + row_base + offs_m, mask=offs_m < Mq, other=0.0) * LOG2E
-    delta = tl.load(Delta + row_base + offs_m, mask=offs_m < Mq, other=0.0)
-    k_base = K + off_z * stride_kz + off_hkv * stride_kh
-    v_base = V + off_z * stride_vz + off_hkv * stride_vh
+    q = _load_rows(Q + off_z * stride_qz + off_h * stride_qh + q_start * stride_qm + offs_m[:, None] * stride_qm
+                   + offs_d[None, :] * stride_qd, offs_m, seq_q, offs_d, HEAD_DIM, BLOCK_D, True)
+    do = _load_rows(DO + off_z * stride_doz + off_h * stride_doh + q_start * stride_dom + offs_m[:, None] * stride_dom
+                    + offs_d[None, :] * stride_dod, offs_m, seq_q, offs_d, HEAD_DIM, BLOCK_D, True)
+    row_base = off_z * stride_lz + off_h * stride_lh + q_start
+    lse2 = tl.load(Lse + row_base + offs_m, mask=offs_m < seq_q, other=0.0) * LOG2E
+    delta = tl.load(Delta + row_base + offs_m, mask=offs_m < seq_q, other=0.0)
+    k_base = K + off_z * stride_kz + off_hkv * stride_kh + k_start * stride_kn
+    v_base = V + off_z * stride_vz + off_hkv * stride_vh + k_start * stride_vn
+    slope2 = 0.0
+    if ALIBI:
+        slope2 = tl.load(Slopes + off_z * stride_sz + off_h * stride_sh) * LOG2E
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    diag = Mkv - Mq
-    full_hi, hi = _kv_ranges(start_m, Mq, Mkv, CAUSAL, BLOCK_M, BLOCK_N)
+    diag = _diag(seq_q, seq_k, TOP_LEFT)
+    lo, a, b, hi = _key_ranges(start_m, seq_k, diag, win_left, win_right, CAUSAL, HAS_LEFT, HAS_RIGHT,
+                              BLOCK_M, BLOCK_N)
+    if HAS_LEFT:
+        dq = _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+                           offs_m, offs_d, lo, a, seq_q, seq_k, diag, qk_scale,
+                           win_left, win_right, cap_a, cap_b, slope2, seed, offset, off_bh, Mq, Mkv, p_drop, rp_drop,
+                           True, CAUSAL, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DROPOUT,
+                           HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION)
     dq = _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-                       offs_m, offs_d, 0, full_hi, Mkv, diag, qk_scale,
-                       False, CAUSAL, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION)
+                       offs_m, offs_d, a, b, seq_q, seq_k, diag, qk_scale,
+                       win_left, win_right, cap_a, cap_b, slope2, seed, offset, off_bh, Mq, Mkv, p_drop, rp_drop,
+                       False, CAUSAL, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DROPOUT,
+                       HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION)
     dq = _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-                       offs_m, offs_d, full_hi, hi, Mkv, diag, qk_scale,
-                       True, CAUSAL, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION)
+                       offs_m, offs_d, b, hi, seq_q, seq_k, diag, qk_scale,
+                       win_left, win_right, cap_a, cap_b, slope2, seed, offset, off_bh, Mq, Mkv, p_drop, rp_drop,
+                       True, CAUSAL, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DROPOUT,
+                       HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION)
     dq = dq * softmax_scale
-    _store_rows(DQ + off_z * stride_dqz + off_h * stride_dqh + offs_m[:, None] * stride_dqm
-                + offs_d[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty), offs_m, Mq, offs_d, HEAD_DIM, BLOCK_D)
+    _store_rows(DQ + off_z * stride_dqz + off_h * stride_dqh + q_start * stride_dqm + offs_m[:, None] * stride_dqm
+                + offs_d[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty), offs_m, seq_q, offs_d, HEAD_DIM, BLOCK_D)

@@ -18,9 +18,73 @@ LOG2E = 1.4426950408889634  # 1/ln(2)
 
 
 def _strides(t: torch.Tensor, layout: str) -> tuple[int, int, int, int]:
-    """(batch, head, row, dim) strides of a tensor in either layout."""
+    """(batch, head, row, dim) strides of a tensor in any layout; packed varlen tensors
+    ("thd": (total, heads, D)) have no batch stride (sequences start at cu_seqlens rows)."""
     s = t.stride()
+    if layout == "thd":
+        return (0, s[1], s[0], s[2])
     return (s[0], s[2], s[1], s[3]) if layout == "bshd" else (s[0], s[1], s[2], s[3])
+
+
+def _lse_strides(problem: AttentionProblem, total_q: int) -> tuple[int, int]:
+    """(batch, head) strides of lse/delta: (B, H, Mq) dense, (H, total_q) varlen."""
+    return (0, total_q) if problem.varlen else (problem.H * problem.Mq, problem.Mq)
+
+
+def _lse_shape(problem: AttentionProblem, total_q: int) -> tuple[int, ...]:
+    return (problem.H, total_q) if problem.varlen else (problem.B, problem.H, problem.Mq)
+
+
+def feature_launch(problem: AttentionProblem, features, device: torch.device) -> tuple[list, dict]:
+    """(runtime arguments, constexprs) of the features, in the kernels' order: CuQ, CuK,
+    win_left, win_right, cap_a, cap_b, Slopes, stride_sz, stride_sh, seed, offset, p_drop,
+    rp_drop. Unused pointers get a 1-element dummy (never read: the constexpr is off)."""
+    left, right = problem.window
+    slopes = features.alibi_slopes if problem.alibi else None
+    dummy = _dummy(device)
+    cu_q = features.cu_seqlens_q if problem.varlen else dummy
+    cu_k = features.cu_seqlens_k if problem.varlen else dummy
+    if slopes is None:
+        slopes, s_z, s_h = _dummy(device, torch.float32), 0, 0
+    elif slopes.dim() == 1:
+        s_z, s_h = 0, slopes.stride(0)
+    else:
+        s_z, s_h = slopes.stride(0), slopes.stride(1)
+    cap = problem.softcap
+    p = problem.dropout_p
+    args = [cu_q, cu_k, max(left, 0), max(right, 0),
+            problem.softmax_scale / cap if cap else 0.0, cap * LOG2E if cap else 0.0,
+            slopes, s_z, s_h,
+            features.seed if p else 0, features.offset if p else 0, p, 1.0 / (1.0 - p)]
+    constexprs = dict(TOP_LEFT=problem.causal_alignment == "top_left", HAS_LEFT=left >= 0,
+                      HAS_RIGHT=right >= 0 and not problem.causal, SOFTCAP=bool(cap), ALIBI=problem.alibi is not None,
+                      DROPOUT=bool(p), VARLEN=problem.varlen)
+    return args, constexprs
+
+
+_DUMMIES: dict = {}
+
+
+def _dummy(device: torch.device, dtype: torch.dtype = torch.int32) -> torch.Tensor:
+    key = (device, dtype)
+    t = _DUMMIES.get(key)
+    if t is None:
+        t = _DUMMIES[key] = torch.zeros(2, dtype=dtype, device=device)
+    return t
+
+
+_NO_FEATURES = None  # FeatureArgs() built lazily (features imports problem)
+
+
+def _features(features):
+    global _NO_FEATURES
+    if features is not None:
+        return features
+    if _NO_FEATURES is None:
+        from fa2dispatch.features import FeatureArgs
+
+        _NO_FEATURES = FeatureArgs()
+    return _NO_FEATURES
 
 
 def _dot_precision(problem: AttentionProblem, device: DeviceInfo) -> str:
@@ -32,26 +96,29 @@ def _dot_precision(problem: AttentionProblem, device: DeviceInfo) -> str:
     return "ieee"
 
 
-def forward(problem: AttentionProblem, q, k, v, config: TritonConfig, device: DeviceInfo):
+def forward(problem: AttentionProblem, q, k, v, config: TritonConfig, device: DeviceInfo, features=None):
     from . import kernels
 
     B, H, Mq, Mkv, D = problem.B, problem.H, problem.Mq, problem.Mkv, problem.D
+    features = _features(features)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    lse = torch.empty((B, H, Mq), dtype=torch.float32, device=q.device)
+    lse = torch.empty(_lse_shape(problem, q.shape[0]), dtype=torch.float32, device=q.device)
+    fargs, fconst = feature_launch(problem, features, q.device)
     grid = (triton.cdiv(Mq, config.block_m) * B * H,)
     kernels.attn_fwd[grid](
         q, k, v, out, lse, problem.softmax_scale * LOG2E,
         *_strides(q, problem.layout), *_strides(k, problem.layout), *_strides(v, problem.layout),
-        *_strides(out, problem.layout),
-        H, problem.group, Mq, Mkv,
+        *_strides(out, problem.layout), *_lse_strides(problem, q.shape[0]),
+        H, problem.group, Mq, Mkv, *fargs,
         CAUSAL=problem.causal, HEAD_DIM=D, BLOCK_D=block_d(D),
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, DOT_PRECISION=_dot_precision(problem, device),
-        **config.launch_options(device.vendor),
+        **fconst, **config.launch_options(device.vendor),
     )
     return out, lse
 
 
-def backward(problem: AttentionProblem, dout, q, k, v, out, lse, dlse, config: TritonConfig, device: DeviceInfo):
+def backward(problem: AttentionProblem, dout, q, k, v, out, lse, dlse, config: TritonConfig, device: DeviceInfo,
+             features=None):
     """dq, dk, dv. ``dlse`` (the gradient reaching the returned lse, or None) folds into delta:
     dS = P * (dP - delta + dlse), since d lse_i / d S_ij = P_ij."""
     from . import kernels
@@ -61,11 +128,14 @@ def backward(problem: AttentionProblem, dout, q, k, v, out, lse, dlse, config: T
     precision = _dot_precision(problem, device)
     qk_scale = problem.softmax_scale * LOG2E
     opts = config.launch_options(device.vendor, backward=True)
+    features = _features(features)
+    fargs, fconst = feature_launch(problem, features, q.device)
+    lse_strides = _lse_strides(problem, q.shape[0])
 
-    delta = torch.empty((B, H, Mq), dtype=torch.float32, device=q.device)
+    delta = torch.empty(_lse_shape(problem, q.shape[0]), dtype=torch.float32, device=q.device)
     kernels.attn_bwd_preprocess[(triton.cdiv(Mq, config.dq_block_m) * B * H,)](
-        out, dout, delta, *_strides(out, layout), *_strides(dout, layout), H, Mq,
-        HEAD_DIM=D, BLOCK_D=bd, BLOCK_M=config.dq_block_m, **opts,
+        out, dout, delta, *_strides(out, layout), *_strides(dout, layout), *lse_strides, H, Mq, fargs[0],
+        HEAD_DIM=D, BLOCK_D=bd, BLOCK_M=config.dq_block_m, VARLEN=problem.varlen, **opts,
     )
     if dlse is not None:
         delta.sub_(dlse)
@@ -76,18 +146,18 @@ def backward(problem: AttentionProblem, dout, q, k, v, out, lse, dlse, config: T
     kernels.attn_bwd_dkdv[(triton.cdiv(Mkv, config.dkdv_block_n) * B * Hkv,)](
         q, k, v, dout, lse, delta, dk, dv, qk_scale, problem.softmax_scale,
         *_strides(q, layout), *_strides(k, layout), *_strides(v, layout), *_strides(dout, layout),
-        *_strides(dk, layout), *_strides(dv, layout),
-        H, Hkv, problem.group, Mq, Mkv,
+        *_strides(dk, layout), *_strides(dv, layout), *lse_strides,
+        H, Hkv, problem.group, Mq, Mkv, *fargs,
         CAUSAL=problem.causal, HEAD_DIM=D, BLOCK_D=bd,
-        BLOCK_M=config.dkdv_block_m, BLOCK_N=config.dkdv_block_n, DOT_PRECISION=precision, **opts,
+        BLOCK_M=config.dkdv_block_m, BLOCK_N=config.dkdv_block_n, DOT_PRECISION=precision, **fconst, **opts,
     )
     kernels.attn_bwd_dq[(triton.cdiv(Mq, config.dq_block_m) * B * H,)](
         q, k, v, dout, lse, delta, dq, qk_scale, problem.softmax_scale,
         *_strides(q, layout), *_strides(k, layout), *_strides(v, layout), *_strides(dout, layout),
-        *_strides(dq, layout),
-        H, problem.group, Mq, Mkv,
+        *_strides(dq, layout), *lse_strides,
+        H, problem.group, Mq, Mkv, *fargs,
         CAUSAL=problem.causal, HEAD_DIM=D, BLOCK_D=bd,
-        BLOCK_M=config.dq_block_m, BLOCK_N=config.dq_block_n, DOT_PRECISION=precision, **opts,
+        BLOCK_M=config.dq_block_m, BLOCK_N=config.dq_block_n, DOT_PRECISION=precision, **fconst, **opts,
     )
     return dq, dk, dv
 

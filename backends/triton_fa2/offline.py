@@ -26,8 +26,10 @@ TARGETS = {
     "gfx942": DeviceInfo("amd", "MI300X (offline)", "gfx942", None, 304, 64 * 1024, 64),
 }
 _POINTERS = {"Q", "K", "V", "Out", "DO", "DK", "DV", "DQ"}
-_FP32_POINTERS = {"Lse", "Delta"}
-_FLOATS = {"qk_scale", "softmax_scale"}
+_FP32_POINTERS = {"Lse", "Delta", "Slopes"}
+_I32_POINTERS = {"CuQ", "CuK"}
+_FLOATS = {"qk_scale", "softmax_scale", "cap_a", "cap_b", "p_drop", "rp_drop"}
+_I64 = {"seed", "offset"}  # the dropout RNG state: 64-bit values
 _TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 
@@ -50,18 +52,33 @@ def _signature(fn, constexprs: dict, dtype: str) -> dict:
             sig[name] = "*fp32"
         elif name in _FLOATS:
             sig[name] = "fp32"
+        elif name in _I32_POINTERS:
+            sig[name] = "*i32"
+        elif name in _I64:
+            sig[name] = "i64"
         else:
             sig[name] = "i32"
     return sig
 
 
-def kernel_launches(problem: AttentionProblem, config: TritonConfig) -> list[tuple[str, dict, bool]]:
-    """(kernel name, constexprs, is_backward) of every kernel a forward+backward call launches."""
-    common = dict(CAUSAL=problem.causal, HEAD_DIM=problem.D, BLOCK_D=block_d(problem.D))
+FEATURE_SETS = {
+    # what a forward+backward with every FlashAttention-2 feature on compiles to
+    "all": dict(HAS_LEFT=True, HAS_RIGHT=False, SOFTCAP=True, ALIBI=True, DROPOUT=True, VARLEN=True),
+    "window": dict(HAS_LEFT=True, HAS_RIGHT=True),
+}
+
+
+def kernel_launches(problem: AttentionProblem, config: TritonConfig,
+                    features: dict | None = None) -> list[tuple[str, dict, bool]]:
+    """(kernel name, constexprs, is_backward) of every kernel a forward+backward call launches;
+    ``features``: the feature constexprs (FEATURE_SETS) on top of the plain kernel's."""
+    common = dict(CAUSAL=problem.causal, HEAD_DIM=problem.D, BLOCK_D=block_d(problem.D), **(features or {}))
+    pre = dict(VARLEN=True) if features and features.get("VARLEN") else {}
     precision = "ieee" if problem.dtype == torch.float32 else "tf32"
     return [
         ("attn_fwd", dict(common, BLOCK_M=config.block_m, BLOCK_N=config.block_n, DOT_PRECISION=precision), False),
-        ("attn_bwd_preprocess", dict(HEAD_DIM=problem.D, BLOCK_D=block_d(problem.D), BLOCK_M=config.dq_block_m), True),
+        ("attn_bwd_preprocess", dict(HEAD_DIM=problem.D, BLOCK_D=block_d(problem.D), BLOCK_M=config.dq_block_m, **pre),
+         True),
         ("attn_bwd_dkdv", dict(common, BLOCK_M=config.dkdv_block_m, BLOCK_N=config.dkdv_block_n,
                                DOT_PRECISION=precision), True),
         ("attn_bwd_dq", dict(common, BLOCK_M=config.dq_block_m, BLOCK_N=config.dq_block_n,
@@ -70,7 +87,7 @@ def kernel_launches(problem: AttentionProblem, config: TritonConfig) -> list[tup
 
 
 def compile_report(target: str, dtype: torch.dtype, head_dim: int, causal: bool = True,
-                   config: TritonConfig | None = None) -> list[dict]:
+                   config: TritonConfig | None = None, features: str | None = None) -> list[dict]:
     """Compile every kernel of one problem kind for ``target``; one dict per kernel."""
     import triton
     from triton.compiler import ASTSource
@@ -84,7 +101,7 @@ def compile_report(target: str, dtype: torch.dtype, head_dim: int, causal: bool 
                                device=torch.device("cpu"), layout="bshd", causal=causal, softmax_scale=1.0)
     config = config or default_config(problem, device)
     rows = []
-    for name, constexprs, backward in kernel_launches(problem, config):
+    for name, constexprs, backward in kernel_launches(problem, config, FEATURE_SETS.get(features)):
         fn = getattr(kernels, name)
         src = ASTSource(fn, _signature(fn, constexprs, _TRITON_DTYPE[dtype]), constexprs)
         compiled = triton.compile(src, target=_gpu_target(device), options=config.launch_options(device.vendor, backward))
@@ -93,7 +110,7 @@ def compile_report(target: str, dtype: torch.dtype, head_dim: int, causal: bool 
             "target": target, "kernel": name, "dtype": str(dtype).removeprefix("torch."), "head_dim": head_dim,
             "shared_bytes": compiled.metadata.shared, "smem_limit": device.smem_per_block,
             "wgmma": "wgmma" in code, "mma": ("mma.sync" in code) or ("wgmma" in code) or ("mfma" in code),
-            "config": config.short(),
+            "config": config.short(), "features": features or "",
         })
     return rows
 
@@ -104,12 +121,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], action="append", required=True)
     parser.add_argument("--head-dim", type=int, action="append", required=True)
     parser.add_argument("--causal", choices=["true", "false"], default="true")
+    parser.add_argument("--features", choices=sorted(FEATURE_SETS), default=None,
+                        help="compile the kernels with these FlashAttention-2 features switched on")
     args = parser.parse_args(argv)
     rows = []
     for target in args.target:
         for dtype in args.dtype:
             for d in args.head_dim:
-                rows += compile_report(target, getattr(torch, dtype), d, args.causal == "true")
+                rows += compile_report(target, getattr(torch, dtype), d, args.causal == "true",
+                                       features=args.features)
     json.dump(rows, sys.stdout, indent=1)
     return 0
 

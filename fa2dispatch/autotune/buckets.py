@@ -68,7 +68,9 @@ class Bucket:
 
 
 def bucket_of(problem: AttentionProblem) -> Bucket:
-    features = ("lse",) if problem.return_lse and problem.requires_grad else ()
+    # FlashAttention-2's features change the kernel (and which backends can run it), so a
+    # feature call never borrows a plain bucket's winner.
+    features = problem.feature_names + (("lse",) if problem.return_lse and problem.requires_grad else ())
     return Bucket(
         mode="bwd" if problem.requires_grad else "fwd",
         dtype=str(problem.dtype).removeprefix("torch."),

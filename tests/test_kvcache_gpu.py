@@ -1,0 +1,105 @@
+"""attention_with_kvcache on a real GPU at realistic sizes: the Triton decode kernels (context
+32k, GQA 8:1, paged and contiguous, appends, chunked prefill, features) against float64 truth
+by STYLE.md's rule, what auto dispatch picks, and decode under CUDA graph capture.
+Skipped with the reason where there is no GPU (tests/conftest.py)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+from test_kvcache import KVCase, _call_args, check_kv_case, make_kv_inputs, run_backend, truth_and_lowprec
+
+import fa2dispatch
+from fa2dispatch.kvcache import attention_with_kvcache, explain_kvcache
+
+pytestmark = pytest.mark.gpu
+
+F16, BF16 = torch.float16, torch.bfloat16
+LONG = {"B": 4, "H": 32, "Hkv": 4, "D": 128, "capacity": 32768, "seqlens": (32767, 1000, 0, 20000)}
+GPU_CASES = [
+    KVCase(**LONG),  # decode at 32k, split count by heuristic
+    KVCase(**LONG, num_splits=1),
+    KVCase(**LONG, dtype=BF16, num_splits=16),
+    KVCase(**LONG, page=256),  # vLLM-style pages, one table read per key block
+    KVCase(**LONG, page=16, dtype=BF16),  # small pages: per-row page lookups
+    KVCase(B=2, H=32, Hkv=4, D=128, capacity=32768, seqlens=(32768, 9000), n_new=0),  # full cache, no append
+    # chunked prefill: 128 new queries appended and attended causally, GQA 8:1 and 4:1
+    KVCase(B=2, Mq=128, n_new=128, H=32, Hkv=4, D=128, capacity=8192, seqlens=(5000, 0), causal=True),
+    KVCase(B=2, Mq=128, n_new=128, H=16, Hkv=4, D=64, capacity=8192, seqlens=(8064, 77), causal=True, page=64,
+           dtype=BF16),
+    # head dims, MQA
+    KVCase(B=3, H=16, Hkv=1, D=256, capacity=4096, seqlens=(4095, 17, 2048)),
+    KVCase(B=3, H=8, Hkv=8, D=64, capacity=4096, seqlens=(4095, 17, 2048), dtype=torch.float32),
+    # features at 4k
+    KVCase(B=2, H=32, Hkv=4, D=128, capacity=4096, seqlens=(4000, 1500), window=(1024, -1), causal=True,
+           Mq=4, n_new=4),
+    KVCase(B=2, H=32, Hkv=4, D=128, capacity=4096, seqlens=(4000, 1500), window=(300, 200), Mq=8, n_new=8),
+    KVCase(B=2, H=32, Hkv=4, D=128, capacity=4096, seqlens=(4000, 1500), softcap=30.0, dtype=BF16),
+    KVCase(B=2, H=32, Hkv=4, D=128, capacity=4096, seqlens=(4000, 1500), alibi="bh", causal=True, page=256),
+]
+
+
+@pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: c.id)
+def test_triton_decode_gpu(case):
+    args = make_kv_inputs(case, device="cuda")
+    truth, low, expected = truth_and_lowprec(case, args)
+    out, lse = run_backend(case, args, "triton")
+    torch.cuda.synchronize()
+    check_kv_case(case, out, lse, args, truth, low, expected)
+
+
+def test_auto_dispatch_picks_triton_and_matches():
+    case = KVCase(**LONG)
+    args = make_kv_inputs(case, device="cuda")
+    decision = explain_kvcache(**_call_args(args))
+    assert decision.backend.name == "triton", str(decision)
+    truth, low, expected = truth_and_lowprec(case, args)
+    out, lse = attention_with_kvcache(**{**_call_args(args), "return_lse": True})
+    check_kv_case(case, out, lse, args, truth, low, expected)
+
+
+def test_value_checks_on_gpu():
+    """Lengths and page ids are checked on device tensors too (one sync), before any write."""
+    args = make_kv_inputs(KVCase(B=2, seqlens=(20, 41), page=16, capacity=64), device="cuda")
+    before = args["k_cache"].clone()
+    bad = dict(args, cache_seqlens=torch.tensor([64, 3], dtype=torch.int32, device="cuda"))
+    with pytest.raises(ValueError, match="cache_seqlens .*values must be in 0..63"):
+        attention_with_kvcache(**_call_args(bad))
+    table = args["block_table"].clone()
+    table[1, 0] = 1000
+    with pytest.raises(ValueError, match="block_table .*page ids"):
+        attention_with_kvcache(**_call_args(dict(args, block_table=table)))
+    assert torch.equal(args["k_cache"], before)
+
+
+def test_decode_under_cuda_graph():
+    """A decode step captured in a CUDA graph (value checks are skipped during capture) and
+    replayed with new lengths and new rows gives the answer of the eager call."""
+    case = KVCase(B=4, H=32, Hkv=4, D=128, capacity=4096, seqlens=(100, 4000, 0, 2500), page=256)
+    args = make_kv_inputs(case, device="cuda")
+    static = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in args.items()}
+    call = _call_args(static)
+    with fa2dispatch.use_backend("triton"):
+        attention_with_kvcache(**call)  # warm-up: compile outside the capture
+        static["k_cache"].copy_(args["k_cache"])
+        static["v_cache"].copy_(args["v_cache"])
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = attention_with_kvcache(**call)
+    # step: new lengths, queries and rows written into the static inputs, then replay
+    step = dict(args, cache_seqlens=args["cache_seqlens"] + 3, q=torch.randn_like(args["q"]),
+                k=torch.randn_like(args["k"]), v=torch.randn_like(args["v"]))
+    case2 = replace(case, seqlens=tuple(s + 3 for s in case.seqlens))
+    truth, low, expected = truth_and_lowprec(case2, step)
+    for name in ("q", "k", "v", "cache_seqlens"):
+        static[name].copy_(step[name])
+    static["k_cache"].copy_(args["k_cache"])
+    static["v_cache"].copy_(args["v_cache"])
+    graph.replay()
+    torch.cuda.synchronize()
+    from helpers import check_close
+
+    check_close("out", out, truth[0], low[0])
+    assert torch.equal(static["k_cache"], expected[0]) and torch.equal(static["v_cache"], expected[1])

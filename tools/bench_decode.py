@@ -1,0 +1,349 @@
+#!/usr/bin/env python3
+"""Benchmark fa2dispatch.attention_with_kvcache (decode) against the device's copy bandwidth
+and PyTorch SDPA, all measured in the same run; optionally the decode config sweep and
+attention_varlen against dense attention at equal total tokens.
+
+Decode case (BENCHMARKS.md target): GQA 8:1 (H=32, Hkv=4), D=128, float16, a full 32k
+context per sequence (cache_seqlens = 32768), Mq = 1, batch 1..64, contiguous cache.
+Every timing is fa2dispatch.autotune.timer.CudaTimer: warm-up, L2 flushed (256 MiB write)
+before each run, median between device events.
+
+- copy: ``dst.copy_(src)`` of a 2 GiB buffer; bandwidth = bytes read + bytes written / time.
+- ours, eager: the public call, ``attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=...)``,
+  with the value checks off (``kvcache.CHECK_VALUES = False``: no host sync, as in a decode
+  loop); ``chk`` is the same call with them on (one sync per call). The L2 flush before each
+  run gives the host a head start of one 256 MiB write; where the host's cost per call
+  (``host us``: enqueue rate of back-to-back calls) exceeds it, eager times include host time.
+- ours, graph: the same call captured in a CUDA graph and replayed (how serving engines run
+  decode steps): the GPU time alone. Effective bandwidth = K and V bytes of the cache the call
+  must read / time; ``%copy`` = that over the copy bandwidth. ``paged``: the same cache viewed
+  as 256-row pages in shuffled order through ``block_table``, in a CUDA graph.
+- SDPA: ``torch.nn.functional.scaled_dot_product_attention`` on the same tensors (the cache
+  viewed as (B, Hkv, S, D)) pinned to each backend through ``sdpa_kernel``, eager and in a
+  CUDA graph: first with ``enable_gqa=True``; a backend that refuses it gets K/V expanded to H
+  heads (a copy made outside the timing, when it fits in memory; never for MATH). The best
+  backend of each mode is reported.
+
+    python tools/bench_decode.py --out decode.json
+    python tools/bench_decode.py --sweep --batches 1,8,64      # decode configs (block_n, stages, warps, splits)
+    python tools/bench_decode.py --varlen                      # attention_varlen vs dense, if it exists
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+from datetime import datetime, timezone
+
+CONTEXT = 32768
+H, HKV, D = 32, 4, 128
+BATCHES = (1, 2, 4, 8, 16, 32, 64)
+# (decode_block_n, decode_num_stages, decode_num_warps) timed by --sweep, each at the heuristic's
+# split count, half and twice it, and 1
+SWEEP_CONFIGS = ((32, 4, 4), (64, 2, 4), (64, 3, 4), (64, 4, 4), (64, 3, 2), (128, 2, 4), (128, 3, 4),
+                 (128, 2, 8), (128, 3, 8))
+SDPA = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "MATH")
+
+
+def bind(fn, *args, **kwargs):
+    """A no-argument call of fn with these arguments, bound now (not at call time)."""
+    return lambda: fn(*args, **kwargs)
+
+
+def _timer(runs: int):
+    from fa2dispatch.autotune.timer import CudaTimer
+
+    return CudaTimer(runs=runs)
+
+
+def copy_bandwidth(timer, nbytes: int = 2 << 30) -> dict:
+    import torch
+
+    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda").fill_(1)
+    dst = torch.empty_like(src)
+    t = timer(bind(dst.copy_, src))
+    del src, dst
+    torch.cuda.empty_cache()
+    return {"bytes": nbytes, "ms": t.ms, "GBps": 2 * nbytes / (t.ms * 1e-3) / 1e9}
+
+
+def make_decode(B: int, dtype, context: int = CONTEXT, seed: int = 0):
+    import torch
+
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    q = torch.randn(B, 1, H, D, device="cuda", dtype=dtype, generator=g)
+    k_cache = torch.randn(B, context, HKV, D, device="cuda", dtype=dtype, generator=g)
+    v_cache = torch.randn(B, context, HKV, D, device="cuda", dtype=dtype, generator=g)
+    seqlens = torch.full((B,), context, dtype=torch.int32, device="cuda")
+    return q, k_cache, v_cache, seqlens
+
+
+def graph_of(fn):
+    """``fn`` captured in a CUDA graph (after two warm-up calls on a side stream, which compile
+    and allocate): replaying it costs one launch, so its timing is the GPU time alone."""
+    import torch
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0][:160] if text else ''}"
+
+
+def sdpa_times(q, k_cache, v_cache, timer) -> dict:
+    """Per SDPA backend on the same call: eager ms and CUDA-graph ms (None with the reason
+    where it cannot run it)."""
+    import torch
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    qs = q.transpose(1, 2)  # (B, H, 1, D)
+    ks, vs = k_cache.transpose(1, 2), v_cache.transpose(1, 2)  # (B, Hkv, S, D) views of the cache
+    results = {}
+    for name in SDPA:
+        backend = getattr(SDPBackend, name)
+        entry = {"ms": None, "graph_ms": None}
+        ke = ve = None
+        try:
+            with sdpa_kernel([backend]):
+                F.scaled_dot_product_attention(qs, ks, vs, enable_gqa=True)
+            call, entry["how"] = bind(F.scaled_dot_product_attention, qs, ks, vs, enable_gqa=True), "enable_gqa"
+        except Exception as exc:  # noqa: BLE001 - each backend's refusal is data
+            first = _first_line(exc)
+            free, _ = torch.cuda.mem_get_info()
+            need = 2 * ks.numel() * ks.element_size() * (H // HKV)
+            if need > 0.8 * free or name == "MATH":
+                results[name.lower()] = dict(entry, how=f"enable_gqa refused ({first}); expanded K/V "
+                                                        f"({need / 2**30:.1f} GiB) not tried")
+                continue
+            ke = ks.repeat_interleave(H // HKV, dim=1)
+            ve = vs.repeat_interleave(H // HKV, dim=1)
+            call, entry["how"] = bind(F.scaled_dot_product_attention, qs, ke, ve), \
+                f"expanded K/V (enable_gqa refused: {first})"
+        try:
+            with sdpa_kernel([backend]):
+                entry["ms"] = timer(call).ms
+                try:
+                    entry["graph_ms"] = timer(graph_of(call).replay).ms
+                except Exception as exc:  # noqa: BLE001
+                    entry["graph_error"] = _first_line(exc)
+        except Exception as exc:  # noqa: BLE001
+            entry["how"] += f"; failed: {_first_line(exc)}"
+        results[name.lower()] = entry
+        del ke, ve, call
+        torch.cuda.empty_cache()
+    return results
+
+
+def decode_rows(batches, dtype, timer, copy_gbps: float, with_sdpa: bool = True) -> list[dict]:
+    import time
+
+    import torch
+    from fa2dispatch.backends.triton_fa2.decode_launch import plan
+
+    import fa2dispatch.kvcache as kvc
+    from fa2dispatch.hardware import device_info
+
+    rows = []
+    for B in batches:
+        q, kc, vc, seqlens = make_decode(B, dtype)
+        cache_bytes = 2 * kc.numel() * kc.element_size()  # K and V, every position valid
+        call = bind(kvc.attention_with_kvcache, q, kc, vc, cache_seqlens=seqlens)
+        kvc.CHECK_VALUES = False
+        decision = kvc.explain_kvcache(q, kc, vc, cache_seqlens=seqlens)
+        eager = timer(call)
+        graph = timer(graph_of(call).replay)
+        call()
+        torch.cuda.synchronize()
+        n = 200
+        start = time.perf_counter()
+        for _ in range(n):
+            call()
+        host_us = (time.perf_counter() - start) * 1e6 / n  # enqueue rate: the host's cost per call
+        torch.cuda.synchronize()
+        kvc.CHECK_VALUES = True
+        checked = timer(call)
+        kvc.CHECK_VALUES = False
+        problem, kv = kvc.prepare(q, kc, vc, None, None, seqlens, None, False, None, (-1, -1), 0.0, None, 0, False)
+        p = plan(problem, kv, decision.config, device_info(q.device)) if decision.backend.name == "triton" else None
+        row = {"B": B, "context": CONTEXT, "H": H, "Hkv": HKV, "D": D, "dtype": str(dtype).removeprefix("torch."),
+               "backend": decision.backend.name, "plan": None if p is None else p.__dict__,
+               "ours_ms": eager.ms, "ours_spread_ms": eager.spread, "ours_graph_ms": graph.ms,
+               "ours_checked_ms": checked.ms, "host_us_per_call": host_us, "cache_GB": cache_bytes / 1e9,
+               "ours_GBps": cache_bytes / (eager.ms * 1e-3) / 1e9,
+               "ours_graph_GBps": cache_bytes / (graph.ms * 1e-3) / 1e9}
+        row["frac_copy"] = row["ours_GBps"] / copy_gbps
+        row["graph_frac_copy"] = row["ours_graph_GBps"] / copy_gbps
+        # the same cache as 256-row pages in shuffled order (vLLM's layout), CUDA graph
+        page = 256
+        n_pages = kc.shape[0] * kc.shape[1] // page
+        table = torch.randperm(n_pages, device="cuda").to(torch.int32).reshape(B, -1)
+        kp, vp = (t.view(n_pages, page, HKV, D) for t in (kc, vc))
+        paged = timer(graph_of(bind(kvc.attention_with_kvcache, q, kp, vp, cache_seqlens=seqlens,
+                                    block_table=table)).replay)
+        row["paged256_graph_ms"] = paged.ms
+        row["paged256_graph_frac_copy"] = cache_bytes / (paged.ms * 1e-3) / 1e9 / copy_gbps
+        if with_sdpa:
+            sd = sdpa_times(q, kc, vc, timer)
+            for mode, key in (("", "ms"), ("graph_", "graph_ms")):
+                ok = {k: v[key] for k, v in sd.items() if v.get(key) is not None}
+                best = min(ok, key=ok.get) if ok else None
+                ours = row["ours_graph_ms" if mode else "ours_ms"]
+                row.update({f"sdpa_{mode}best": best, f"sdpa_{mode}best_ms": ok.get(best),
+                            f"{mode}speedup_vs_sdpa": (ok[best] / ours) if best else None})
+            row["sdpa"] = sd
+        rows.append(row)
+        del q, kc, vc, call
+        torch.cuda.empty_cache()
+        print(_fmt_row(row), flush=True)
+    return rows
+
+
+def _fmt_row(r: dict) -> str:
+    def sd(mode):
+        best = r.get(f"sdpa_{mode}best")
+        if not best:
+            return f"{'-':>9} {'-':>8} {'-':>7}"
+        return f"{best.removesuffix('_attention'):>9} {r[f'sdpa_{mode}best_ms'] * 1e3:8.1f} " \
+               f"{r[f'{mode}speedup_vs_sdpa']:6.2f}x"
+
+    splits = r["plan"]["num_splits"] if r.get("plan") else "-"
+    return (f"{r['B']:>3} {splits:>6} {r['host_us_per_call']:7.1f} | {r['ours_ms'] * 1e3:8.1f} "
+            f"{r['ours_checked_ms'] * 1e3:8.1f} {r['ours_GBps']:6.0f} {r['frac_copy'] * 100:5.1f}% {sd('')} | "
+            f"{r['ours_graph_ms'] * 1e3:8.1f} {r['ours_graph_GBps']:6.0f} {r['graph_frac_copy'] * 100:5.1f}% "
+            f"{sd('graph_')} | {r['paged256_graph_ms'] * 1e3:8.1f} {r['paged256_graph_frac_copy'] * 100:5.1f}%")
+
+
+HEADER = (f"{'B':>3} {'splits':>6} {'host us':>7} | {'eager us':>8} {'chk us':>8} {'GB/s':>6} {'%copy':>6} "
+          f"{'sdpa':>9} {'sdpa us':>8} {'speedup':>7} | {'graph us':>8} {'GB/s':>6} {'%copy':>6} "
+          f"{'sdpa':>9} {'sdpa us':>8} {'speedup':>7} | {'paged us':>8} {'%copy':>6}")
+
+
+def sweep(batches, dtype, timer) -> list[dict]:
+    """Time decode configs through the launcher directly (the public call's plan overridden),
+    each captured in a CUDA graph: the GPU time of the config, without the host's cost."""
+    import torch
+    from fa2dispatch.backends.triton_fa2.config import TritonConfig
+    from fa2dispatch.backends.triton_fa2.decode_launch import forward_kvcache, plan
+
+    from fa2dispatch.hardware import device_info
+    from fa2dispatch.kvcache import prepare
+
+    rows = []
+    for B in batches:
+        q, kc, vc, seqlens = make_decode(B, dtype)
+        problem, kv = prepare(q, kc, vc, None, None, seqlens, None, False, None, (-1, -1), 0.0, None, 0, False)
+        dev = device_info(q.device)
+        cache_bytes = 2 * kc.numel() * kc.element_size()
+        auto = plan(problem, kv, None, dev).num_splits
+        split_opts = sorted({1, auto, max(1, auto // 2), min(128, auto * 2)})
+        for block_n, stages, warps in SWEEP_CONFIGS:
+            for splits in split_opts:
+                cfg = TritonConfig(decode_block_n=block_n, decode_num_stages=stages, decode_num_warps=warps,
+                                   num_splits=splits)
+                try:
+                    t = timer(graph_of(bind(forward_kvcache, problem, q, kc, vc, kv, cfg, dev)).replay)
+                except Exception as exc:  # noqa: BLE001 - out of resources etc. is data
+                    rows.append({"B": B, "block_n": block_n, "stages": stages, "warps": warps,
+                                 "splits": splits, "error": f"{type(exc).__name__}"})
+                    continue
+                used = plan(problem, kv, cfg, dev).num_splits
+                rows.append({"B": B, "block_n": block_n, "stages": stages, "warps": warps,
+                             "splits": splits, "splits_used": used, "ms": t.ms,
+                             "GBps": cache_bytes / (t.ms * 1e-3) / 1e9})
+        best = min((r for r in rows if r["B"] == B and "ms" in r), key=lambda r: r["ms"])
+        print(f"sweep B={B}: best {best}", flush=True)
+        del q, kc, vc
+        torch.cuda.empty_cache()
+    return rows
+
+
+def varlen_rows(timer, dtype) -> list[dict]:
+    """attention_varlen (equal lengths packed) against dense attention at the same total tokens."""
+    import torch
+
+    import fa2dispatch
+
+    if not hasattr(fa2dispatch, "attention_varlen"):
+        print("varlen: fa2dispatch.attention_varlen does not exist yet; skipped", flush=True)
+        return []
+    rows = []
+    total = 16384
+    for seqlen in (512, 2048, 8192):
+        for causal in (False, True):
+            B = total // seqlen
+            q = torch.randn(B, seqlen, 16, 128, device="cuda", dtype=dtype)
+            k, v = torch.randn_like(q), torch.randn_like(q)
+            cu = torch.arange(0, total + 1, seqlen, dtype=torch.int32, device="cuda")
+            qp, kp, vp = (t.reshape(total, 16, 128) for t in (q, k, v))
+            dense = timer(bind(fa2dispatch.attention, q, k, v, causal=causal))
+            packed = timer(bind(fa2dispatch.attention_varlen, qp, kp, vp, cu, cu, seqlen, seqlen, causal=causal))
+            rows.append({"total_tokens": total, "seqlen": seqlen, "B": B, "causal": causal, "dense_ms": dense.ms,
+                         "varlen_ms": packed.ms, "varlen_over_dense": packed.ms / dense.ms})
+            print(f"varlen S={seqlen:>5} causal={causal!s:>5}: dense {dense.ms * 1e3:8.1f} us, "
+                  f"varlen {packed.ms * 1e3:8.1f} us, ratio {packed.ms / dense.ms:.3f}", flush=True)
+    return rows
+
+
+def environment() -> dict:
+    import torch
+    import triton
+
+    props = torch.cuda.get_device_properties(0)
+    return {"device": props.name, "sm_count": props.multi_processor_count,
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "torch": torch.__version__,
+            "triton": triton.__version__, "cuda": torch.version.cuda, "python": platform.python_version()}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batches", default=",".join(map(str, BATCHES)))
+    ap.add_argument("--dtype", default="float16", choices=("float16", "bfloat16"))
+    ap.add_argument("--runs", type=int, default=30)
+    ap.add_argument("--no-decode", action="store_true", help="skip the decode table")
+    ap.add_argument("--no-sdpa", action="store_true")
+    ap.add_argument("--sweep", action="store_true", help="also time decode configs")
+    ap.add_argument("--sweep-batches", default="1,2,4,8,16")
+    ap.add_argument("--varlen", action="store_true", help="also time attention_varlen against dense attention")
+    ap.add_argument("--out", default=None, help="write the results as JSON here")
+    args = ap.parse_args(argv)
+
+    import torch
+
+    if not torch.cuda.is_available():
+        print("bench_decode needs a CUDA GPU", file=sys.stderr)
+        return 2
+    dtype = getattr(torch, args.dtype)
+    timer = _timer(args.runs)
+    result = {"env": environment()}
+    result["copy"] = copy_bandwidth(timer)
+    print(f"{result['env']}\ncopy bandwidth: {result['copy']['GBps']:.0f} GB/s (2 GiB dst.copy_(src), read + write)",
+          flush=True)
+    if not args.no_decode:
+        print(f"decode: H={H} Hkv={HKV} D={D} {args.dtype} context {CONTEXT}, Mq=1\n{HEADER}", flush=True)
+        result["decode"] = decode_rows([int(b) for b in args.batches.split(",")], dtype, timer,
+                                       result["copy"]["GBps"], not args.no_sdpa)
+    if args.sweep:
+        result["sweep"] = sweep([int(b) for b in args.sweep_batches.split(",")], dtype, timer)
+    if args.varlen:
+        result["varlen"] = varlen_rows(timer, dtype)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -11,6 +11,9 @@
 #   FP8_BENCH_ARGS="--quick" ...                                        # also run tools/bench_fp8.py
 #   SKIP_OVERHEAD=1 ...                                                 # no dispatch-overhead run
 #   PYTEST_ARGS="-n 4" ...                                              # extra pytest arguments
+#   DECODE_BENCH_ARGS="--varlen" ...                                    # also run tools/bench_decode.py
+#   FUZZ_ARGS="--n 1000" ...                                            # also run tools/fuzz.py
+#   HOPPER_SWEEP_ARGS="--head-dims 128" ...                             # also run tools/sweep_hopper.py
 #
 # Everything worth keeping lands in $OUT/results.tar.gz (the device tool returns at most 8
 # files): gpu_tests.log, report.txt, report.json, overhead.*, bench*.log/json/md, autotune files.
@@ -118,6 +121,25 @@ if [ -n "${FP8_BENCH_ARGS:-}" ]; then
     read -r -a fp8_args <<< "$FP8_BENCH_ARGS"
     PYTHONUNBUFFERED=1 python3 tools/bench_fp8.py --out "$OUT/bench_fp8" "${fp8_args[@]}" 2>&1 | tee "$OUT/bench_fp8.log"
     echo "fp8 bench exit ${PIPESTATUS[0]}"
+fi
+if [ -n "${DECODE_BENCH_ARGS:-}" ]; then
+    echo "== benchmark: KV-cache decode and varlen"
+    read -r -a decode_args <<< "$DECODE_BENCH_ARGS"
+    PYTHONUNBUFFERED=1 python3 tools/bench_decode.py --out "$OUT/bench_decode.json" "${decode_args[@]}" 2>&1 \
+        | tee "$OUT/bench_decode.log"
+    echo "decode bench exit ${PIPESTATUS[0]}"
+fi
+if [ -n "${FUZZ_ARGS:-}" ]; then
+    echo "== numerics fuzz"
+    read -r -a fuzz_args <<< "$FUZZ_ARGS"
+    PYTHONUNBUFFERED=1 python3 tools/fuzz.py "${fuzz_args[@]}" 2>&1 | tail -n 80 | tee "$OUT/fuzz.log"
+    echo "fuzz exit ${PIPESTATUS[0]}"
+fi
+if [ -n "${HOPPER_SWEEP_ARGS:-}" ]; then
+    echo "== Hopper forward sweep"
+    read -r -a sweep_args <<< "$HOPPER_SWEEP_ARGS"
+    PYTHONUNBUFFERED=1 python3 tools/sweep_hopper.py "${sweep_args[@]}" 2>&1 | tee "$OUT/sweep_hopper.log"
+    echo "hopper sweep exit ${PIPESTATUS[0]}"
 fi
 set -e
 

@@ -6,6 +6,8 @@ the launch parameters. On CPU tensors the kernels run under ``TRITON_INTERPRET=1
 
 from __future__ import annotations
 
+import threading
+
 import torch
 from packaging.version import Version
 
@@ -53,6 +55,60 @@ def triton_reasons(device: DeviceInfo) -> list[str]:
     return reasons
 
 
+INT32_OFFSETS = 2**31  # row offsets inside one batch element are int32 products in the kernels
+
+
+def offset_reasons(problem: AttentionProblem) -> list[str]:
+    """The kernels form a row's offset inside one batch element (or one packed sequence) as an
+    int32 product (row x row stride): a batch element of 2^31 elements or more would wrap.
+    Batch and head offsets are 64-bit. Refused rather than computed wrong (RELIABILITY.md)."""
+    rows = max(problem.Mq * problem.H, problem.Mkv * problem.Hkv) * problem.D
+    if rows >= INT32_OFFSETS:
+        return [f"one batch element holds {rows} elements (Mq*H*D or Mkv*Hkv*D); row offsets inside it are "
+                f"32-bit (supported: < 2^31)"]
+    return []
+
+
+def stride_reasons(problem: AttentionProblem, **tensors) -> list[str]:
+    """``offset_reasons`` for the actual strides: a view (q of a packed qkv, say) can reach 2^31
+    elements inside one batch element with a shape that alone would not."""
+    out = []
+    for name, t in tensors.items():
+        s = t.stride()
+        if problem.layout == "thd":
+            rows, row, dim = problem.Mq if name in ("q", "out", "dout") else problem.Mkv, s[0], s[2]
+        elif problem.layout == "bshd":
+            rows, row, dim = t.shape[1], s[1], s[3]
+        else:
+            rows, row, dim = t.shape[2], s[2], s[3]
+        reach = (rows - 1) * abs(row) + (t.shape[-1] - 1) * abs(dim)
+        if reach >= INT32_OFFSETS:
+            out.append(f"{name}'s rows reach element {reach} of a batch element (row stride {row}); row offsets "
+                       "inside a batch element are 32-bit (supported: < 2^31)")
+    return out
+
+
+_HOPPER_OK: dict = {}
+_THREAD = threading.local()
+
+
+def ensure_cuda_context(device: torch.device) -> None:
+    """Make the device's CUDA context current in this thread, once per thread and device.
+
+    Host-side tensor descriptors (TMA) are encoded through the driver API, which needs a
+    current context; a thread that has only run torch ops from the caching allocator may not
+    have one yet ("Failed to create tensor map descriptor: invalid device context", seen from
+    worker threads on the H100). A stream query makes the runtime bind it."""
+    if device.type != "cuda":
+        return
+    done = getattr(_THREAD, "devices", None)
+    if done is None:
+        done = _THREAD.devices = set()
+    if device.index not in done:
+        torch.cuda.current_stream(device).query()
+        done.add(device.index)  # (problem, config) -> whether the Hopper forward takes it
+
+
 class TritonBackend(Backend):
     name = "triton"
     description = "FlashAttention-2 forward + deterministic backward in Triton (NVIDIA, AMD, CPU interpreter)"
@@ -62,6 +118,10 @@ class TritonBackend(Backend):
     packages = ("triton",)
     dtypes = (torch.float16, torch.bfloat16, torch.float32)
     deterministic = True  # dQ and dK/dV are summed on chip; no atomics
+    supports_kvcache = supports_paged_kv = True  # decode_launch.py: split-KV decode, paged or not
+    # kernels.py: constexpr-gated, so a plain call compiles to the plain kernel
+    supports_window = supports_softcap = supports_alibi = supports_dropout = True
+    supports_top_left = supports_varlen = True
     config_type = TritonConfig
 
     def version(self, device: DeviceInfo) -> str:
@@ -71,12 +131,13 @@ class TritonBackend(Backend):
         return super().available(device) or triton_reasons(device)
 
     def not_supported_reasons(self, problem: AttentionProblem, device: DeviceInfo) -> list[str]:
-        from .launch import grid_reasons
-
         reasons = super().not_supported_reasons(problem, device)
         if reasons:
             return reasons
+        from .launch import grid_reasons  # imports triton: only once the base checks found it installed
+
         reasons.extend(grid_reasons(problem, default_config(problem, device)))
+        reasons.extend(offset_reasons(problem))
         if problem.dtype == torch.bfloat16 and device.vendor == "cpu" and not device.simulated and _interpreting():
             from .interpreter import bf16_defects
 
@@ -91,12 +152,34 @@ class TritonBackend(Backend):
 
         return grid_reasons(problem, config)
 
-    def forward(self, problem, q, k, v, config):
+    def forward(self, problem, q, k, v, config, features=None):
         from .launch import forward  # lazily: importing launch imports Triton
 
-        return forward(problem, q, k, v, config, device_info(q.device))
+        too_far = stride_reasons(problem, q=q, k=k, v=v)
+        if too_far:  # a run-time refusal: the dispatcher's fallback takes the call elsewhere
+            raise NotImplementedError("triton: " + "; ".join(too_far))
+        device = device_info(q.device)
+        if config.fwd_kernel == "hopper" and features is None:
+            from . import launch_hopper
 
-    def backward(self, problem, dout, q, k, v, out, lse, config, dlse=None):
+            ok = _HOPPER_OK.get((problem, config))
+            if ok is None:  # once per problem and config: the warm path stays a lookup
+                ok = _HOPPER_OK[(problem, config)] = not launch_hopper.reasons(problem, config, device)
+            if ok:
+                ensure_cuda_context(q.device)
+                return launch_hopper.forward(problem, q, k, v, config, device, checked=True)
+        return forward(problem, q, k, v, config, device, features)
+
+    def backward(self, problem, dout, q, k, v, out, lse, config, dlse=None, features=None):
         from .launch import backward
 
-        return backward(problem, dout, q, k, v, out, lse, dlse, config, device_info(q.device))
+        too_far = stride_reasons(problem, q=q, k=k, v=v, out=out, dout=dout)
+        if too_far:
+            raise NotImplementedError("triton: " + "; ".join(too_far))
+        return backward(problem, dout, q, k, v, out, lse, dlse, config, device_info(q.device), features)
+
+    def forward_kvcache(self, problem, q, k_cache, v_cache, kv, config):
+        from .decode_launch import forward_kvcache
+
+        return forward_kvcache(problem, q, k_cache, v_cache, kv, config, device_info(q.device))
+

@@ -7,7 +7,7 @@ CDNA tuning guidance; the H100 autotune cache replaces them where it has a winne
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -36,6 +36,19 @@ class TritonConfig(Config):
     waves_per_eu: int = 0
     matrix_instr_nonkdim: int = 0
     kpack: int = 0
+    # KV-cache decode (decode.py; 0 = decode_launch.py's heuristic): keys per block, warps and
+    # pipeline stages of the split-KV kernel, and the number of splits of the key range
+    decode_block_n: int = 0
+    decode_num_warps: int = 0
+    decode_num_stages: int = 0
+    num_splits: int = 0
+    # forward kernel: "" the plain kernel (kernels.py, every feature); "hopper" the sm_90 kernel
+    # with tensor descriptors (kernels_hopper.py; plain calls only, others take the plain kernel
+    # with the same blocks). fwd_order 1: heaviest query blocks first (causal); fwd_maxnreg: a
+    # register cap (128: two 8-warp programs per SM), 0 the compiler's choice
+    fwd_kernel: str = ""
+    fwd_order: int = 0
+    fwd_maxnreg: int = 0
 
     def launch_options(self, vendor: str, backward: bool = False) -> dict:
         """Keyword arguments for a kernel launch on this vendor."""
@@ -90,10 +103,34 @@ def default_config(problem: AttentionProblem, device: DeviceInfo) -> TritonConfi
     else:
         bwd = dict(dkdv_block_m=64, dkdv_block_n=64, dq_block_m=64, dq_block_n=64, bwd_num_warps=4, bwd_num_stages=2)
     if bd >= 128:
+        hopper = _hopper_default(problem, device, TritonConfig(block_m=128, block_n=128, num_warps=8,
+                                                               num_stages=2 if small_smem else 3, **bwd))
+        if hopper is not None:
+            return hopper
         # 128-key blocks were faster in every measured case at D=128 on the H100 (geomean 462
         # against 438 TFLOP/s, tools/sweep_configs.py --mode fwd; 64 KB of shared memory as
         # compiled). Measured on Hopper only: other parts keep 64-key blocks until tuned there.
         hopper = device.capability is not None and device.capability >= (9, 0)
         return TritonConfig(block_m=128, block_n=128 if hopper else 64, num_warps=8,
                             num_stages=2 if small_smem else 3, **bwd)
-    return TritonConfig(block_m=128, block_n=64, num_warps=4, num_stages=3, **bwd)
+    plain = TritonConfig(block_m=128, block_n=64, num_warps=4, num_stages=3, **bwd)
+    return _hopper_default(problem, device, plain) or plain
+
+
+def _hopper_default(problem: AttentionProblem, device: DeviceInfo, base: TritonConfig) -> TritonConfig | None:
+    """On sm_90, plain fp16/bf16 calls with D <= 128 default to the Hopper forward (tensor
+    descriptors, a 128-register cap so two programs share an SM) with the tiles measured
+    fastest for their kind (launch_hopper.measured_choice: +4-31% over the plain kernel's
+    default in every BENCH_PROTOCOL case, docs/HOPPER_ATTEMPTS.md). None elsewhere."""
+    hopper = device.vendor == "nvidia" and device.capability is not None and device.capability >= (9, 0)
+    if not hopper or problem.feature_names or problem.dtype not in (torch.float16, torch.bfloat16):
+        return None
+    try:
+        from .launch_hopper import measured_choice
+    except ImportError:  # no triton: nothing runs here anyway (the backend says why)
+        return None
+    choice = measured_choice(problem, base)
+    if choice is None:
+        return None
+    config, options = choice
+    return replace(config, fwd_kernel="hopper", fwd_order=options.order, fwd_maxnreg=options.maxnreg)

@@ -45,11 +45,11 @@ class TritonFP8Backend(Backend):
         return reasons
 
     def not_supported_reasons(self, problem: AttentionProblem, device: DeviceInfo) -> list[str]:
-        from .launch import grid_reasons
-
         reasons = super().not_supported_reasons(problem, device)
         if reasons:
             return reasons
+        from .launch import grid_reasons  # imports triton: only once the base checks found it installed
+
         return grid_reasons(problem, default_config(problem, device))
 
     def default_config(self, problem: AttentionProblem, device: DeviceInfo) -> FP8Config:
@@ -64,6 +64,8 @@ class TritonFP8Backend(Backend):
         return grid_reasons(problem, config)
 
     def forward(self, problem, q, k, v, config, fp8_args=None):
+        from ..triton_fa2 import ensure_cuda_context
         from .launch import forward  # lazily: importing launch imports Triton
 
+        ensure_cuda_context(q.device)  # its tensor descriptors need a current context in this thread
         return forward(problem, q, k, v, config, device_info(q.device), fp8_args)

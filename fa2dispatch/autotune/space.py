@@ -19,6 +19,9 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass, replace
 
+import torch
+
+from fa2dispatch.dispatch import _reasons as dispatch_reasons
 from fa2dispatch.backends import BACKENDS, Config
 from fa2dispatch.backends.triton_fa2.config import TritonConfig, block_d
 from fa2dispatch.hardware import DeviceInfo
@@ -35,6 +38,15 @@ _NV_FWD = {
     "default": [(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 128, 4, 3),
                 (128, 128, 8, 2), (128, 64, 4, 2)],
     "full": list(itertools.product((32, 64, 128, 256), (32, 64, 128), (4, 8), (1, 2, 3, 4))),
+}
+# The sm_90 forward with tensor descriptors (kernels_hopper.py): (block_m, block_n, num_warps,
+# num_stages, fwd_maxnreg, fwd_order) around the points tools/sweep_hopper.py measured fastest
+# (docs/HOPPER_ATTEMPTS.md); fp16/bf16 with D <= 128 only.
+_NV_HOPPER_FWD = {
+    "quick": [(128, 64, 8, 2, 128, 0), (128, 128, 8, 2, 128, 0)],
+    "default": [(128, 64, 8, 2, 128, 0), (128, 64, 8, 2, 128, 1), (128, 128, 8, 2, 128, 0),
+                (128, 64, 4, 3, 168, 0), (128, 128, 8, 2, 0, 0)],
+    "full": list(itertools.product((64, 128), (64, 128), (4, 8), (2, 3), (0, 128, 168), (0, 1))),
 }
 # Backward (dkdv_block_m, dkdv_block_n, bwd_num_warps, bwd_num_stages); the dQ kernel takes
 # the transposed blocks (dq_block_m = dkdv_block_n, dq_block_n = dkdv_block_m), as in FA2.
@@ -113,10 +125,17 @@ def _triton_configs(problem: AttentionProblem, device: DeviceInfo, level: str,
     # a backward bucket also varies its fields around the tuned forward base.
     out = [default, base]
     if not backward:
+        plain = replace(base, fwd_kernel="", fwd_order=0, fwd_maxnreg=0)
         for point in (_AMD_FWD if amd else _NV_FWD)[level]:
             m, n, w, s, *rest = point
             extra = dict(zip(("waves_per_eu", "matrix_instr_nonkdim", "kpack"), rest))
-            out.append(replace(base, block_m=m, block_n=n, num_warps=w, num_stages=s, **extra))
+            out.append(replace(plain, block_m=m, block_n=n, num_warps=w, num_stages=s, **extra))
+        hopper = (device.vendor == "nvidia" and device.capability is not None and device.capability >= (9, 0)
+                  and problem.D <= 128 and problem.dtype in (torch.float16, torch.bfloat16)
+                  and not problem.feature_names)
+        for m, n, w, s, reg, order in (_NV_HOPPER_FWD[level] if hopper else ()):
+            out.append(replace(plain, block_m=m, block_n=n, num_warps=w, num_stages=s, fwd_kernel="hopper",
+                               fwd_maxnreg=reg, fwd_order=order))
     else:
         for m, n, w, s in (_AMD_BWD if amd else _NV_BWD)[level]:
             out.append(replace(base, dkdv_block_m=m, dkdv_block_n=n, dq_block_m=n, dq_block_n=m,
@@ -139,7 +158,7 @@ def candidates(problem: AttentionProblem, device: DeviceInfo, backends: list[str
     pruned: list[tuple[Candidate, str]] = []
     for name in backends:
         backend = BACKENDS[name]
-        if backend.not_supported_reasons(problem, device):
+        if dispatch_reasons(backend, problem, device):  # guarded: one broken backend never stops a tuning run
             continue
         if name != "triton":
             for config in backend.config_space(problem, device) or [None]:

@@ -14,6 +14,8 @@ import argparse
 import os
 import sys
 import time
+from pathlib import Path
+from typing import NoReturn
 
 
 def _prepare_interpreter() -> None:
@@ -64,6 +66,7 @@ def _demo_call(fa2dispatch, torch, attention_math, spec, device, backend, gen) -
 
 def cmd_demo(args: argparse.Namespace) -> int:
     _prepare_interpreter()
+    _check_env_backend(args)
     import torch
     from rich.console import Console
     from rich.table import Table
@@ -100,6 +103,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
+def _usage_error(args: argparse.Namespace, message: str) -> NoReturn:
+    """Exit 2 with one line on stderr, as argparse does for a bad flag (no traceback)."""
+    print(f"fa2dispatch {args.command}: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
 def _simulation(args: argparse.Namespace) -> str | None:
     """--simulate, else FA2DISPATCH_SIMULATE; an unknown name in the environment exits 2 as
     argparse does for the flag."""
@@ -108,8 +117,58 @@ def _simulation(args: argparse.Namespace) -> str | None:
     try:
         return resolve_simulation(args.simulate)
     except ValueError as exc:
-        print(f"fa2dispatch {args.command}: error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+        _usage_error(args, str(exc))
+
+
+def _check_env_backend(args: argparse.Namespace) -> None:
+    """FA2DISPATCH_BACKEND names a registered backend (or "auto"): the commands that run attention
+    would otherwise fail on their first call, after a traceback. ``report`` and ``info`` describe
+    the environment instead: they print the bad value (the report per call) and exit 0."""
+    from fa2dispatch.dispatch import ENV_BACKEND, check_backend_name
+
+    value = os.environ.get(ENV_BACKEND) or "auto"
+    try:
+        check_backend_name(value, ENV_BACKEND)
+    except ValueError as exc:
+        _usage_error(args, str(exc))
+
+
+def cache_dir_problem(text: str) -> str | None:
+    """Why the autotuner could not write its cache into directory ``text``, or None. Checked before
+    anything is timed, so a typo costs no tuning run (a missing directory is created, parents too)."""
+    if not text.strip():
+        return "is empty (give a directory)"
+    path = Path(text).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            return f"{str(path)!r} exists and is not a directory"
+        if not os.access(path, os.W_OK | os.X_OK):
+            return f"{str(path)!r} is not writable"
+        return None
+    ancestor = path.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        return f"{str(path)!r} cannot be created: {str(ancestor)!r} is not a directory"
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        return f"{str(path)!r} cannot be created: {str(ancestor)!r} is not writable"
+    return None
+
+
+def _check_cache_dir(args: argparse.Namespace) -> None:
+    """--cache-dir, else FA2DISPATCH_CACHE_DIR when set: a directory autotune can write."""
+    from fa2dispatch.autotune.cache import ENV_CACHE_DIR
+
+    if args.cache_dir is not None:
+        source, value = "argument --cache-dir", args.cache_dir
+    elif os.environ.get(ENV_CACHE_DIR):
+        source, value = ENV_CACHE_DIR, os.environ[ENV_CACHE_DIR]
+    else:
+        return  # the platform's user cache dir; autotune says so if there is none
+    problem = cache_dir_problem(value)
+    if problem is not None:
+        _usage_error(args, f"{source}: {problem}" if source.startswith("argument") else
+                     f"{source}={value!r}: {problem}")
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -164,6 +223,9 @@ def main(argv: list[str] | None = None) -> int:
     add_autotune_arguments(autotune)
     _add_simulate(autotune)
     args = parser.parse_args(argv)
+    if args.command == "autotune":
+        _check_env_backend(args)
+        _check_cache_dir(args)
     return args.func(args)
 
 

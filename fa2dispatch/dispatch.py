@@ -20,6 +20,7 @@ import contextlib
 import contextvars
 import logging
 import os
+import re
 import threading
 from dataclasses import dataclass, field
 
@@ -312,8 +313,14 @@ def _tune_now(problem: AttentionProblem, device: DeviceInfo):
 
 
 def error_text(exc: BaseException) -> str:
-    """One line for a report or a reason: "Type: first line of the message" (300 chars at most)."""
-    first = (str(exc).strip().splitlines() or [""])[0][:300]
+    """One line for a report or a reason: "Type: first line of the message" (300 chars at most).
+    A Triton compile error's first line is only its location ("at 12:4:"); its last line says
+    why, so that is appended."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    first = lines[0] if lines else ""
+    if re.fullmatch(r"at \d+:\d+:", first) and len(lines) > 1:
+        first = f"{first} {lines[-1]}"
+    first = first[:300]
     return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
 
 
@@ -349,6 +356,12 @@ def record_failure(decision: Decision, choice: str, phase: str, exc: Exception,
                                  replacement.backend.name if replacement else None))
         first = (decision.backend.name, phase) not in _warned
         _warned.add((decision.backend.name, phase))
+    if replacement is None and hasattr(exc, "add_note"):
+        why = ("it was forced (backend=, use_backend or FA2DISPATCH_BACKEND)" if decision.source == "forced"
+               else "out of memory" if isinstance(exc, torch.cuda.OutOfMemoryError)
+               else "no other capable backend is left")
+        exc.add_note(f"fa2dispatch: backend {decision.backend.name!r} failed in the {phase} of "
+                     f"{problem.describe()} on {device.key}; nothing took over: {why}")
     if replacement is not None and first:
         log.warning("fa2dispatch: backend %s failed in the %s (%s); %s runs instead for this call kind. "
                     "fa2dispatch.dispatch.failures() and `fa2dispatch report` list every failure.",

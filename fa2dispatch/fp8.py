@@ -66,6 +66,8 @@ def quantize_fp8(x: torch.Tensor, granularity: str = "per_head", layout: str = "
                         "or float32")
     if x.dim() != 4:
         raise ValueError(f"x (shape {tuple(x.shape)}): expected a 4-d tensor for layout={layout!r}")
+    if x.numel() == 0:  # an empty slice has no amax to scale by
+        raise ValueError(f"x (shape {tuple(x.shape)}): every dimension must be >= 1")
     if granularity not in GRANULARITIES:
         raise ValueError(f"granularity={granularity!r} is not supported (supported: "
                          f"{', '.join(map(repr, GRANULARITIES))})")
@@ -99,8 +101,19 @@ def hadamard_rotation(d: int, device: torch.device | str = "cpu") -> torch.Tenso
 
 
 def hadamard(x: torch.Tensor) -> torch.Tensor:
-    """``x @ R`` over the last (head) dim, in float32: apply to both q and k (any layout)."""
-    return x.float() @ hadamard_rotation(x.shape[-1], x.device)
+    """``x @ R`` over the last (head) dim, in float32: apply to both q and k (any layout).
+    x: a floating-point tensor of >= 1 dims whose last dim D is a power of two."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"x (shape {tuple(x.shape)}, dtype {x.dtype}): hadamard takes a floating-point tensor")
+    if x.dim() < 1:
+        raise ValueError(f"x (shape {tuple(x.shape)}): expected a tensor of >= 1 dims, the last the head dim")
+    d = x.shape[-1]
+    if d < 1 or d & (d - 1):
+        raise ValueError(f"x (shape {tuple(x.shape)}): hadamard: head dim D={d} (the last dim) is not a power of "
+                         "two (supported: 1, 2, 4, ..., 256)")
+    return x.float() @ hadamard_rotation(d, x.device)
 
 
 def check_fp8_args(problem, q_descale, k_descale, v_descale) -> FP8Args | None:

@@ -31,6 +31,7 @@ then the cache shipped in ``fa2dispatch/autotune_cache``. The user's entry wins 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import hashlib
 import json
@@ -55,14 +56,24 @@ SOFT_FIELDS = ("driver", "toolkit", "torch", "triton", "cupy")
 # Per backend, the sources (globs relative to the backends package) whose change invalidates
 # that backend's tuned results: kernels and launchers, which decide what a config means.
 KERNEL_SOURCES = {
-    "triton": ("triton_fa2/kernels.py", "triton_fa2/launch.py"),
+    "triton": ("triton_fa2/kernels.py", "triton_fa2/launch.py", "triton_fa2/dropout.py",
+               "triton_fa2/kernels_hopper.py", "triton_fa2/launch_hopper.py"),
     "cupy": ("cupy_cuda/*.cu", "cupy_cuda/*.cuh", "cupy_cuda/launch.py"),
     "triton-fp8": ("triton_fp8/*.py",),
 }
 
 
 class CacheError(Exception):
-    """A cache file that cannot be used (damaged, wrong schema)."""
+    """A cache file that cannot be used (damaged, wrong schema), or one that cannot be written.
+
+    ``replaceable`` says whether the autotuner may write a new file over it: yes for content
+    nobody can use (garbage, a truncated file, an older schema), no for a file it could not
+    read (permissions, I/O errors: its content is unknown) or one a newer fa2dispatch wrote
+    (another install sharing the cache dir would lose its results)."""
+
+    def __init__(self, message: str, *, replaceable: bool = True):
+        super().__init__(message)
+        self.replaceable = replaceable
 
 
 def user_dir() -> Path:
@@ -153,12 +164,18 @@ def match(header: dict, device: DeviceInfo) -> tuple[str, str]:
 def read(path: Path) -> dict:
     """The parsed file; raises CacheError if it is damaged or of another schema."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CacheError(f"{path}: unreadable ({type(exc).__name__}: {exc})") from exc
+        raw = path.read_bytes()
+    except OSError as exc:  # the content is unknown, not damaged: never written over
+        raise CacheError(f"{path}: unreadable ({type(exc).__name__}: {exc})", replaceable=False) from exc
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except (ValueError, RecursionError) as exc:  # bad UTF-8 or JSON; nesting too deep for the parser
+        raise CacheError(f"{path}: unreadable ({type(exc).__name__}: {str(exc)[:200]})") from exc
     if not isinstance(data, dict) or data.get("schema") != SCHEMA:
         found = data.get("schema") if isinstance(data, dict) else type(data).__name__
-        raise CacheError(f"{path}: schema {found!r} (supported: {SCHEMA})")
+        newer = isinstance(found, int) and not isinstance(found, bool) and found > SCHEMA
+        raise CacheError(f"{path}: schema {found!r} (supported: {SCHEMA}"
+                         + ("; written by a newer fa2dispatch)" if newer else ")"), replaceable=not newer)
     if not isinstance(data.get("device_key"), dict) or not isinstance(data.get("entries"), dict):
         raise CacheError(f"{path}: missing device_key or entries")
     return data
@@ -241,6 +258,11 @@ def _entries_of(path: Path, data: dict) -> list[Entry]:
             results = [(raw["backend"], config, float(raw.get("ms") or 0.0), raw.get("kernel_hash"))]
             results += [(name, alt.get("config"), float(alt.get("ms", 0.0)), alt.get("kernel_hash"))
                         for name, alt in others.items() if isinstance(alt, dict)]
+            for name, cfg, _, _ in results:
+                # a config that does not parse is left to the dispatcher, which says so at lookup
+                wrong = _config_problem(name, cfg, parse_errors=False)
+                if wrong:
+                    raise ValueError(wrong)
             current = []
             for name, cfg, ms, stamped in results:
                 if _current(name, stamped):
@@ -353,8 +375,59 @@ def write_dir(cache_dir: str | os.PathLike | None = None) -> Path:
     return Path(cache_dir).expanduser() if cache_dir is not None else user_dir()
 
 
+def _malformed(raw) -> str | None:
+    """Why an entry cannot be used as the tuner's incumbent, or None: the fields the tuner
+    reads (backend names, configs that fit their backends) have the right types."""
+    if not isinstance(raw, dict) or not isinstance(raw.get("backend"), str):
+        return "entry without a backend name"
+    others = raw.get("per_backend") or {}
+    if not isinstance(others, dict) or not all(isinstance(alt, dict) for alt in others.values()):
+        return "per_backend is not an object of objects"
+    for name, config in [(raw["backend"], raw.get("config")), *((n, a.get("config")) for n, a in others.items())]:
+        problem = _config_problem(name, config)
+        if problem:
+            return problem
+    return None
+
+
+def _config_problem(name: str, config, parse_errors: bool = True) -> str | None:
+    """Why ``config`` cannot be ``name``'s: not an object, not its fields (``parse_errors``),
+    or a field of the wrong type (``"num_warps": true``); None if it fits or the backend is not
+    registered here."""
+    from fa2dispatch.backends import BACKENDS
+
+    if config is not None and not isinstance(config, dict):
+        return f"config of {name!r} is not an object"
+    if name not in BACKENDS:
+        return None
+    try:
+        parsed = BACKENDS[name].config_from_dict(config)
+    except ValueError as exc:
+        return str(exc) if parse_errors else None
+    wrong = _wrong_field_type(parsed)
+    return f"config of {name!r}: {wrong}" if wrong else None
+
+
+_FIELD_TYPES = {"int": int, "bool": bool, "float": float, "str": str, "None": type(None)}
+
+
+def _wrong_field_type(config) -> str | None:
+    """A config field whose JSON value has another type than the field declares ("block_m":
+    "64"), which would break the arithmetic of the search space; None if all fit. Fields
+    annotated with types other than plain int/bool/float/str/None are not checked."""
+    if config is None:
+        return None
+    for f in dataclasses.fields(config):
+        allowed = [_FIELD_TYPES.get(part.strip()) for part in str(f.type).split("|")]
+        value = getattr(config, f.name)
+        if None not in allowed and type(value) not in allowed:  # bool is not an int here
+            return f"{f.name}={value!r} (supported: {f.type})"
+    return None
+
+
 def read_entries(device: DeviceInfo, directory: Path) -> dict:
-    """The entries of this device's file in ``directory`` ({} if there is none or it is damaged)."""
+    """The well-formed entries of this device's file in ``directory`` ({} if there is none or
+    it is damaged); a malformed entry is left out with a warning, and the tuner re-tunes it."""
     path = directory / file_name(device)
     if not path.is_file():
         return {}
@@ -362,7 +435,16 @@ def read_entries(device: DeviceInfo, directory: Path) -> dict:
         data = read(path)
     except CacheError:
         return {}
-    return data["entries"] if match(data["device_key"], device)[0] != "hard" else {}
+    if match(data["device_key"], device)[0] == "hard":
+        return {}
+    out = {}
+    for key, raw in data["entries"].items():
+        why = _malformed(raw)
+        if why is None:
+            out[key] = raw
+        else:
+            warn_once(f"autotune cache {path}: entry {key!r} ignored ({why})")
+    return out
 
 
 def store(device: DeviceInfo, entries: dict[str, dict], directory: Path) -> Path:
@@ -385,6 +467,8 @@ def store(device: DeviceInfo, entries: dict[str, dict], directory: Path) -> Path
                 try:
                     data = read(path)
                 except CacheError as exc:
+                    if not exc.replaceable:
+                        raise CacheError(f"{exc}; not overwritten", replaceable=False) from exc
                     warn_once(f"replacing a damaged autotune cache file ({exc})")
                 else:
                     verdict, why = match(data["device_key"], device)
@@ -402,12 +486,32 @@ def store(device: DeviceInfo, entries: dict[str, dict], directory: Path) -> Path
     return path
 
 
+def _umask() -> int:
+    """The process umask, read without changing it (Linux); else the usual 0o022."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    return 0o022
+
+
 def _atomic_write(path: Path, text: str) -> None:
+    """Write ``text`` to a new file beside ``path`` and move it over ``path``; on any failure
+    (disk full, permissions) the new file is removed and ``path`` is left as it was.
+
+    The new file takes the old one's permissions, or 0o666 less the umask as any file the user
+    writes: ``mkstemp`` makes it 0o600, unreadable to the other users of a shared cache dir."""
     import tempfile
 
+    try:
+        mode = path.stat().st_mode & 0o777
+    except OSError:
+        mode = 0o666 & ~_umask()
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
+            if hasattr(os, "fchmod"):  # Unix; Windows has no such modes
+                os.fchmod(f.fileno(), mode)
             f.write(text)
             f.flush()
             os.fsync(f.fileno())

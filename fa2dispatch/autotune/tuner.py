@@ -265,6 +265,7 @@ def run(grid: Grid, device: DeviceInfo, timer: Callable[[Callable], Timing], dir
     problems = grid.problems(torch_device)
     existing = cache.read_entries(device, directory)
     results: list[BucketResult] = []
+    unstored = 0
     for i, problem in enumerate(problems):
         if on_bucket is not None:
             on_bucket(problem, i, len(problems))
@@ -279,8 +280,11 @@ def run(grid: Grid, device: DeviceInfo, timer: Callable[[Callable], Timing], dir
             if result.entry is not None:
                 try:
                     cache.store(device, {bucket.key: result.entry}, directory)
-                except cache.CacheError as exc:
+                except cache.CacheError as exc:  # read-only dir, disk full, another device's file
                     result.note = f"not stored: {exc}"
+                    if not unstored:  # once per run: the error text names a new temporary file each time
+                        cache.log.warning("fa2dispatch: autotune results not stored: %s (each result notes it)", exc)
+                    unstored += 1
                 existing[bucket.key] = result.entry
         results.append(result)
         if on_result is not None:

@@ -89,6 +89,8 @@ def stride_reasons(problem: AttentionProblem, **tensors) -> list[str]:
 
 
 _HOPPER_OK: dict = {}
+_STRIDES_CHECKED: dict = {}  # (problem, strides of q, k, v) -> stride_reasons
+_MEMO_LIMIT = 4096  # as the dispatcher's memo: past that these start over
 _THREAD = threading.local()
 
 
@@ -155,7 +157,12 @@ class TritonBackend(Backend):
     def forward(self, problem, q, k, v, config, features=None):
         from .launch import forward  # lazily: importing launch imports Triton
 
-        too_far = stride_reasons(problem, q=q, k=k, v=v)
+        key = (problem, q.stride(), k.stride(), v.stride())
+        too_far = _STRIDES_CHECKED.get(key)
+        if too_far is None:  # once per problem and strides: the warm path stays a lookup
+            if len(_STRIDES_CHECKED) >= _MEMO_LIMIT:
+                _STRIDES_CHECKED.clear()
+            too_far = _STRIDES_CHECKED[key] = stride_reasons(problem, q=q, k=k, v=v)
         if too_far:  # a run-time refusal: the dispatcher's fallback takes the call elsewhere
             raise NotImplementedError("triton: " + "; ".join(too_far))
         device = device_info(q.device)
@@ -164,6 +171,8 @@ class TritonBackend(Backend):
 
             ok = _HOPPER_OK.get((problem, config))
             if ok is None:  # once per problem and config: the warm path stays a lookup
+                if len(_HOPPER_OK) >= _MEMO_LIMIT:
+                    _HOPPER_OK.clear()
                 ok = _HOPPER_OK[(problem, config)] = not launch_hopper.reasons(problem, config, device)
             if ok:
                 ensure_cuda_context(q.device)

@@ -658,7 +658,7 @@ def base_for(function: Function, base: Base) -> Base:
     return function.normalize(base)
 
 
-def invalid_call(function: Function, mutation: Mutation, base: Base) -> None:
+def invalid_call(function: Function, mutation: Mutation, base: Base) -> Exception:
     """Build the valid call, apply the mutation, call: assert the right error, naming the argument,
     with nothing written into a KV cache. (The kernels are blocked by the fixture.)"""
     base = base_for(function, base)
@@ -673,6 +673,7 @@ def invalid_call(function: Function, mutation: Mutation, base: Base) -> None:
         f"{function.name} {mutation.id}: {type(info.value).__name__} does not name {mutation.arg!r}: {message}")
     for n, before in caches.items():
         assert torch.equal(args[n], before), f"{function.name} {mutation.id}: {n} written before the error"
+    return info.value
 
 
 # ------------------------------------------------------------------ fixtures
@@ -693,24 +694,27 @@ def blocked(no_kernel_launch, monkeypatch):
     dispatch.clear_memo()
 
 
-def valid_call(function: Function, base: Base) -> None:
+def valid_call(function: Function, base: Base) -> str:
     """The unmutated call passes validation: it reaches a (blocked) backend, or, for functions
-    with no kernel behind them, returns."""
+    with no kernel behind them, returns. Returns which of the two happened."""
     valid = function.valid(base_for(function, base))
     if function.name in ("use_backend", "integrations.hf.register", "quantize_fp8", "hadamard"):
         function.call(**valid)
-    elif function.name in ("explain", "compat.explain_sdpa"):
+        return "returned"
+    if function.name in ("explain", "compat.explain_sdpa"):
         assert function.call(**valid) is not None
-    else:
-        with pytest.raises(AssertionError, match="kernel launched"):
-            function.call(**valid)
+        return "returned"
+    with pytest.raises(AssertionError, match="kernel launched"):
+        function.call(**valid)
+    return "reached a backend"
 
 
 def test_the_valid_base_calls_reach_a_backend(blocked):
     """Every valid base call passes validation and reaches a (blocked) backend, so the errors
     below come from the one mutation, and validation ran before any kernel."""
-    for function in FUNCTIONS:
-        valid_call(function, FIXED)
+    outcomes = {function.name: valid_call(function, FIXED) for function in FUNCTIONS}
+    assert len(outcomes) == len(FUNCTIONS)
+    assert outcomes["attention"] == outcomes["attention_varlen"] == "reached a backend", outcomes
 
 
 # ------------------------------------------------------------------ the explicit sweep
@@ -721,7 +725,8 @@ SWEEP = [pytest.param(f.name, i, id=f"{f.name}-{m.id}") for f in FUNCTIONS for i
 @pytest.mark.parametrize("function_name, index", SWEEP)
 def test_invalid_call(function_name, index, blocked):
     function = BY_NAME[function_name]
-    invalid_call(function, function.mutations[index], FIXED)
+    error = invalid_call(function, function.mutations[index], FIXED)
+    assert isinstance(error, (ValueError, TypeError))
 
 
 def test_sweep_counts_at_least_200_distinct_invalid_calls(blocked):

@@ -202,7 +202,7 @@ def _run_threads(calls, backend, n_threads=8, per_thread=40, grads=False, clear_
             return name, (fa2dispatch.attention(q, k, v, backend=backend, **kw),)
 
     expected = [one(i) for i in range(len(calls))]
-    errors = []
+    errors, compared = [], []
     stop = threading.Event()
 
     def worker(t):
@@ -214,6 +214,7 @@ def _run_threads(calls, backend, n_threads=8, per_thread=40, grads=False, clear_
             for x, y in zip(res, expected[i][1]):
                 if not torch.equal(x, y):
                     errors.append(f"thread {t}: call {i} differs from its single-threaded result")
+            compared.append(i)
 
     def clearer():
         while not stop.is_set():
@@ -232,10 +233,11 @@ def _run_threads(calls, backend, n_threads=8, per_thread=40, grads=False, clear_
         if background:
             background.join()
     assert not errors, "\n".join(errors[:10])
+    return len(compared)
 
 
 def test_dispatch_from_eight_threads_on_the_reference():
-    _run_threads(_thread_problems(), "auto", grads=True)
+    assert _run_threads(_thread_problems(), "auto", grads=True) == 8 * 40  # every threaded call compared
 
 
 def test_use_backend_is_per_thread():
@@ -354,4 +356,6 @@ def test_no_growth_over_10000_calls_on_gpu(backend):
 def test_dispatch_from_eight_threads_on_gpu(backend, grads):
     """The device's kernels from 8 threads (kernels compiled by the single-threaded pass
     first); gradients where the backend's backward is deterministic (ours; SDPA's are not)."""
-    _run_threads(_thread_problems("cuda", torch.float16, n=16, big=True), backend, per_thread=60, grads=grads)
+    compared = _run_threads(_thread_problems("cuda", torch.float16, n=16, big=True), backend, per_thread=60,
+                            grads=grads)
+    assert compared == 8 * 60  # every threaded call compared

@@ -89,9 +89,22 @@ def stride_reasons(problem: AttentionProblem, **tensors) -> list[str]:
 
 
 _HOPPER_OK: dict = {}
-_STRIDES_CHECKED: dict = {}  # (problem, strides of q, k, v) -> stride_reasons
+_STRIDES_CHECKED: dict = {}  # (problem, strides of the tensors) -> stride_reasons
 _MEMO_LIMIT = 4096  # as the dispatcher's memo: past that these start over
 _THREAD = threading.local()
+
+
+def _check_strides(problem: AttentionProblem, **tensors) -> None:
+    """``stride_reasons`` as a run-time refusal (the dispatcher's fallback takes the call
+    elsewhere; a forced call raises), once per problem and strides: the warm path stays a lookup."""
+    key = (problem, *[t.stride() for t in tensors.values()])  # forward (3) and backward (5) differ in length
+    too_far = _STRIDES_CHECKED.get(key)
+    if too_far is None:
+        if len(_STRIDES_CHECKED) >= _MEMO_LIMIT:
+            _STRIDES_CHECKED.clear()
+        too_far = _STRIDES_CHECKED[key] = stride_reasons(problem, **tensors)
+    if too_far:
+        raise NotImplementedError("triton: " + "; ".join(too_far))
 
 
 def ensure_cuda_context(device: torch.device) -> None:
@@ -157,14 +170,7 @@ class TritonBackend(Backend):
     def forward(self, problem, q, k, v, config, features=None):
         from .launch import forward  # lazily: importing launch imports Triton
 
-        key = (problem, q.stride(), k.stride(), v.stride())
-        too_far = _STRIDES_CHECKED.get(key)
-        if too_far is None:  # once per problem and strides: the warm path stays a lookup
-            if len(_STRIDES_CHECKED) >= _MEMO_LIMIT:
-                _STRIDES_CHECKED.clear()
-            too_far = _STRIDES_CHECKED[key] = stride_reasons(problem, q=q, k=k, v=v)
-        if too_far:  # a run-time refusal: the dispatcher's fallback takes the call elsewhere
-            raise NotImplementedError("triton: " + "; ".join(too_far))
+        _check_strides(problem, q=q, k=k, v=v)
         device = device_info(q.device)
         if config.fwd_kernel == "hopper" and features is None:
             from . import launch_hopper
@@ -182,9 +188,7 @@ class TritonBackend(Backend):
     def backward(self, problem, dout, q, k, v, out, lse, config, dlse=None, features=None):
         from .launch import backward
 
-        too_far = stride_reasons(problem, q=q, k=k, v=v, out=out, dout=dout)
-        if too_far:
-            raise NotImplementedError("triton: " + "; ".join(too_far))
+        _check_strides(problem, q=q, k=k, v=v, out=out, dout=dout)
         return backward(problem, dout, q, k, v, out, lse, dlse, config, device_info(q.device), features)
 
     def forward_kvcache(self, problem, q, k_cache, v_cache, kv, config):

@@ -14,6 +14,7 @@ from fa2dispatch.hardware import DeviceInfo
 from fa2dispatch.problem import AttentionProblem
 
 from ..triton_fa2.launch import _strides
+from ..triton_fa2.launch_hopper import _tma_view  # the 2-D view a descriptor of q or k can address
 from .config import FP8Config, block_d
 
 TMA_ALIGN = 16  # bytes: TMA wants 16-byte aligned base addresses and row strides
@@ -55,20 +56,6 @@ def _descale(t: torch.Tensor | None, device) -> tuple[torch.Tensor, int, int]:
     if t is None:
         return _one(device), 0, 0
     return t, t.stride(0), t.stride(1)
-
-
-def _tma_view(t: torch.Tensor, layout: str) -> tuple[tuple[int, int], tuple[int, int], int, int, int] | None:
-    """A 2-D (rows, cols) view of q or k for a descriptor, and the (rows per batch, rows per
-    head, cols per head) that locate a head's first row; None when the strides do not allow one."""
-    B, H, M, D = (t.shape[0], t.shape[2], t.shape[1], t.shape[3]) if layout == "bshd" else t.shape
-    sz, sh, sm, sd = _strides(t, layout)
-    if sd != 1 or (t.data_ptr() % TMA_ALIGN) != 0:
-        return None
-    if layout == "bshd" and sh == D and sm == H * D and sz == M * sm:
-        return (B * M, H * D), (H * D, 1), M, 0, D  # rows (b, m), columns (h, d)
-    if sm == D and sh == M * D and sz == H * sh:
-        return (B * H * M, D), (D, 1), H * M, M, 0  # rows (b, h, m), columns d
-    return None
 
 
 def _tma_plan(problem: AttentionProblem, q, k, vt, config: FP8Config, device: DeviceInfo):

@@ -61,6 +61,12 @@ class AttentionProblem:
     # maximum lengths. kvcache: attention_with_kvcache (Mkv the cache capacity); paged_block: the
     # page size of a paged cache (0: contiguous)
     varlen: bool = False
+    # varlen per-call facts read from cu_seqlens on the host (varlen.make_varlen_problem): every
+    # sequence has as many q rows as k rows (then top-left and bottom-right causal agree); some
+    # sequence has no q or no k rows. Kernels whose causal mask has the other alignment, or that
+    # cannot take an empty sequence, refuse by them (backends.torch_sdpa).
+    varlen_equal: bool = False
+    varlen_empty: bool = False
     kvcache: bool = False
     paged_block: int = 0
     # an arbitrary SDPA-style mask ("bool" / "float"), from fa2dispatch.compat only
@@ -282,6 +288,8 @@ def with_features(problem: AttentionProblem, *, window_size=(-1, -1), softcap=0.
     shift = features.shift_of(problem.Mq, problem.Mkv, alignment)
     if problem.varlen:  # lengths differ per sequence: only the causal rule is length-free
         window = (window[0], -1 if problem.causal else window[1])
+        if problem.varlen_equal:
+            alignment = "bottom_right"  # q length == k length in every sequence: the same mask
     else:
         window = features.normalize_window(window, problem.causal, problem.Mq, problem.Mkv, shift)
         if problem.Mq == problem.Mkv or not (problem.causal or window != (-1, -1) or alibi):

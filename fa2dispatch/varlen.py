@@ -174,5 +174,6 @@ def make_varlen_problem(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_s
         B=len(lens_q), H=H, Hkv=Hkv, Mq=max_seqlen_q, Mkv=max_seqlen_k, D=D, dtype=q.dtype, device=q.device,
         layout="thd", causal=causal, softmax_scale=float(softmax_scale),
         requires_grad=torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)),
-        return_lse=return_lse, varlen=True)
+        return_lse=return_lse, varlen=True, varlen_equal=lens_q == lens_k,
+        varlen_empty=min(lens_q) == 0 or min(lens_k) == 0)
     return with_features(problem, **features)

@@ -965,6 +965,8 @@ def main(argv=None) -> int:
     p.add_argument("--no-big", action="store_true", help="skip the >2^31-element calls")
     p.add_argument("--big-backends", default="auto,triton", help="backends of the >2^31 calls (add cupy, ...)")
     p.add_argument("--time-limit", type=float, default=0, help="seconds for the random configs (0: none)")
+    p.add_argument("--only", default=None,
+                   help="comma-separated config indices: run just these of the --n drawn (re-check failures)")
     # internal: one worker / one >2^31 call
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--configs", help=argparse.SUPPRESS)
@@ -996,6 +998,9 @@ def main(argv=None) -> int:
     if args.pool is None:
         args.pool = 64 if args.device != "cpu" else 0
     configs = draw_configs(args.n, args.seed, args.device, fp8_ok, args.pool)
+    if args.only:
+        wanted = {int(x) for x in args.only.split(",")}
+        configs = [c for c in configs if c["index"] in wanted]
     long_cfgs = [] if args.no_long else draw_long_configs(random.Random(args.seed + 1), args.device)
     dev_name = torch.cuda.get_device_name() if args.device != "cpu" else "cpu"
     print(f"fuzz: {args.n} configs ({args.pool or 'no'} shared kernel specialisations) + {len(long_cfgs)} long, "

@@ -17,14 +17,21 @@ validated its bookkeeping can drop them for latency. Shape, dtype and device che
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass
 
 import torch
 
-from fa2dispatch.problem import (DTYPES, HEAD_DIM_MAX, HEAD_DIM_MIN, HEAD_DIM_MULTIPLE, AttentionProblem, check_like_q,
-                                 with_features)
+from fa2dispatch.problem import (
+    DTYPES,
+    HEAD_DIM_MAX,
+    HEAD_DIM_MIN,
+    HEAD_DIM_MULTIPLE,
+    AttentionProblem,
+    check_like_q,
+    resolve_softmax_scale,
+    with_features,
+)
 
 # Value checks on device tensors (one sync per call); see the module docstring.
 CHECK_VALUES = os.environ.get("FA2DISPATCH_KVCACHE_CHECK", "1") != "0"
@@ -262,12 +269,7 @@ def _prepare(q, k_cache, v_cache, k, v, cache_seqlens, block_table, causal, soft
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
     if not isinstance(return_lse, bool):
         raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
-    if softmax_scale is None:
-        softmax_scale = D**-0.5
-    elif isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)):
-        raise TypeError(f"softmax_scale must be a float or None, got {type(softmax_scale).__name__}")
-    elif not math.isfinite(softmax_scale):
-        raise ValueError(f"softmax_scale={softmax_scale!r} must be finite")
+    softmax_scale = resolve_softmax_scale(softmax_scale, D)
 
     if _values_checkable(q):
         _check_values(seqlens, block_table, n_new, capacity, n_cache, cache_seqlens)

@@ -22,6 +22,17 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float8_e4m3fn)
 HEAD_DIM_MIN, HEAD_DIM_MAX, HEAD_DIM_MULTIPLE = 8, 256, 8
 
 
+def resolve_softmax_scale(softmax_scale, D: int) -> float:
+    """``softmax_scale`` as given (a finite number), or 1/sqrt(D) for None; raises naming it."""
+    if softmax_scale is None:
+        return D**-0.5
+    if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)):
+        raise TypeError(f"softmax_scale must be a float or None, got {type(softmax_scale).__name__}")
+    if not math.isfinite(softmax_scale):
+        raise ValueError(f"softmax_scale={softmax_scale!r} must be finite")
+    return softmax_scale
+
+
 def _describe(name: str, t: torch.Tensor) -> str:
     return f"{name} (shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device})"
 
@@ -238,12 +249,7 @@ def make_problem(
             f"head dim D={D} of {_describe('q', q)} is not supported "
             f"(supported: {HEAD_DIM_MIN}..{HEAD_DIM_MAX}, multiple of {HEAD_DIM_MULTIPLE})"
         )
-    if softmax_scale is None:
-        softmax_scale = D**-0.5
-    elif isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)):
-        raise TypeError(f"softmax_scale must be a float or None, got {type(softmax_scale).__name__}")
-    elif not math.isfinite(softmax_scale):
-        raise ValueError(f"softmax_scale={softmax_scale!r} must be finite")
+    softmax_scale = resolve_softmax_scale(softmax_scale, D)
 
     problem = AttentionProblem(
         B=B,

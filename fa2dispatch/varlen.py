@@ -15,8 +15,17 @@ import torch
 from fa2dispatch import rng
 from fa2dispatch.dispatch import check_backend_name, decide
 from fa2dispatch.ops import attention_eager
-from fa2dispatch.problem import (DTYPES, HEAD_DIM_MAX, HEAD_DIM_MIN, HEAD_DIM_MULTIPLE, AttentionProblem, _describe,
-                                 check_like_q, with_features)
+from fa2dispatch.problem import (
+    DTYPES,
+    HEAD_DIM_MAX,
+    HEAD_DIM_MIN,
+    HEAD_DIM_MULTIPLE,
+    AttentionProblem,
+    _describe,
+    check_like_q,
+    resolve_softmax_scale,
+    with_features,
+)
 
 
 def attention_varlen(
@@ -164,12 +173,7 @@ def make_varlen_problem(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_s
     if len(lens_q) != len(lens_k):
         raise ValueError(f"cu_seqlens_q has {len(lens_q) + 1} entries but cu_seqlens_k has {len(lens_k) + 1}: "
                          "both must list the same B sequences")
-    if softmax_scale is None:
-        softmax_scale = D**-0.5
-    elif isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)):
-        raise TypeError(f"softmax_scale must be a float or None, got {type(softmax_scale).__name__}")
-    elif softmax_scale != softmax_scale or softmax_scale in (float("inf"), float("-inf")):
-        raise ValueError(f"softmax_scale={softmax_scale!r} must be finite")
+    softmax_scale = resolve_softmax_scale(softmax_scale, D)
     problem = AttentionProblem(
         B=len(lens_q), H=H, Hkv=Hkv, Mq=max_seqlen_q, Mkv=max_seqlen_k, D=D, dtype=q.dtype, device=q.device,
         layout="thd", causal=causal, softmax_scale=float(softmax_scale),

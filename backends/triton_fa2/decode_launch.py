@@ -30,6 +30,7 @@ from fa2dispatch.hardware import DeviceInfo
 from fa2dispatch.problem import AttentionProblem
 
 from .config import TritonConfig, block_d
+from .launch import _dot_precision  # float32 caches: exact dots unless TF32 is allowed
 
 MAX_SPLITS = 128  # flash-attn 2's cap; more splits only add combine traffic
 PROGRAMS_PER_SM = 2  # flash-attn 2 sizes the split count for 2 CTAs per SM
@@ -116,15 +117,6 @@ def _plan(problem: AttentionProblem, kv, config: TritonConfig | None, device: De
     # A split past the last key block would only ever be empty: the clamp changes no result.
     splits = max(1, min(splits, triton.cdiv(problem.Mkv, block_n)))
     return DecodePlan(block_m, block_n, warps, stages, splits)
-
-
-def _dot_precision(problem: AttentionProblem, device: DeviceInfo) -> str:
-    """float32 caches get exact float32 dots unless the user allowed TF32 for torch matmuls."""
-    if problem.dtype != torch.float32:
-        return "tf32"  # ignored by tl.dot for 16-bit operands
-    if device.vendor == "nvidia" and torch.backends.cuda.matmul.allow_tf32:
-        return "tf32"
-    return "ieee"
 
 
 def append(problem: AttentionProblem, k_cache, v_cache, kv) -> None:

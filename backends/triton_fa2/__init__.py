@@ -55,36 +55,44 @@ def triton_reasons(device: DeviceInfo) -> list[str]:
     return reasons
 
 
-INT32_OFFSETS = 2**31  # row offsets inside one batch element are int32 products in the kernels
+INT32_OFFSETS = 2**31
+MAX_BLOCK_ROWS = 256  # the largest block_m / block_n of any config (autotune/space.py)
 
 
 def offset_reasons(problem: AttentionProblem) -> list[str]:
-    """The kernels form a row's offset inside one batch element (or one packed sequence) as an
-    int32 product (row x row stride): a batch element of 2^31 elements or more would wrap.
-    Batch and head offsets are 64-bit. Refused rather than computed wrong (RELIABILITY.md)."""
-    rows = max(problem.Mq * problem.H, problem.Mkv * problem.Hkv) * problem.D
-    if rows >= INT32_OFFSETS:
-        return [f"one batch element holds {rows} elements (Mq*H*D or Mkv*Hkv*D); row offsets inside it are "
-                f"32-bit (supported: < 2^31)"]
+    """What the kernels' 32-bit offsets cannot address, by shape.
+
+    The attention kernels (kernels.py) add batch, head and each block's first row to the base
+    pointer in 64 bits; only offsets inside a block are 32-bit products (``stride_reasons``
+    checks the actual strides). The decode kernels (decode.py) still form a row's offset inside
+    one cache sequence in 32 bits: a KV-cache sequence of 2^31 elements or more is refused."""
+    if problem.kvcache:
+        rows = max(problem.Mq * problem.H, problem.Mkv * problem.Hkv) * problem.D
+        if rows >= INT32_OFFSETS:
+            return [f"one KV-cache sequence holds {rows} elements (Mq*H*D or Mkv*Hkv*D); the decode kernels' "
+                    "row offsets inside it are 32-bit (supported: < 2^31)"]
     return []
 
 
 def stride_reasons(problem: AttentionProblem, **tensors) -> list[str]:
-    """``offset_reasons`` for the actual strides: a view (q of a packed qkv, say) can reach 2^31
-    elements inside one batch element with a shape that alone would not."""
+    """Offsets inside one block are 32-bit: up to MAX_BLOCK_ROWS rows of a tensor's row stride,
+    plus D of its dim stride, must stay below 2^31 (a row stride of about 2^23 elements or
+    more; a stride of 2^31 or more is passed as a 64-bit kernel argument and is fine)."""
     out = []
     for name, t in tensors.items():
         s = t.stride()
         if problem.layout == "thd":
-            rows, row, dim = problem.Mq if name in ("q", "out", "dout") else problem.Mkv, s[0], s[2]
+            rows, row, dim = t.shape[0], s[0], s[2]
         elif problem.layout == "bshd":
             rows, row, dim = t.shape[1], s[1], s[3]
         else:
             rows, row, dim = t.shape[2], s[2], s[3]
-        reach = (rows - 1) * abs(row) + (t.shape[-1] - 1) * abs(dim)
+        if abs(row) >= INT32_OFFSETS:
+            continue  # a 64-bit argument: every product with it is 64-bit
+        reach = (min(rows, MAX_BLOCK_ROWS) - 1) * abs(row) + (t.shape[-1] - 1) * abs(dim)
         if reach >= INT32_OFFSETS:
-            out.append(f"{name}'s rows reach element {reach} of a batch element (row stride {row}); row offsets "
-                       "inside a batch element are 32-bit (supported: < 2^31)")
+            out.append(f"{name}'s row stride {row} reaches element {reach} inside one block of "
+                       f"{MAX_BLOCK_ROWS} rows; offsets inside a block are 32-bit (supported: < 2^31)")
     return out
 
 

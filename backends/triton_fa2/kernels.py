@@ -19,6 +19,10 @@ Conventions:
   DROPOUT (Philox mask regenerated from (seed, offset) by ``dropout.py``, never stored),
   VARLEN (sequence b is rows ``cu_seqlens[b]:cu_seqlens[b+1]`` of a packed (total, H, D)
   tensor; lse then is (H, total_q)).
+- Offsets are 64-bit where they can pass 2^31: batch and head offsets, and each block's first
+  row (``row * stride`` in int64, added to the base pointer); only the offsets inside a block
+  (fewer than 256 rows) are 32-bit products, so one batch element may hold more than 2^31
+  elements (``offset_reasons`` refuses only a row stride too large for that).
 - HEAD_DIM is the real head dim, BLOCK_D the next power of two >= 16 (tl.dot's minimum);
   the padding columns are loaded as 0 and never stored.
 """
@@ -225,6 +229,21 @@ def _scores_t(k, q, qk_scale, cap_a, cap_b, slope2, offs_m, offs_n, seq_q, seq_k
     return s, t
 
 
+@triton.jit
+def _acc_dot(a, b, acc, rt_zero, DOT_PRECISION: tl.constexpr):
+    """acc + a @ b. float32 operands (exact float32 dots: FMA chains) sum each block's product
+    on its own, then add it: a gradient summed over thousands of rows then rounds once per
+    block instead of once per row (the float32 backward's error stays within PyTorch's own).
+    The block's dot starts from ``rt_zero`` (a run-time 0.0): from a constant zero Triton would
+    fold the add back into the dot's accumulator. 16-bit operands accumulate in the tensor-core
+    instruction as usual."""
+    if a.dtype == tl.float32:
+        part = tl.dot(a, b, tl.full(acc.shape, 0.0, tl.float32) + rt_zero, input_precision=DOT_PRECISION)
+        return acc + part
+    else:
+        return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+
 # ----------------------------------------------------------------------------- forward
 
 
@@ -236,10 +255,12 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn
                SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr,
                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
     offs_n0 = tl.arange(0, BLOCK_N)
+    k_tile = offs_n0[:, None] * stride_kn + offs_d[None, :] * stride_kd
+    v_tile = offs_n0[:, None] * stride_vn + offs_d[None, :] * stride_vd
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + offs_n0
-        k = _load_rows(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                       offs_n, seq_k, offs_d, HEAD_DIM, BLOCK_D, MASKED)
+        row = tl.cast(start_n, tl.int64)  # 64-bit row offsets: a batch element may pass 2^31 elements
+        k = _load_rows(k_base + row * stride_kn + k_tile, offs_n, seq_k, offs_d, HEAD_DIM, BLOCK_D, MASKED)
         s, _ = _scores(q, k, qk_scale, cap_a, cap_b, slope2, offs_m, offs_n, seq_q, seq_k, diag, win_left, win_right,
                        MASKED, CAUSAL, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DOT_PRECISION)
         if MASKED:
@@ -254,8 +275,7 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn
         alpha = tl.math.exp2(m_i - m_sub)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
-        v = _load_rows(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-                       offs_n, seq_k, offs_d, HEAD_DIM, BLOCK_D, MASKED)
+        v = _load_rows(v_base + row * stride_vn + v_tile, offs_n, seq_k, offs_d, HEAD_DIM, BLOCK_D, MASKED)
         if DROPOUT:  # l keeps the undropped sum (the lse is the softmax's); 1/(1-p) comes at the end
             p = tl.where(attention_dropout_keep(seed, offset, bh, Mq, Mkv, offs_m, offs_n, p_drop), p, 0.0)
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
@@ -286,13 +306,15 @@ def attn_fwd(Q, K, V, Out, Lse, qk_scale,
     if start_m >= seq_q:  # varlen: this sequence is shorter than the longest
         return
     off_hkv = off_h // GROUP
-    q_base = Q + off_z * stride_qz + off_h * stride_qh + q_start * stride_qm
+    row_m = q_start + start_m  # int64: this block's first row
+    q_base = Q + off_z * stride_qz + off_h * stride_qh + row_m * stride_qm
     k_base = K + off_z * stride_kz + off_hkv * stride_kh + k_start * stride_kn
     v_base = V + off_z * stride_vz + off_hkv * stride_vh + k_start * stride_vn
 
-    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_r = tl.arange(0, BLOCK_M)  # rows inside the block (pointers); offs_m: rows of the sequence (masks)
+    offs_m = start_m + offs_r
     offs_d = tl.arange(0, BLOCK_D)
-    q = _load_rows(q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+    q = _load_rows(q_base + offs_r[:, None] * stride_qm + offs_d[None, :] * stride_qd,
                    offs_m, seq_q, offs_d, HEAD_DIM, BLOCK_D, True)
     slope2 = 0.0
     if ALIBI:
@@ -329,8 +351,10 @@ def attn_fwd(Q, K, V, Out, Lse, qk_scale,
     else:
         out = acc / l_safe[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * LN2)
-    o_base = Out + off_z * stride_oz + off_h * stride_oh + q_start * stride_om
-    _store_rows(o_base + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
+    # A +inf score makes l = exp2(inf - inf) = NaN; the softmax's lse is +inf (torch.logsumexp).
+    lse = tl.where(m_i == float("inf"), float("inf"), lse)
+    o_base = Out + off_z * stride_oz + off_h * stride_oh + row_m * stride_om
+    _store_rows(o_base + offs_r[:, None] * stride_om + offs_d[None, :] * stride_od,
                 out.to(Out.dtype.element_ty), offs_m, seq_q, offs_d, HEAD_DIM, BLOCK_D)
     tl.store(Lse + off_z * stride_lz + off_h * stride_lh + q_start + offs_m, lse, mask=offs_m < seq_q)
 
@@ -353,11 +377,13 @@ def attn_bwd_preprocess(Out, DO, Delta,
     q_start, seq_q, _, _ = _seq_bounds(CuQ, CuQ, off_z, Mq, Mq, VARLEN)
     if start_m >= seq_q:
         return
-    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_r = tl.arange(0, BLOCK_M)
+    offs_m = start_m + offs_r
     offs_d = tl.arange(0, BLOCK_D)
-    o = _load_rows(Out + off_z * stride_oz + off_h * stride_oh + q_start * stride_om + offs_m[:, None] * stride_om
+    row_m = q_start + start_m  # int64
+    o = _load_rows(Out + off_z * stride_oz + off_h * stride_oh + row_m * stride_om + offs_r[:, None] * stride_om
                    + offs_d[None, :] * stride_od, offs_m, seq_q, offs_d, HEAD_DIM, BLOCK_D, True)
-    do = _load_rows(DO + off_z * stride_doz + off_h * stride_doh + q_start * stride_dom + offs_m[:, None] * stride_dom
+    do = _load_rows(DO + off_z * stride_doz + off_h * stride_doh + row_m * stride_dom + offs_r[:, None] * stride_dom
                     + offs_d[None, :] * stride_dod, offs_m, seq_q, offs_d, HEAD_DIM, BLOCK_D, True)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
     tl.store(Delta + off_z * stride_lz + off_h * stride_lh + q_start + offs_m, delta, mask=offs_m < seq_q)
@@ -374,12 +400,14 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
     """Accumulate dK, dV of one key block over query blocks [lo, hi). Works on transposed
     scores (keys x queries) so P^T and dS^T feed the dots without a transpose of the result."""
     offs_m0 = tl.arange(0, BLOCK_M)
+    rt_zero = qk_scale * 0.0  # a run-time zero (_acc_dot)
+    q_tile = offs_m0[:, None] * stride_qm + offs_d[None, :] * stride_qd
+    do_tile = offs_m0[:, None] * stride_dom + offs_d[None, :] * stride_dod
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + offs_m0
-        q = _load_rows(q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-                       offs_m, seq_q, offs_d, HEAD_DIM, BLOCK_D, MASKED)
-        do = _load_rows(do_base + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod,
-                        offs_m, seq_q, offs_d, HEAD_DIM, BLOCK_D, MASKED)
+        row = tl.cast(start_m, tl.int64)  # 64-bit row offsets
+        q = _load_rows(q_base + row * stride_qm + q_tile, offs_m, seq_q, offs_d, HEAD_DIM, BLOCK_D, MASKED)
+        do = _load_rows(do_base + row * stride_dom + do_tile, offs_m, seq_q, offs_d, HEAD_DIM, BLOCK_D, MASKED)
         if MASKED:
             lse = tl.load(lse_base + offs_m, mask=offs_m < seq_q, other=0.0)
             delta = tl.load(delta_base + offs_m, mask=offs_m < seq_q, other=0.0)
@@ -395,16 +423,16 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
         if DROPOUT:  # dV takes the dropped weights; dP is masked and scaled the same way
             keep_t = attention_dropout_keep(seed, offset, bh, Mq, Mkv, offs_m, offs_n, p_drop, TRANSPOSED=True)
             pd_t = tl.where(keep_t, p_t * rp_drop, 0.0)
-            dv = tl.dot(pd_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+            dv = _acc_dot(pd_t.to(do.dtype), do, dv, rt_zero, DOT_PRECISION)
             dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
             dp_t = tl.where(keep_t, dp_t * rp_drop, 0.0)
         else:
-            dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+            dv = _acc_dot(p_t.to(do.dtype), do, dv, rt_zero, DOT_PRECISION)
             dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])
         if SOFTCAP:
             ds_t = ds_t * (1.0 - t_t * t_t)
-        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
+        dk = _acc_dot(ds_t.to(q.dtype), q, dk, rt_zero, DOT_PRECISION)
     return dk, dv
 
 
@@ -434,11 +462,13 @@ def attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV, qk_scale, softmax_scale,
     q_start, seq_q, k_start, seq_k = _seq_bounds(CuQ, CuK, off_z, Mq, Mkv, VARLEN)
     if start_n >= seq_k:
         return
-    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_r = tl.arange(0, BLOCK_N)
+    offs_n = start_n + offs_r
     offs_d = tl.arange(0, BLOCK_D)
-    k = _load_rows(K + off_z * stride_kz + off_hkv * stride_kh + k_start * stride_kn + offs_n[:, None] * stride_kn
+    row_n = k_start + start_n  # int64
+    k = _load_rows(K + off_z * stride_kz + off_hkv * stride_kh + row_n * stride_kn + offs_r[:, None] * stride_kn
                    + offs_d[None, :] * stride_kd, offs_n, seq_k, offs_d, HEAD_DIM, BLOCK_D, True)
-    v = _load_rows(V + off_z * stride_vz + off_hkv * stride_vh + k_start * stride_vn + offs_n[:, None] * stride_vn
+    v = _load_rows(V + off_z * stride_vz + off_hkv * stride_vh + row_n * stride_vn + offs_r[:, None] * stride_vn
                    + offs_d[None, :] * stride_vd, offs_n, seq_k, offs_d, HEAD_DIM, BLOCK_D, True)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -475,26 +505,29 @@ def attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV, qk_scale, softmax_scale,
                                  HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PRECISION)
 
     dk = dk * softmax_scale
-    _store_rows(DK + off_z * stride_dkz + off_hkv * stride_dkh + k_start * stride_dkn + offs_n[:, None] * stride_dkn
+    _store_rows(DK + off_z * stride_dkz + off_hkv * stride_dkh + row_n * stride_dkn + offs_r[:, None] * stride_dkn
                 + offs_d[None, :] * stride_dkd, dk.to(DK.dtype.element_ty), offs_n, seq_k, offs_d, HEAD_DIM, BLOCK_D)
-    _store_rows(DV + off_z * stride_dvz + off_hkv * stride_dvh + k_start * stride_dvn + offs_n[:, None] * stride_dvn
+    _store_rows(DV + off_z * stride_dvz + off_hkv * stride_dvh + row_n * stride_dvn + offs_r[:, None] * stride_dvn
                 + offs_d[None, :] * stride_dvd, dv.to(DV.dtype.element_ty), offs_n, seq_k, offs_d, HEAD_DIM, BLOCK_D)
 
 
 @triton.jit
-def _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+def _bwd_dq_inner(dq, dsum, psum, q, do, lse2, delta, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
                   offs_m, offs_d, lo, hi, seq_q, seq_k, diag, qk_scale,
                   win_left, win_right, cap_a, cap_b, slope2, seed, offset, bh, Mq, Mkv, p_drop, rp_drop,
                   MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                   SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr,
-                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                  DELTA_ONLY: tl.constexpr):
     offs_n0 = tl.arange(0, BLOCK_N)
+    rt_zero = qk_scale * 0.0  # a run-time zero (_acc_dot)
+    k_tile = offs_n0[:, None] * stride_kn + offs_d[None, :] * stride_kd
+    v_tile = offs_n0[:, None] * stride_vn + offs_d[None, :] * stride_vd
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + offs_n0
-        k = _load_rows(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                       offs_n, seq_k, offs_d, HEAD_DIM, BLOCK_D, MASKED)
-        v = _load_rows(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-                       offs_n, seq_k, offs_d, HEAD_DIM, BLOCK_D, MASKED)
+        row = tl.cast(start_n, tl.int64)  # 64-bit row offsets
+        k = _load_rows(k_base + row * stride_kn + k_tile, offs_n, seq_k, offs_d, HEAD_DIM, BLOCK_D, MASKED)
+        v = _load_rows(v_base + row * stride_vn + v_tile, offs_n, seq_k, offs_d, HEAD_DIM, BLOCK_D, MASKED)
         s, t = _scores(q, k, qk_scale, cap_a, cap_b, slope2, offs_m, offs_n, seq_q, seq_k, diag, win_left, win_right,
                        MASKED, CAUSAL, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DOT_PRECISION)
         p = tl.math.exp2(s - lse2[:, None])
@@ -504,11 +537,15 @@ def _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_kd, 
         if DROPOUT:
             keep = attention_dropout_keep(seed, offset, bh, Mq, Mkv, offs_m, offs_n, p_drop)
             dp = tl.where(keep, dp * rp_drop, 0.0)
-        ds = p * (dp - delta[:, None])
-        if SOFTCAP:
-            ds = ds * (1.0 - t * t)
-        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
-    return dq
+        if DELTA_ONLY:  # delta_i = sum_j P_ij dP_ij, from the very P and dP the gradients use
+            dsum += tl.sum(p * dp, 1)
+            psum += tl.sum(p, 1)
+        else:
+            ds = p * (dp - delta[:, None])
+            if SOFTCAP:
+                ds = ds * (1.0 - t * t)
+            dq = _acc_dot(ds.to(k.dtype), k, dq, rt_zero, DOT_PRECISION)
+    return dq, dsum, psum
 
 
 @triton.jit(do_not_specialize=["seed", "offset"])
@@ -526,9 +563,14 @@ def attn_bwd_dq(Q, K, V, DO, Lse, Delta, DQ, qk_scale, softmax_scale,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
                 TOP_LEFT: tl.constexpr = False, HAS_LEFT: tl.constexpr = False, HAS_RIGHT: tl.constexpr = False,
                 SOFTCAP: tl.constexpr = False, ALIBI: tl.constexpr = False, DROPOUT: tl.constexpr = False,
-                VARLEN: tl.constexpr = False):
+                VARLEN: tl.constexpr = False, DELTA_ONLY: tl.constexpr = False):
     """One program per (query block, batch*head), parallel over queries like the forward;
-    dQ is summed on chip over key blocks: no atomics, deterministic."""
+    dQ is summed on chip over key blocks: no atomics, deterministic.
+
+    DELTA_ONLY: the same loop writes delta_i = sum_j P_ij dP_ij into Delta instead of dQ (a
+    pass before the gradient kernels, for dropout: there dO . O would use the output rounded
+    to its dtype, which is off from the dropped dP by that rounding, and a row that sees one
+    key would get dS = P (dP - delta) != 0 where the exact value is 0)."""
     start_m, off_bh = _block_and_head(Mq, BLOCK_M)
     off_z = (off_bh // H).to(tl.int64)
     off_h = (off_bh % H).to(tl.int64)
@@ -536,11 +578,13 @@ def attn_bwd_dq(Q, K, V, DO, Lse, Delta, DQ, qk_scale, softmax_scale,
     if start_m >= seq_q:
         return
     off_hkv = off_h // GROUP
-    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_r = tl.arange(0, BLOCK_M)
+    offs_m = start_m + offs_r
     offs_d = tl.arange(0, BLOCK_D)
-    q = _load_rows(Q + off_z * stride_qz + off_h * stride_qh + q_start * stride_qm + offs_m[:, None] * stride_qm
+    row_m = q_start + start_m  # int64
+    q = _load_rows(Q + off_z * stride_qz + off_h * stride_qh + row_m * stride_qm + offs_r[:, None] * stride_qm
                    + offs_d[None, :] * stride_qd, offs_m, seq_q, offs_d, HEAD_DIM, BLOCK_D, True)
-    do = _load_rows(DO + off_z * stride_doz + off_h * stride_doh + q_start * stride_dom + offs_m[:, None] * stride_dom
+    do = _load_rows(DO + off_z * stride_doz + off_h * stride_doh + row_m * stride_dom + offs_r[:, None] * stride_dom
                     + offs_d[None, :] * stride_dod, offs_m, seq_q, offs_d, HEAD_DIM, BLOCK_D, True)
     row_base = off_z * stride_lz + off_h * stride_lh + q_start
     lse2 = tl.load(Lse + row_base + offs_m, mask=offs_m < seq_q, other=0.0) * LOG2E
@@ -552,25 +596,34 @@ def attn_bwd_dq(Q, K, V, DO, Lse, Delta, DQ, qk_scale, softmax_scale,
         slope2 = tl.load(Slopes + off_z * stride_sz + off_h * stride_sh) * LOG2E
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    dsum = tl.zeros([BLOCK_M], dtype=tl.float32)
+    psum = tl.zeros([BLOCK_M], dtype=tl.float32)
     diag = _diag(seq_q, seq_k, TOP_LEFT)
     lo, a, b, hi = _key_ranges(start_m, seq_k, diag, win_left, win_right, CAUSAL, HAS_LEFT, HAS_RIGHT,
                               BLOCK_M, BLOCK_N)
     if HAS_LEFT:
-        dq = _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+        dq, dsum, psum = _bwd_dq_inner(dq, dsum, psum, q, do, lse2, delta, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
                            offs_m, offs_d, lo, a, seq_q, seq_k, diag, qk_scale,
                            win_left, win_right, cap_a, cap_b, slope2, seed, offset, off_bh, Mq, Mkv, p_drop, rp_drop,
                            True, CAUSAL, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DROPOUT,
-                           HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION)
-    dq = _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+                           HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION, DELTA_ONLY)
+    dq, dsum, psum = _bwd_dq_inner(dq, dsum, psum, q, do, lse2, delta, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
                        offs_m, offs_d, a, b, seq_q, seq_k, diag, qk_scale,
                        win_left, win_right, cap_a, cap_b, slope2, seed, offset, off_bh, Mq, Mkv, p_drop, rp_drop,
                        False, CAUSAL, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DROPOUT,
-                       HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION)
-    dq = _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+                       HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION, DELTA_ONLY)
+    dq, dsum, psum = _bwd_dq_inner(dq, dsum, psum, q, do, lse2, delta, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
                        offs_m, offs_d, b, hi, seq_q, seq_k, diag, qk_scale,
                        win_left, win_right, cap_a, cap_b, slope2, seed, offset, off_bh, Mq, Mkv, p_drop, rp_drop,
                        True, CAUSAL, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DROPOUT,
-                       HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION)
+                       HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION, DELTA_ONLY)
+    if DELTA_ONLY:
+        # Divided by sum_j P_ij (1 up to rounding): P carries the rounding of the stored lse
+        # (natural log, read back in base 2) as one factor per row, which this cancels, so a
+        # row that sees one key gets delta = dP and dS = 0 exactly as the softmax's algebra says.
+        delta_exact = tl.where(psum > 0.0, dsum / tl.where(psum > 0.0, psum, 1.0), 0.0)
+        tl.store(Delta + row_base + offs_m, delta_exact, mask=offs_m < seq_q)
+        return
     dq = dq * softmax_scale
-    _store_rows(DQ + off_z * stride_dqz + off_h * stride_dqh + q_start * stride_dqm + offs_m[:, None] * stride_dqm
+    _store_rows(DQ + off_z * stride_dqz + off_h * stride_dqh + row_m * stride_dqm + offs_r[:, None] * stride_dqm
                 + offs_d[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty), offs_m, seq_q, offs_d, HEAD_DIM, BLOCK_D)

@@ -133,14 +133,28 @@ def backward(problem: AttentionProblem, dout, q, k, v, out, lse, dlse, config: T
     lse_strides = _lse_strides(problem, q.shape[0])
 
     delta = torch.empty(_lse_shape(problem, q.shape[0]), dtype=torch.float32, device=q.device)
-    kernels.attn_bwd_preprocess[(triton.cdiv(Mq, config.dq_block_m) * B * H,)](
-        out, dout, delta, *_strides(out, layout), *_strides(dout, layout), *lse_strides, H, Mq, fargs[0],
-        HEAD_DIM=D, BLOCK_D=bd, BLOCK_M=config.dq_block_m, VARLEN=problem.varlen, **opts,
-    )
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if problem.dropout_p:
+        # delta = rowsum(P * dP) from the dropped dP itself (one more pass over the keys: the
+        # dQ kernel's DELTA_ONLY mode), not dO . O: O is rounded to its dtype, and the rows
+        # that see one key would otherwise get a gradient of that rounding's size.
+        kernels.attn_bwd_dq[(triton.cdiv(Mq, config.dq_block_m) * B * H,)](
+            q, k, v, dout, lse, delta, dq, qk_scale, problem.softmax_scale,
+            *_strides(q, layout), *_strides(k, layout), *_strides(v, layout), *_strides(dout, layout),
+            *_strides(dq, layout), *lse_strides,
+            H, problem.group, Mq, Mkv, *fargs,
+            CAUSAL=problem.causal, HEAD_DIM=D, BLOCK_D=bd,
+            BLOCK_M=config.dq_block_m, BLOCK_N=config.dq_block_n, DOT_PRECISION=precision, **fconst,
+            DELTA_ONLY=True, **opts,
+        )
+    else:
+        kernels.attn_bwd_preprocess[(triton.cdiv(Mq, config.dq_block_m) * B * H,)](
+            out, dout, delta, *_strides(out, layout), *_strides(dout, layout), *lse_strides, H, Mq, fargs[0],
+            HEAD_DIM=D, BLOCK_D=bd, BLOCK_M=config.dq_block_m, VARLEN=problem.varlen, **opts,
+        )
     if dlse is not None:
         delta.sub_(dlse)
 
-    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     kernels.attn_bwd_dkdv[(triton.cdiv(Mkv, config.dkdv_block_n) * B * Hkv,)](
@@ -166,7 +180,17 @@ MAX_PROGRAMS = 2**31 - 1  # gridDim.x; the program id is a 32-bit int
 
 
 def grid_reasons(problem: AttentionProblem, config: TritonConfig) -> list[str]:
-    """The 1-D grid of the largest launch (query or key blocks x batch x heads) must fit."""
+    """The 1-D grid of the largest launch (query or key blocks x batch x heads) must fit, and
+    no block may pass MAX_BLOCK_ROWS rows (``stride_reasons`` bounds in-block offsets by it)."""
+    from . import MAX_BLOCK_ROWS
+
+    big = [f"{name}={value}" for name, value in (("block_m", config.block_m), ("block_n", config.block_n),
+                                                 ("dkdv_block_m", config.dkdv_block_m),
+                                                 ("dkdv_block_n", config.dkdv_block_n),
+                                                 ("dq_block_m", config.dq_block_m), ("dq_block_n", config.dq_block_n))
+           if value > MAX_BLOCK_ROWS]
+    if big:
+        return [f"{', '.join(big)} (supported: blocks of at most {MAX_BLOCK_ROWS} rows)"]
     blocks = max(triton.cdiv(problem.Mq, min(config.block_m, config.dq_block_m)) * problem.H,
                  triton.cdiv(problem.Mkv, config.dkdv_block_n) * problem.Hkv)
     if blocks * problem.B > MAX_PROGRAMS:

@@ -331,6 +331,30 @@ def test_row_offsets_past_2_31_inside_one_batch_element():
     assert "triton ran" in out, out
 
 
+def test_int64_rows_only_where_a_tensor_passes_2_31_elements():
+    """The kernels take the 64-bit row path (INT64_ROWS) only for tensors whose rows reach
+    element 2^31 of a batch element; every ordinary call keeps the 32-bit form (lighter on
+    registers: the same SASS as before the 64-bit path existed)."""
+    from fa2dispatch.backends.triton_fa2 import needs_int64_rows
+    from fa2dispatch.problem import AttentionProblem
+
+    def problem(M, layout="bshd"):
+        return AttentionProblem(B=1, H=8, Hkv=8, Mq=M, Mkv=M, D=128, dtype=torch.float16, device=torch.device("cpu"),
+                                layout=layout, causal=False, softmax_scale=0.1)
+
+    meta = torch.empty(0, device="meta", dtype=torch.float16)
+    small = meta.new_empty((4, 16384, 8, 128))
+    assert not needs_int64_rows(problem(16384), q=small, k=small, v=small)
+    big = meta.new_empty((1, 2**21 + 1, 8, 128))  # (M - 1) * 8 * 128 + 127 >= 2^31
+    assert needs_int64_rows(problem(2**21 + 1), q=big, k=big, v=big)
+    edge = meta.new_empty((1, 2**21, 8, 128))  # the last element is 2^31 - 1: 32-bit still reaches it
+    assert not needs_int64_rows(problem(2**21), q=edge, k=edge, v=edge)
+    view = meta.new_empty((1, 2**20, 3, 8, 128))[:, :, 0]  # a packed qkv's q: the row stride carries it
+    assert needs_int64_rows(problem(2**20), q=view, k=small[:1, :2**20], v=small[:1, :2**20])
+    bhsd = meta.new_empty((1, 8, 2**21 + 1, 128))
+    assert not needs_int64_rows(problem(2**21 + 1, "bhsd"), q=bhsd, k=bhsd, v=bhsd)  # per head: 2^28 elements
+
+
 @pytest.mark.interpreter
 def test_row_stride_past_2_31_inside_one_block_is_refused():
     """Rows 2^29 elements apart: offsets inside one block of rows (32-bit products) would pass

@@ -62,10 +62,12 @@ MAX_BLOCK_ROWS = 256  # the largest block_m / block_n of any config (autotune/sp
 def offset_reasons(problem: AttentionProblem) -> list[str]:
     """What the kernels' 32-bit offsets cannot address, by shape.
 
-    The attention kernels (kernels.py) add batch, head and each block's first row to the base
-    pointer in 64 bits; only offsets inside a block are 32-bit products (``stride_reasons``
-    checks the actual strides). The decode kernels (decode.py) still form a row's offset inside
-    one cache sequence in 32 bits: a KV-cache sequence of 2^31 elements or more is refused."""
+    The attention kernels (kernels.py) add batch and head offsets in 64 bits, and with
+    INT64_ROWS (set per call by ``_check_strides`` when a tensor's rows reach element 2^31 of
+    a batch element) each block's first row too; only offsets inside a block are then 32-bit
+    (``stride_reasons`` checks the actual strides). The decode kernels (decode.py) still form a
+    row's offset inside one cache sequence in 32 bits: a KV-cache sequence of 2^31 elements or
+    more is refused."""
     if problem.kvcache:
         rows = max(problem.Mq * problem.H, problem.Mkv * problem.Hkv) * problem.D
         if rows >= INT32_OFFSETS:
@@ -74,19 +76,23 @@ def offset_reasons(problem: AttentionProblem) -> list[str]:
     return []
 
 
+def _rows_and_strides(problem: AttentionProblem, t: torch.Tensor) -> tuple[int, int, int]:
+    """(rows, row stride, dim stride) of one head of a tensor in the problem's layout."""
+    s = t.stride()
+    if problem.layout == "thd":
+        return t.shape[0], s[0], s[2]
+    if problem.layout == "bshd":
+        return t.shape[1], s[1], s[3]
+    return t.shape[2], s[2], s[3]
+
+
 def stride_reasons(problem: AttentionProblem, **tensors) -> list[str]:
     """Offsets inside one block are 32-bit: up to MAX_BLOCK_ROWS rows of a tensor's row stride,
     plus D of its dim stride, must stay below 2^31 (a row stride of about 2^23 elements or
     more; a stride of 2^31 or more is passed as a 64-bit kernel argument and is fine)."""
     out = []
     for name, t in tensors.items():
-        s = t.stride()
-        if problem.layout == "thd":
-            rows, row, dim = t.shape[0], s[0], s[2]
-        elif problem.layout == "bshd":
-            rows, row, dim = t.shape[1], s[1], s[3]
-        else:
-            rows, row, dim = t.shape[2], s[2], s[3]
+        rows, row, dim = _rows_and_strides(problem, t)
         if abs(row) >= INT32_OFFSETS:
             continue  # a 64-bit argument: every product with it is 64-bit
         reach = (min(rows, MAX_BLOCK_ROWS) - 1) * abs(row) + (t.shape[-1] - 1) * abs(dim)
@@ -96,23 +102,36 @@ def stride_reasons(problem: AttentionProblem, **tensors) -> list[str]:
     return out
 
 
+def needs_int64_rows(problem: AttentionProblem, **tensors) -> bool:
+    """Whether some tensor's rows reach element 2^31 of a batch element (row x row stride would
+    wrap as a 32-bit product): the kernels then take INT64_ROWS."""
+    for t in tensors.values():
+        rows, row, dim = _rows_and_strides(problem, t)
+        if (rows - 1) * abs(row) + (t.shape[-1] - 1) * abs(dim) >= INT32_OFFSETS:
+            return True
+    return False
+
+
 _HOPPER_OK: dict = {}
-_STRIDES_CHECKED: dict = {}  # (problem, strides of the tensors) -> stride_reasons
+_STRIDES_CHECKED: dict = {}  # (problem, strides of the tensors) -> (stride_reasons, needs_int64_rows)
 _MEMO_LIMIT = 4096  # as the dispatcher's memo: past that these start over
 _THREAD = threading.local()
 
 
-def _check_strides(problem: AttentionProblem, **tensors) -> None:
+def _check_strides(problem: AttentionProblem, **tensors) -> bool:
     """``stride_reasons`` as a run-time refusal (the dispatcher's fallback takes the call
-    elsewhere; a forced call raises), once per problem and strides: the warm path stays a lookup."""
+    elsewhere; a forced call raises), and ``needs_int64_rows`` as the answer, once per problem
+    and strides: the warm path stays a lookup."""
     key = (problem, *[t.stride() for t in tensors.values()])  # forward (3) and backward (5) differ in length
-    too_far = _STRIDES_CHECKED.get(key)
-    if too_far is None:
+    found = _STRIDES_CHECKED.get(key)
+    if found is None:
         if len(_STRIDES_CHECKED) >= _MEMO_LIMIT:
             _STRIDES_CHECKED.clear()
-        too_far = _STRIDES_CHECKED[key] = stride_reasons(problem, **tensors)
+        found = _STRIDES_CHECKED[key] = (stride_reasons(problem, **tensors), needs_int64_rows(problem, **tensors))
+    too_far, int64_rows = found
     if too_far:
         raise NotImplementedError("triton: " + "; ".join(too_far))
+    return int64_rows
 
 
 def ensure_cuda_context(device: torch.device) -> None:
@@ -178,7 +197,7 @@ class TritonBackend(Backend):
     def forward(self, problem, q, k, v, config, features=None):
         from .launch import forward  # lazily: importing launch imports Triton
 
-        _check_strides(problem, q=q, k=k, v=v)
+        int64_rows = _check_strides(problem, q=q, k=k, v=v)
         device = device_info(q.device)
         if config.fwd_kernel == "hopper" and features is None:
             from . import launch_hopper
@@ -191,13 +210,14 @@ class TritonBackend(Backend):
             if ok:
                 ensure_cuda_context(q.device)
                 return launch_hopper.forward(problem, q, k, v, config, device, checked=True)
-        return forward(problem, q, k, v, config, device, features)
+        return forward(problem, q, k, v, config, device, features, int64_rows=int64_rows)
 
     def backward(self, problem, dout, q, k, v, out, lse, config, dlse=None, features=None):
         from .launch import backward
 
-        _check_strides(problem, q=q, k=k, v=v, out=out, dout=dout)
-        return backward(problem, dout, q, k, v, out, lse, dlse, config, device_info(q.device), features)
+        int64_rows = _check_strides(problem, q=q, k=k, v=v, out=out, dout=dout)
+        return backward(problem, dout, q, k, v, out, lse, dlse, config, device_info(q.device), features,
+                        int64_rows=int64_rows)
 
     def forward_kvcache(self, problem, q, k_cache, v_cache, kv, config):
         from .decode_launch import forward_kvcache

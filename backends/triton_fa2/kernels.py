@@ -19,10 +19,12 @@ Conventions:
   DROPOUT (Philox mask regenerated from (seed, offset) by ``dropout.py``, never stored),
   VARLEN (sequence b is rows ``cu_seqlens[b]:cu_seqlens[b+1]`` of a packed (total, H, D)
   tensor; lse then is (H, total_q)).
-- Offsets are 64-bit where they can pass 2^31: batch and head offsets, and each block's first
-  row (``row * stride`` in int64, added to the base pointer); only the offsets inside a block
-  (fewer than 256 rows) are 32-bit products, so one batch element may hold more than 2^31
-  elements (``offset_reasons`` refuses only a row stride too large for that).
+- Offsets: batch and head offsets are 64-bit. A row's offset inside one batch element is a
+  32-bit product (row x row stride) unless INT64_ROWS, which the launcher sets only for
+  tensors whose rows reach element 2^31 of a batch element: then each block's first row is
+  added in 64 bits and only the offsets inside a block are 32-bit (``_row_ptrs``). Ordinary
+  sizes keep the 32-bit form, whose address arithmetic is lighter on registers (the 64-bit
+  form everywhere cost the backward 4-14% on the H100, docs/PENDING_S5.md).
 - HEAD_DIM is the real head dim, BLOCK_D the next power of two >= 16 (tl.dot's minimum);
   the padding columns are loaded as 0 and never stored.
 """
@@ -59,6 +61,16 @@ def _store_rows(ptrs, tile, offs_rows, n_rows, offs_d, HEAD_DIM: tl.constexpr, B
         tl.store(ptrs, tile, mask=offs_rows[:, None] < n_rows)
     else:
         tl.store(ptrs, tile, mask=(offs_rows[:, None] < n_rows) & (offs_d[None, :] < HEAD_DIM))
+
+
+@triton.jit
+def _row_ptrs(base, start, offs0, stride, INT64_ROWS: tl.constexpr):
+    """(rows, 1) pointers to rows ``start + offs0`` of a head whose row 0 is at ``base``: a
+    32-bit row x stride product, or (INT64_ROWS) the block's first row added in 64 bits."""
+    if INT64_ROWS:
+        return base + tl.cast(start, tl.int64) * stride + offs0[:, None] * stride
+    else:
+        return base + (start + offs0)[:, None] * stride
 
 
 @triton.jit
@@ -253,14 +265,13 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn
                win_left, win_right, cap_a, cap_b, slope2, seed, offset, bh, Mq, Mkv, p_drop,
                MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr,
-               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+               INT64_ROWS: tl.constexpr):
     offs_n0 = tl.arange(0, BLOCK_N)
-    k_tile = offs_n0[:, None] * stride_kn + offs_d[None, :] * stride_kd
-    v_tile = offs_n0[:, None] * stride_vn + offs_d[None, :] * stride_vd
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + offs_n0
-        row = tl.cast(start_n, tl.int64)  # 64-bit row offsets: a batch element may pass 2^31 elements
-        k = _load_rows(k_base + row * stride_kn + k_tile, offs_n, seq_k, offs_d, HEAD_DIM, BLOCK_D, MASKED)
+        k = _load_rows(_row_ptrs(k_base, start_n, offs_n0, stride_kn, INT64_ROWS) + offs_d[None, :] * stride_kd,
+                       offs_n, seq_k, offs_d, HEAD_DIM, BLOCK_D, MASKED)
         s, _ = _scores(q, k, qk_scale, cap_a, cap_b, slope2, offs_m, offs_n, seq_q, seq_k, diag, win_left, win_right,
                        MASKED, CAUSAL, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DOT_PRECISION)
         if MASKED:
@@ -275,7 +286,8 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn
         alpha = tl.math.exp2(m_i - m_sub)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
-        v = _load_rows(v_base + row * stride_vn + v_tile, offs_n, seq_k, offs_d, HEAD_DIM, BLOCK_D, MASKED)
+        v = _load_rows(_row_ptrs(v_base, start_n, offs_n0, stride_vn, INT64_ROWS) + offs_d[None, :] * stride_vd,
+                       offs_n, seq_k, offs_d, HEAD_DIM, BLOCK_D, MASKED)
         if DROPOUT:  # l keeps the undropped sum (the lse is the softmax's); 1/(1-p) comes at the end
             p = tl.where(attention_dropout_keep(seed, offset, bh, Mq, Mkv, offs_m, offs_n, p_drop), p, 0.0)
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
@@ -297,7 +309,7 @@ def attn_fwd(Q, K, V, Out, Lse, qk_scale,
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
              TOP_LEFT: tl.constexpr = False, HAS_LEFT: tl.constexpr = False, HAS_RIGHT: tl.constexpr = False,
              SOFTCAP: tl.constexpr = False, ALIBI: tl.constexpr = False, DROPOUT: tl.constexpr = False,
-             VARLEN: tl.constexpr = False):
+             VARLEN: tl.constexpr = False, INT64_ROWS: tl.constexpr = False):
     """One program per (query block, batch*head); q stays on chip throughout."""
     start_m, off_bh = _block_and_head(Mq, BLOCK_M)
     off_z = (off_bh // H).to(tl.int64)
@@ -306,15 +318,14 @@ def attn_fwd(Q, K, V, Out, Lse, qk_scale,
     if start_m >= seq_q:  # varlen: this sequence is shorter than the longest
         return
     off_hkv = off_h // GROUP
-    row_m = q_start + start_m  # int64: this block's first row
-    q_base = Q + off_z * stride_qz + off_h * stride_qh + row_m * stride_qm
+    q_base = Q + off_z * stride_qz + off_h * stride_qh + q_start * stride_qm
     k_base = K + off_z * stride_kz + off_hkv * stride_kh + k_start * stride_kn
     v_base = V + off_z * stride_vz + off_hkv * stride_vh + k_start * stride_vn
 
-    offs_r = tl.arange(0, BLOCK_M)  # rows inside the block (pointers); offs_m: rows of the sequence (masks)
+    offs_r = tl.arange(0, BLOCK_M)
     offs_m = start_m + offs_r
     offs_d = tl.arange(0, BLOCK_D)
-    q = _load_rows(q_base + offs_r[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+    q = _load_rows(_row_ptrs(q_base, start_m, offs_r, stride_qm, INT64_ROWS) + offs_d[None, :] * stride_qd,
                    offs_m, seq_q, offs_d, HEAD_DIM, BLOCK_D, True)
     slope2 = 0.0
     if ALIBI:
@@ -331,17 +342,17 @@ def attn_fwd(Q, K, V, Out, Lse, qk_scale,
                                    offs_m, offs_d, lo, a, seq_q, seq_k, diag, qk_scale,
                                    win_left, win_right, cap_a, cap_b, slope2, seed, offset, off_bh, Mq, Mkv, p_drop,
                                    True, CAUSAL, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DROPOUT,
-                                   HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION)
+                                   HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION, INT64_ROWS)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
                                offs_m, offs_d, a, b, seq_q, seq_k, diag, qk_scale,
                                win_left, win_right, cap_a, cap_b, slope2, seed, offset, off_bh, Mq, Mkv, p_drop,
                                False, CAUSAL, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DROPOUT,
-                               HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION)
+                               HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION, INT64_ROWS)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
                                offs_m, offs_d, b, hi, seq_q, seq_k, diag, qk_scale,
                                win_left, win_right, cap_a, cap_b, slope2, seed, offset, off_bh, Mq, Mkv, p_drop,
                                True, CAUSAL, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DROPOUT,
-                               HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION)
+                               HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION, INT64_ROWS)
 
     # l == 0 only for rows that saw no key: output 0 and lse -inf, never NaN.
     empty = l_i == 0.0
@@ -353,8 +364,8 @@ def attn_fwd(Q, K, V, Out, Lse, qk_scale,
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * LN2)
     # A +inf score makes l = exp2(inf - inf) = NaN; the softmax's lse is +inf (torch.logsumexp).
     lse = tl.where(m_i == float("inf"), float("inf"), lse)
-    o_base = Out + off_z * stride_oz + off_h * stride_oh + row_m * stride_om
-    _store_rows(o_base + offs_r[:, None] * stride_om + offs_d[None, :] * stride_od,
+    o_base = Out + off_z * stride_oz + off_h * stride_oh + q_start * stride_om
+    _store_rows(_row_ptrs(o_base, start_m, offs_r, stride_om, INT64_ROWS) + offs_d[None, :] * stride_od,
                 out.to(Out.dtype.element_ty), offs_m, seq_q, offs_d, HEAD_DIM, BLOCK_D)
     tl.store(Lse + off_z * stride_lz + off_h * stride_lh + q_start + offs_m, lse, mask=offs_m < seq_q)
 
@@ -369,7 +380,7 @@ def attn_bwd_preprocess(Out, DO, Delta,
                         stride_lz, stride_lh,
                         H, Mq, CuQ,
                         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-                        VARLEN: tl.constexpr = False):
+                        VARLEN: tl.constexpr = False, INT64_ROWS: tl.constexpr = False):
     """delta_i = sum_d dO_id * O_id (float32), the row term of dS = P * (dP - delta)."""
     start_m, off_bh = _block_and_head(Mq, BLOCK_M)
     off_z = (off_bh // H).to(tl.int64)
@@ -380,11 +391,12 @@ def attn_bwd_preprocess(Out, DO, Delta,
     offs_r = tl.arange(0, BLOCK_M)
     offs_m = start_m + offs_r
     offs_d = tl.arange(0, BLOCK_D)
-    row_m = q_start + start_m  # int64
-    o = _load_rows(Out + off_z * stride_oz + off_h * stride_oh + row_m * stride_om + offs_r[:, None] * stride_om
-                   + offs_d[None, :] * stride_od, offs_m, seq_q, offs_d, HEAD_DIM, BLOCK_D, True)
-    do = _load_rows(DO + off_z * stride_doz + off_h * stride_doh + row_m * stride_dom + offs_r[:, None] * stride_dom
-                    + offs_d[None, :] * stride_dod, offs_m, seq_q, offs_d, HEAD_DIM, BLOCK_D, True)
+    o_base = Out + off_z * stride_oz + off_h * stride_oh + q_start * stride_om
+    do_base = DO + off_z * stride_doz + off_h * stride_doh + q_start * stride_dom
+    o = _load_rows(_row_ptrs(o_base, start_m, offs_r, stride_om, INT64_ROWS) + offs_d[None, :] * stride_od,
+                   offs_m, seq_q, offs_d, HEAD_DIM, BLOCK_D, True)
+    do = _load_rows(_row_ptrs(do_base, start_m, offs_r, stride_dom, INT64_ROWS) + offs_d[None, :] * stride_dod,
+                    offs_m, seq_q, offs_d, HEAD_DIM, BLOCK_D, True)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
     tl.store(Delta + off_z * stride_lz + off_h * stride_lh + q_start + offs_m, delta, mask=offs_m < seq_q)
 
@@ -396,18 +408,18 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
                     win_left, win_right, cap_a, cap_b, slope2, seed, offset, bh, Mq, Mkv, p_drop, rp_drop,
                     MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                     SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr,
-                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                    INT64_ROWS: tl.constexpr):
     """Accumulate dK, dV of one key block over query blocks [lo, hi). Works on transposed
     scores (keys x queries) so P^T and dS^T feed the dots without a transpose of the result."""
     offs_m0 = tl.arange(0, BLOCK_M)
     rt_zero = qk_scale * 0.0  # a run-time zero (_acc_dot)
-    q_tile = offs_m0[:, None] * stride_qm + offs_d[None, :] * stride_qd
-    do_tile = offs_m0[:, None] * stride_dom + offs_d[None, :] * stride_dod
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + offs_m0
-        row = tl.cast(start_m, tl.int64)  # 64-bit row offsets
-        q = _load_rows(q_base + row * stride_qm + q_tile, offs_m, seq_q, offs_d, HEAD_DIM, BLOCK_D, MASKED)
-        do = _load_rows(do_base + row * stride_dom + do_tile, offs_m, seq_q, offs_d, HEAD_DIM, BLOCK_D, MASKED)
+        q = _load_rows(_row_ptrs(q_base, start_m, offs_m0, stride_qm, INT64_ROWS) + offs_d[None, :] * stride_qd,
+                       offs_m, seq_q, offs_d, HEAD_DIM, BLOCK_D, MASKED)
+        do = _load_rows(_row_ptrs(do_base, start_m, offs_m0, stride_dom, INT64_ROWS) + offs_d[None, :] * stride_dod,
+                        offs_m, seq_q, offs_d, HEAD_DIM, BLOCK_D, MASKED)
         if MASKED:
             lse = tl.load(lse_base + offs_m, mask=offs_m < seq_q, other=0.0)
             delta = tl.load(delta_base + offs_m, mask=offs_m < seq_q, other=0.0)
@@ -452,7 +464,7 @@ def attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV, qk_scale, softmax_scale,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
                   TOP_LEFT: tl.constexpr = False, HAS_LEFT: tl.constexpr = False, HAS_RIGHT: tl.constexpr = False,
                   SOFTCAP: tl.constexpr = False, ALIBI: tl.constexpr = False, DROPOUT: tl.constexpr = False,
-                  VARLEN: tl.constexpr = False):
+                  VARLEN: tl.constexpr = False, INT64_ROWS: tl.constexpr = False):
     """One program per (key block, batch*kv head): K and V stay on chip while the program
     loops over every query head of its group and every query block, so dK and dV are summed
     on chip (GQA included) with no atomics: deterministic."""
@@ -465,11 +477,12 @@ def attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV, qk_scale, softmax_scale,
     offs_r = tl.arange(0, BLOCK_N)
     offs_n = start_n + offs_r
     offs_d = tl.arange(0, BLOCK_D)
-    row_n = k_start + start_n  # int64
-    k = _load_rows(K + off_z * stride_kz + off_hkv * stride_kh + row_n * stride_kn + offs_r[:, None] * stride_kn
-                   + offs_d[None, :] * stride_kd, offs_n, seq_k, offs_d, HEAD_DIM, BLOCK_D, True)
-    v = _load_rows(V + off_z * stride_vz + off_hkv * stride_vh + row_n * stride_vn + offs_r[:, None] * stride_vn
-                   + offs_d[None, :] * stride_vd, offs_n, seq_k, offs_d, HEAD_DIM, BLOCK_D, True)
+    k_base = K + off_z * stride_kz + off_hkv * stride_kh + k_start * stride_kn
+    v_base = V + off_z * stride_vz + off_hkv * stride_vh + k_start * stride_vn
+    k = _load_rows(_row_ptrs(k_base, start_n, offs_r, stride_kn, INT64_ROWS) + offs_d[None, :] * stride_kd,
+                   offs_n, seq_k, offs_d, HEAD_DIM, BLOCK_D, True)
+    v = _load_rows(_row_ptrs(v_base, start_n, offs_r, stride_vn, INT64_ROWS) + offs_d[None, :] * stride_vd,
+                   offs_n, seq_k, offs_d, HEAD_DIM, BLOCK_D, True)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
 
@@ -490,25 +503,27 @@ def attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV, qk_scale, softmax_scale,
                                  lo, a, seq_q, seq_k, diag, qk_scale,
                                  win_left, win_right, cap_a, cap_b, slope2, seed, offset, bh, Mq, Mkv, p_drop, rp_drop,
                                  True, CAUSAL, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DROPOUT,
-                                 HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PRECISION)
+                                 HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PRECISION, INT64_ROWS)
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, Lse + row_base, Delta + row_base,
                                  stride_qm, stride_qd, stride_dom, stride_dod, offs_n, offs_d,
                                  a, b, seq_q, seq_k, diag, qk_scale,
                                  win_left, win_right, cap_a, cap_b, slope2, seed, offset, bh, Mq, Mkv, p_drop, rp_drop,
                                  False, CAUSAL, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DROPOUT,
-                                 HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PRECISION)
+                                 HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PRECISION, INT64_ROWS)
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, Lse + row_base, Delta + row_base,
                                  stride_qm, stride_qd, stride_dom, stride_dod, offs_n, offs_d,
                                  b, hi, seq_q, seq_k, diag, qk_scale,
                                  win_left, win_right, cap_a, cap_b, slope2, seed, offset, bh, Mq, Mkv, p_drop, rp_drop,
                                  True, CAUSAL, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DROPOUT,
-                                 HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PRECISION)
+                                 HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PRECISION, INT64_ROWS)
 
     dk = dk * softmax_scale
-    _store_rows(DK + off_z * stride_dkz + off_hkv * stride_dkh + row_n * stride_dkn + offs_r[:, None] * stride_dkn
-                + offs_d[None, :] * stride_dkd, dk.to(DK.dtype.element_ty), offs_n, seq_k, offs_d, HEAD_DIM, BLOCK_D)
-    _store_rows(DV + off_z * stride_dvz + off_hkv * stride_dvh + row_n * stride_dvn + offs_r[:, None] * stride_dvn
-                + offs_d[None, :] * stride_dvd, dv.to(DV.dtype.element_ty), offs_n, seq_k, offs_d, HEAD_DIM, BLOCK_D)
+    dk_base = DK + off_z * stride_dkz + off_hkv * stride_dkh + k_start * stride_dkn
+    dv_base = DV + off_z * stride_dvz + off_hkv * stride_dvh + k_start * stride_dvn
+    _store_rows(_row_ptrs(dk_base, start_n, offs_r, stride_dkn, INT64_ROWS) + offs_d[None, :] * stride_dkd,
+                dk.to(DK.dtype.element_ty), offs_n, seq_k, offs_d, HEAD_DIM, BLOCK_D)
+    _store_rows(_row_ptrs(dv_base, start_n, offs_r, stride_dvn, INT64_ROWS) + offs_d[None, :] * stride_dvd,
+                dv.to(DV.dtype.element_ty), offs_n, seq_k, offs_d, HEAD_DIM, BLOCK_D)
 
 
 @triton.jit
@@ -518,16 +533,15 @@ def _bwd_dq_inner(dq, dsum, psum, q, do, lse2, delta, k_base, v_base, stride_kn,
                   MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                   SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr,
                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                  DELTA_ONLY: tl.constexpr):
+                  DELTA_ONLY: tl.constexpr, INT64_ROWS: tl.constexpr):
     offs_n0 = tl.arange(0, BLOCK_N)
     rt_zero = qk_scale * 0.0  # a run-time zero (_acc_dot)
-    k_tile = offs_n0[:, None] * stride_kn + offs_d[None, :] * stride_kd
-    v_tile = offs_n0[:, None] * stride_vn + offs_d[None, :] * stride_vd
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + offs_n0
-        row = tl.cast(start_n, tl.int64)  # 64-bit row offsets
-        k = _load_rows(k_base + row * stride_kn + k_tile, offs_n, seq_k, offs_d, HEAD_DIM, BLOCK_D, MASKED)
-        v = _load_rows(v_base + row * stride_vn + v_tile, offs_n, seq_k, offs_d, HEAD_DIM, BLOCK_D, MASKED)
+        k = _load_rows(_row_ptrs(k_base, start_n, offs_n0, stride_kn, INT64_ROWS) + offs_d[None, :] * stride_kd,
+                       offs_n, seq_k, offs_d, HEAD_DIM, BLOCK_D, MASKED)
+        v = _load_rows(_row_ptrs(v_base, start_n, offs_n0, stride_vn, INT64_ROWS) + offs_d[None, :] * stride_vd,
+                       offs_n, seq_k, offs_d, HEAD_DIM, BLOCK_D, MASKED)
         s, t = _scores(q, k, qk_scale, cap_a, cap_b, slope2, offs_m, offs_n, seq_q, seq_k, diag, win_left, win_right,
                        MASKED, CAUSAL, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DOT_PRECISION)
         p = tl.math.exp2(s - lse2[:, None])
@@ -563,14 +577,14 @@ def attn_bwd_dq(Q, K, V, DO, Lse, Delta, DQ, qk_scale, softmax_scale,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
                 TOP_LEFT: tl.constexpr = False, HAS_LEFT: tl.constexpr = False, HAS_RIGHT: tl.constexpr = False,
                 SOFTCAP: tl.constexpr = False, ALIBI: tl.constexpr = False, DROPOUT: tl.constexpr = False,
-                VARLEN: tl.constexpr = False, DELTA_ONLY: tl.constexpr = False):
+                VARLEN: tl.constexpr = False, DELTA_ONLY: tl.constexpr = False, INT64_ROWS: tl.constexpr = False):
     """One program per (query block, batch*head), parallel over queries like the forward;
     dQ is summed on chip over key blocks: no atomics, deterministic.
 
-    DELTA_ONLY: the same loop writes delta_i = sum_j P_ij dP_ij into Delta instead of dQ (a
-    pass before the gradient kernels, for dropout: there dO . O would use the output rounded
-    to its dtype, which is off from the dropped dP by that rounding, and a row that sees one
-    key would get dS = P (dP - delta) != 0 where the exact value is 0)."""
+    DELTA_ONLY: the same loop writes delta_i = sum_j P_ij dP_ij / sum_j P_ij into Delta instead
+    of dQ (a pass before the gradient kernels, for dropout: there dO . O would use the output
+    rounded to its dtype, which is off from the dropped dP by that rounding, and a row that
+    sees one key would get dS = P (dP - delta) != 0 where the exact value is 0)."""
     start_m, off_bh = _block_and_head(Mq, BLOCK_M)
     off_z = (off_bh // H).to(tl.int64)
     off_h = (off_bh % H).to(tl.int64)
@@ -581,11 +595,12 @@ def attn_bwd_dq(Q, K, V, DO, Lse, Delta, DQ, qk_scale, softmax_scale,
     offs_r = tl.arange(0, BLOCK_M)
     offs_m = start_m + offs_r
     offs_d = tl.arange(0, BLOCK_D)
-    row_m = q_start + start_m  # int64
-    q = _load_rows(Q + off_z * stride_qz + off_h * stride_qh + row_m * stride_qm + offs_r[:, None] * stride_qm
-                   + offs_d[None, :] * stride_qd, offs_m, seq_q, offs_d, HEAD_DIM, BLOCK_D, True)
-    do = _load_rows(DO + off_z * stride_doz + off_h * stride_doh + row_m * stride_dom + offs_r[:, None] * stride_dom
-                    + offs_d[None, :] * stride_dod, offs_m, seq_q, offs_d, HEAD_DIM, BLOCK_D, True)
+    q_base = Q + off_z * stride_qz + off_h * stride_qh + q_start * stride_qm
+    do_base = DO + off_z * stride_doz + off_h * stride_doh + q_start * stride_dom
+    q = _load_rows(_row_ptrs(q_base, start_m, offs_r, stride_qm, INT64_ROWS) + offs_d[None, :] * stride_qd,
+                   offs_m, seq_q, offs_d, HEAD_DIM, BLOCK_D, True)
+    do = _load_rows(_row_ptrs(do_base, start_m, offs_r, stride_dom, INT64_ROWS) + offs_d[None, :] * stride_dod,
+                    offs_m, seq_q, offs_d, HEAD_DIM, BLOCK_D, True)
     row_base = off_z * stride_lz + off_h * stride_lh + q_start
     lse2 = tl.load(Lse + row_base + offs_m, mask=offs_m < seq_q, other=0.0) * LOG2E
     delta = tl.load(Delta + row_base + offs_m, mask=offs_m < seq_q, other=0.0)
@@ -602,28 +617,32 @@ def attn_bwd_dq(Q, K, V, DO, Lse, Delta, DQ, qk_scale, softmax_scale,
     lo, a, b, hi = _key_ranges(start_m, seq_k, diag, win_left, win_right, CAUSAL, HAS_LEFT, HAS_RIGHT,
                               BLOCK_M, BLOCK_N)
     if HAS_LEFT:
-        dq, dsum, psum = _bwd_dq_inner(dq, dsum, psum, q, do, lse2, delta, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-                           offs_m, offs_d, lo, a, seq_q, seq_k, diag, qk_scale,
-                           win_left, win_right, cap_a, cap_b, slope2, seed, offset, off_bh, Mq, Mkv, p_drop, rp_drop,
-                           True, CAUSAL, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DROPOUT,
-                           HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION, DELTA_ONLY)
-    dq, dsum, psum = _bwd_dq_inner(dq, dsum, psum, q, do, lse2, delta, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-                       offs_m, offs_d, a, b, seq_q, seq_k, diag, qk_scale,
-                       win_left, win_right, cap_a, cap_b, slope2, seed, offset, off_bh, Mq, Mkv, p_drop, rp_drop,
-                       False, CAUSAL, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DROPOUT,
-                       HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION, DELTA_ONLY)
-    dq, dsum, psum = _bwd_dq_inner(dq, dsum, psum, q, do, lse2, delta, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-                       offs_m, offs_d, b, hi, seq_q, seq_k, diag, qk_scale,
-                       win_left, win_right, cap_a, cap_b, slope2, seed, offset, off_bh, Mq, Mkv, p_drop, rp_drop,
-                       True, CAUSAL, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DROPOUT,
-                       HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION, DELTA_ONLY)
+        dq, dsum, psum = _bwd_dq_inner(dq, dsum, psum, q, do, lse2, delta, k_base, v_base,
+                                       stride_kn, stride_kd, stride_vn, stride_vd,
+                                       offs_m, offs_d, lo, a, seq_q, seq_k, diag, qk_scale,
+                                       win_left, win_right, cap_a, cap_b, slope2, seed, offset, off_bh, Mq, Mkv, p_drop, rp_drop,
+                                       True, CAUSAL, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DROPOUT,
+                                       HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION, DELTA_ONLY, INT64_ROWS)
+    dq, dsum, psum = _bwd_dq_inner(dq, dsum, psum, q, do, lse2, delta, k_base, v_base,
+                                   stride_kn, stride_kd, stride_vn, stride_vd,
+                                   offs_m, offs_d, a, b, seq_q, seq_k, diag, qk_scale,
+                                   win_left, win_right, cap_a, cap_b, slope2, seed, offset, off_bh, Mq, Mkv, p_drop, rp_drop,
+                                   False, CAUSAL, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DROPOUT,
+                                   HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION, DELTA_ONLY, INT64_ROWS)
+    dq, dsum, psum = _bwd_dq_inner(dq, dsum, psum, q, do, lse2, delta, k_base, v_base,
+                                   stride_kn, stride_kd, stride_vn, stride_vd,
+                                   offs_m, offs_d, b, hi, seq_q, seq_k, diag, qk_scale,
+                                   win_left, win_right, cap_a, cap_b, slope2, seed, offset, off_bh, Mq, Mkv, p_drop, rp_drop,
+                                   True, CAUSAL, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DROPOUT,
+                                   HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION, DELTA_ONLY, INT64_ROWS)
     if DELTA_ONLY:
         # Divided by sum_j P_ij (1 up to rounding): P carries the rounding of the stored lse
         # (natural log, read back in base 2) as one factor per row, which this cancels, so a
-        # row that sees one key gets delta = dP and dS = 0 exactly as the softmax's algebra says.
+        # row that sees one key gets delta = dP and dS = 0, as the softmax's algebra says.
         delta_exact = tl.where(psum > 0.0, dsum / tl.where(psum > 0.0, psum, 1.0), 0.0)
         tl.store(Delta + row_base + offs_m, delta_exact, mask=offs_m < seq_q)
         return
     dq = dq * softmax_scale
-    _store_rows(DQ + off_z * stride_dqz + off_h * stride_dqh + row_m * stride_dqm + offs_r[:, None] * stride_dqm
-                + offs_d[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty), offs_m, seq_q, offs_d, HEAD_DIM, BLOCK_D)
+    dq_base = DQ + off_z * stride_dqz + off_h * stride_dqh + q_start * stride_dqm
+    _store_rows(_row_ptrs(dq_base, start_m, offs_r, stride_dqm, INT64_ROWS) + offs_d[None, :] * stride_dqd,
+                dq.to(DQ.dtype.element_ty), offs_m, seq_q, offs_d, HEAD_DIM, BLOCK_D)

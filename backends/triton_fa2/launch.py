@@ -96,7 +96,8 @@ def _dot_precision(problem: AttentionProblem, device: DeviceInfo) -> str:
     return "ieee"
 
 
-def forward(problem: AttentionProblem, q, k, v, config: TritonConfig, device: DeviceInfo, features=None):
+def forward(problem: AttentionProblem, q, k, v, config: TritonConfig, device: DeviceInfo, features=None,
+            int64_rows: bool = False):
     from . import kernels
 
     B, H, Mq, Mkv, D = problem.B, problem.H, problem.Mq, problem.Mkv, problem.D
@@ -112,13 +113,13 @@ def forward(problem: AttentionProblem, q, k, v, config: TritonConfig, device: De
         H, problem.group, Mq, Mkv, *fargs,
         CAUSAL=problem.causal, HEAD_DIM=D, BLOCK_D=block_d(D),
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, DOT_PRECISION=_dot_precision(problem, device),
-        **fconst, **config.launch_options(device.vendor),
+        INT64_ROWS=int64_rows, **fconst, **config.launch_options(device.vendor),
     )
     return out, lse
 
 
 def backward(problem: AttentionProblem, dout, q, k, v, out, lse, dlse, config: TritonConfig, device: DeviceInfo,
-             features=None):
+             features=None, int64_rows: bool = False):
     """dq, dk, dv. ``dlse`` (the gradient reaching the returned lse, or None) folds into delta:
     dS = P * (dP - delta + dlse), since d lse_i / d S_ij = P_ij."""
     from . import kernels
@@ -145,12 +146,13 @@ def backward(problem: AttentionProblem, dout, q, k, v, out, lse, dlse, config: T
             H, problem.group, Mq, Mkv, *fargs,
             CAUSAL=problem.causal, HEAD_DIM=D, BLOCK_D=bd,
             BLOCK_M=config.dq_block_m, BLOCK_N=config.dq_block_n, DOT_PRECISION=precision, **fconst,
-            DELTA_ONLY=True, **opts,
+            DELTA_ONLY=True, INT64_ROWS=int64_rows, **opts,
         )
     else:
         kernels.attn_bwd_preprocess[(triton.cdiv(Mq, config.dq_block_m) * B * H,)](
             out, dout, delta, *_strides(out, layout), *_strides(dout, layout), *lse_strides, H, Mq, fargs[0],
-            HEAD_DIM=D, BLOCK_D=bd, BLOCK_M=config.dq_block_m, VARLEN=problem.varlen, **opts,
+            HEAD_DIM=D, BLOCK_D=bd, BLOCK_M=config.dq_block_m, VARLEN=problem.varlen, INT64_ROWS=int64_rows,
+            **opts,
         )
     if dlse is not None:
         delta.sub_(dlse)
@@ -163,7 +165,8 @@ def backward(problem: AttentionProblem, dout, q, k, v, out, lse, dlse, config: T
         *_strides(dk, layout), *_strides(dv, layout), *lse_strides,
         H, Hkv, problem.group, Mq, Mkv, *fargs,
         CAUSAL=problem.causal, HEAD_DIM=D, BLOCK_D=bd,
-        BLOCK_M=config.dkdv_block_m, BLOCK_N=config.dkdv_block_n, DOT_PRECISION=precision, **fconst, **opts,
+        BLOCK_M=config.dkdv_block_m, BLOCK_N=config.dkdv_block_n, DOT_PRECISION=precision, **fconst,
+        INT64_ROWS=int64_rows, **opts,
     )
     kernels.attn_bwd_dq[(triton.cdiv(Mq, config.dq_block_m) * B * H,)](
         q, k, v, dout, lse, delta, dq, qk_scale, problem.softmax_scale,
@@ -171,7 +174,8 @@ def backward(problem: AttentionProblem, dout, q, k, v, out, lse, dlse, config: T
         *_strides(dq, layout), *lse_strides,
         H, problem.group, Mq, Mkv, *fargs,
         CAUSAL=problem.causal, HEAD_DIM=D, BLOCK_D=bd,
-        BLOCK_M=config.dq_block_m, BLOCK_N=config.dq_block_n, DOT_PRECISION=precision, **fconst, **opts,
+        BLOCK_M=config.dq_block_m, BLOCK_N=config.dq_block_n, DOT_PRECISION=precision, **fconst,
+        INT64_ROWS=int64_rows, **opts,
     )
     return dq, dk, dv
 

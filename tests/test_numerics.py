@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import Case, check_close, check_feature_case, make_inputs
+from helpers import Case, check_close, check_feature_case, feature_math, make_inputs
 
 import fa2dispatch
 from fa2dispatch.backends.reference import attention_math
@@ -281,6 +281,57 @@ def test_varlen_sequence_does_not_depend_on_the_others(backend):
     check_varlen_independence(backend)
 
 
+# ------------------------------------------------------------------ rows that see one key
+
+# Every row sees exactly one key, so P = 1 and the exact dS = P (dP - delta) is 0: PyTorch's
+# own math gets dq = dk = 0 exactly, and the STYLE.md bound is its floor alone. The delta from
+# dO . O (summed in another order than the tensor-core dP) missed it on the H100 by 1.05x
+# (fuzz case #223); the backward now takes delta from dP for such calls (launch.delta_from_dp).
+ONE_KEY = [
+    (Case(2, 4, 4, 29, 1, 208, torch.float16, False), {}),
+    (Case(1, 2, 2, 40, 40, 64, torch.float16, False), {"window_size": (0, 0)}),
+    (Case(1, 4, 2, 33, 33, 136, torch.float32, True), {"window_size": (0, -1)}),
+]
+
+
+def check_one_key(case: Case, features: dict, device="cpu"):
+    from fa2dispatch.backends.triton_fa2.launch import delta_from_dp, keys_per_row
+
+    q, k, v, dout = make_inputs(case, device, seed=5)
+    low = feature_math(q, k, v, dout, case, case.dtype, features)
+    assert low[2].abs().max() == 0 and low[3].abs().max() == 0, "test setup: PyTorch's dq, dk must be exactly 0"
+    decision = fa2dispatch.explain(q, k, v, causal=case.causal, layout=case.layout, backend="triton", **features)
+    assert keys_per_row(decision.problem) == 1 and delta_from_dp(decision.problem, decision.config)
+    check_feature_case(case, features, device, seed=5, backend="triton")
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("case,features", ONE_KEY, ids=[c.id for c, _ in ONE_KEY])
+def test_rows_that_see_one_key_get_zero_gradient(case, features):
+    check_one_key(case, features)
+
+
+def test_delta_from_dp_policy():
+    """Dropout and calls whose rows see at most one key block take delta from dP; the rest dO . O."""
+    from fa2dispatch.backends.triton_fa2.config import TritonConfig
+    from fa2dispatch.backends.triton_fa2.launch import delta_from_dp, keys_per_row
+    from fa2dispatch.problem import AttentionProblem
+
+    def problem(Mq, Mkv, causal=False, window=(-1, -1), dropout_p=0.0):
+        return AttentionProblem(B=1, H=2, Hkv=2, Mq=Mq, Mkv=Mkv, D=64, dtype=torch.float16, device=torch.device("cpu"),
+                                layout="bshd", causal=causal, softmax_scale=0.125, requires_grad=True,
+                                window=window, dropout_p=dropout_p)
+
+    config = TritonConfig(dq_block_n=64)
+    assert keys_per_row(problem(100, 1)) == 1 and delta_from_dp(problem(100, 1), config)
+    assert keys_per_row(problem(100, 100, window=(3, 4))) == 8
+    assert keys_per_row(problem(100, 100, causal=True, window=(5, -1))) == 6
+    assert keys_per_row(problem(100, 100, causal=True)) == 100
+    assert not delta_from_dp(problem(100, 100, causal=True), config)
+    assert not delta_from_dp(problem(100, 65), config) and delta_from_dp(problem(100, 64), config)
+    assert delta_from_dp(problem(100, 4096, dropout_p=0.1), config)
+
+
 # ------------------------------------------------------------------ 64-bit offsets
 
 _BIG_STRIDE = r"""
@@ -513,3 +564,10 @@ def test_strided_views_past_2_31_elements_on_gpu(case, backend):
     each block's first row in 64 bits, so the forced Triton backend computes it too."""
     result = _big_one(case, backend)
     assert result["status"] == "ok", result
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case,features", ONE_KEY + [(Case(2, 4, 4, 29, 1, 208, torch.bfloat16, False), {})],
+                         ids=[c.id for c, _ in ONE_KEY] + ["bfloat16-q29k1d208"])
+def test_rows_that_see_one_key_get_zero_gradient_on_gpu(case, features):
+    check_one_key(case, features, device="cuda")

@@ -118,6 +118,28 @@ def forward(problem: AttentionProblem, q, k, v, config: TritonConfig, device: De
     return out, lse
 
 
+def keys_per_row(problem: AttentionProblem) -> int:
+    """The most keys one query row can see (window and causal bound; Mkv otherwise)."""
+    left, right = problem.window
+    if problem.causal:
+        right = 0 if right < 0 else min(right, 0)
+    if left >= 0 and right >= 0:
+        return min(problem.Mkv, left + right + 1)
+    return problem.Mkv
+
+
+def delta_from_dp(problem: AttentionProblem, config: TritonConfig) -> bool:
+    """Whether the backward's delta comes from dP (the DELTA_ONLY pass) instead of dO . O.
+
+    Dropout needs it: O holds the dropped P, rounded. Rows that see at most one block of keys
+    take it too: there the pass reads what the preprocess reads (one row block of q and dO
+    against one key block, instead of O and dO), and a row that sees one key gets dS = 0
+    exactly. With dO . O, the preprocess and the tensor-core dP sum the same products in
+    different orders, which left such a row a few float32 ulps of gradient (fuzz case #223 on
+    the H100: dq 3.4e-6 where the exact value is 0, docs/PENDING_S5.md)."""
+    return bool(problem.dropout_p) or keys_per_row(problem) <= config.dq_block_n
+
+
 def backward(problem: AttentionProblem, dout, q, k, v, out, lse, dlse, config: TritonConfig, device: DeviceInfo,
              features=None, int64_rows: bool = False):
     """dq, dk, dv. ``dlse`` (the gradient reaching the returned lse, or None) folds into delta:
@@ -135,10 +157,11 @@ def backward(problem: AttentionProblem, dout, q, k, v, out, lse, dlse, config: T
 
     delta = torch.empty(_lse_shape(problem, q.shape[0]), dtype=torch.float32, device=q.device)
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    if problem.dropout_p:
-        # delta = rowsum(P * dP) from the dropped dP itself (one more pass over the keys: the
-        # dQ kernel's DELTA_ONLY mode), not dO . O: O is rounded to its dtype, and the rows
-        # that see one key would otherwise get a gradient of that rounding's size.
+    if delta_from_dp(problem, config):
+        # delta = rowsum(P * dP) from the (dropped) dP itself (one more pass over the keys: the
+        # dQ kernel's DELTA_ONLY mode), not dO . O: O is rounded to its dtype, and a row that
+        # sees one key would otherwise get a gradient of that rounding's size where the exact
+        # one is 0.
         kernels.attn_bwd_dq[(triton.cdiv(Mq, config.dq_block_m) * B * H,)](
             q, k, v, dout, lse, delta, dq, qk_scale, problem.softmax_scale,
             *_strides(q, layout), *_strides(k, layout), *_strides(v, layout), *_strides(dout, layout),
@@ -166,7 +189,7 @@ def backward(problem: AttentionProblem, dout, q, k, v, out, lse, dlse, config: T
         H, Hkv, problem.group, Mq, Mkv, *fargs,
         CAUSAL=problem.causal, HEAD_DIM=D, BLOCK_D=bd,
         BLOCK_M=config.dkdv_block_m, BLOCK_N=config.dkdv_block_n, DOT_PRECISION=precision, **fconst,
-        INT64_ROWS=int64_rows, **opts,
+        INT64_ROWS=int64_rows, **config.launch_options(device.vendor, backward=True, dkdv=True),
     )
     kernels.attn_bwd_dq[(triton.cdiv(Mq, config.dq_block_m) * B * H,)](
         q, k, v, dout, lse, delta, dq, qk_scale, problem.softmax_scale,

@@ -120,7 +120,7 @@ def compile_report(target: str, dtype: torch.dtype, head_dim: int, causal: bool 
         fn = getattr(kernels, name)
         constexprs = _with_defaults(fn, constexprs)
         src = ASTSource(fn, _signature(fn, constexprs, _TRITON_DTYPE[dtype]), constexprs)
-        compiled = triton.compile(src, target=_gpu_target(device), options=config.launch_options(device.vendor, backward))
+        compiled = triton.compile(src, target=_gpu_target(device), options=config.launch_options(device.vendor, backward, dkdv=name == "attn_bwd_dkdv"))
         code = compiled.asm.get("ptx") or compiled.asm.get("amdgcn") or ""
         rows.append({
             "target": target, "kernel": name, "dtype": str(dtype).removeprefix("torch."), "head_dim": head_dim,

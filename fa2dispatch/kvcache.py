@@ -350,30 +350,71 @@ def _values_checkable(q) -> bool:
 def _check_values(seqlens: torch.Tensor, block_table, n_new: int, capacity: int, n_blocks: int,
                   given_seqlens) -> None:
     """Lengths in range and page ids valid: one fused test, one host read (the details are
-    computed only on the failure path)."""
-    if isinstance(given_seqlens, int) or given_seqlens is None:
-        bad_len = None  # checked on the host already
+    computed only on the failure path). On a GPU the test is one launch of the Triton kernel
+    ``kv_check`` (one flag per sequence) and the read is ``tolist`` of those flags; elsewhere,
+    or without Triton, the same test as a few torch ops."""
+    check_len = not (isinstance(given_seqlens, int) or given_seqlens is None)  # else checked on the host
+    if not check_len and block_table is None:
+        return
+    flags = None
+    if seqlens.is_cuda:
+        flags = _flags_triton(seqlens, block_table, n_new, capacity, n_blocks, check_len)
+    if flags is None:
+        bad_len, bad_page = _flags_torch(seqlens, block_table, n_new, capacity, n_blocks, check_len)
     else:
-        bad_len = ((seqlens < 0) | (seqlens > capacity - n_new)).any()
-    bad_page = None
+        bad_len = any(f & 1 for f in flags)
+        bad_page = any(f & 2 for f in flags)
+    if check_len and bad_len:
+        lo, hi = int(seqlens.min()), int(seqlens.max())
+        raise ValueError(f"{_describe('cache_seqlens', seqlens)}: values must be in 0..{capacity - n_new} "
+                         f"(the cache holds {capacity} keys per sequence and {n_new} new keys are appended); "
+                         f"got min {lo}, max {hi}")
+    if block_table is not None and bad_page:
+        where = _describe("block_table", block_table)
+        raise ValueError(f"{where}: page ids of the pages in use must be in 0..{n_blocks - 1} "
+                         f"(k_cache has {n_blocks} pages); got min {int(block_table.min())}, "
+                         f"max {int(block_table.max())}")
+
+
+_kv_check = None  # the Triton kernel, once imported (False: not available)
+
+
+def _flags_triton(seqlens, block_table, n_new: int, capacity: int, n_blocks: int, check_len: bool):
+    """Per-sequence flags (bit 0: length, bit 1: page id) from one launch and one host read, or
+    None where the Triton kernel is not available."""
+    global _kv_check
+    if _kv_check is None:
+        try:
+            from fa2dispatch.backends.triton_fa2.decode import kv_check
+        except Exception:  # noqa: BLE001 - no Triton: the torch ops below
+            kv_check = False
+        _kv_check = kv_check
+    if _kv_check is False:
+        return None
+    flags = torch.empty_like(seqlens)
+    paged = block_table is not None
+    page = capacity // block_table.shape[1] if paged else 0
+    try:
+        _kv_check[(seqlens.shape[0],)](
+            seqlens, block_table if paged else seqlens, flags, n_new, capacity - n_new, n_blocks,
+            block_table.stride(0) if paged else 0, CHECK_LEN=check_len, PAGE_SIZE=page, BLOCK_T=256, num_warps=1)
+    except Exception:  # noqa: BLE001 - cannot compile / launch here: the torch ops from now on
+        _kv_check = False
+        return None
+    return flags.tolist()
+
+
+def _flags_torch(seqlens, block_table, n_new: int, capacity: int, n_blocks: int, check_len: bool):
+    """(bad length, bad page id) as host bools, from torch ops and one host read."""
+    flags = []
+    if check_len:
+        flags.append(((seqlens < 0) | (seqlens > capacity - n_new)).any())
     if block_table is not None:
         # only the pages that hold a key of the sequence matter (flash-attn leaves the rest unread)
         page = capacity // block_table.shape[1]
         used = (seqlens.long() + n_new + page - 1) // page  # pages in use per sequence
         col = torch.arange(block_table.shape[1], device=block_table.device)
         out_of_range = (block_table < 0) | (block_table >= n_blocks)
-        bad_page = (out_of_range & (col[None, :] < used[:, None])).any()
-    flags = [f for f in (bad_len, bad_page) if f is not None]
-    if not flags:
-        return
+        flags.append((out_of_range & (col[None, :] < used[:, None])).any())
     found = torch.stack(flags).tolist()
-    if bad_len is not None and found[0]:
-        lo, hi = int(seqlens.min()), int(seqlens.max())
-        raise ValueError(f"{_describe('cache_seqlens', seqlens)}: values must be in 0..{capacity - n_new} "
-                         f"(the cache holds {capacity} keys per sequence and {n_new} new keys are appended); "
-                         f"got min {lo}, max {hi}")
-    if bad_page is not None and found[-1]:
-        where = _describe("block_table", block_table)
-        raise ValueError(f"{where}: page ids of the pages in use must be in 0..{n_blocks - 1} "
-                         f"(k_cache has {n_blocks} pages); got min {int(block_table.min())}, "
-                         f"max {int(block_table.max())}")
+    return (found[0] if check_len else False), (found[-1] if block_table is not None else False)

@@ -75,7 +75,8 @@ def test_specs_specialise_by_dtype_head_dim_causal_and_tiles():
     cfg = CupyConfig()
     a = forward_spec(torch.float16, 136, True, cfg)
     assert dict(a.defines) == {"FA2_BF16": 0, "HEAD_DIM": 136, "D_PAD": 144, "CAUSAL": 1, "BLOCK_M": 128,
-                               "BLOCK_N": 64, "NUM_WARPS": 4, "O_SMEM": 1}
+                               "BLOCK_N": 64, "NUM_WARPS": 4, "O_SMEM": 1,
+                               "WARP_SKIP": cfg.warp_skip, "GROUP_ORDER": int(cfg.head_group != 1)}
     assert a.options() != forward_spec(torch.bfloat16, 136, True, cfg).options()
     bwd = backward_specs(torch.float16, 200, False, cfg)
     # dK/dV splits D=200's columns in two chunks of 112 (padded to 224); dQ pads to 208.

@@ -104,6 +104,40 @@ def test_forward_epilogue_through_smem_equals_fragment_stores(D):
         assert torch.equal(outs[0][1], outs[1][1]), f"lse differs: {case}"
 
 
+@pytest.mark.parametrize("D", [64, 128])
+def test_causal_work_order_and_warp_skip_are_bitwise_the_plain_forward(D):
+    """The causal forward's CTA order (head_group: one head, auto, partial last group, all heads)
+    and the per-warp skip of key blocks no row of the warp sees (warp_skip bits) change which
+    CTA runs when and drop exact zeros only: out and lse equal the plain kernel's bit for bit,
+    with Mq > Mkv (rows with no visible key), Mq < Mkv, ragged blocks, GQA, both layouts, and
+    both epilogues and warp counts."""
+    from dataclasses import replace
+
+    from fa2dispatch.backends.cupy_cuda.config import default_config
+
+    backend, device = BACKENDS["cupy"], device_info(torch.device("cuda"))
+    plain = replace(default_config(D, device), head_group=1, warp_skip=0)
+    features = [{"head_group": g, "warp_skip": w} for g in (0, 1, 3, 1000) for w in (0, 1, 2, 3)]
+    features += [{"head_group": g, "warp_skip": 3, "o_smem": False} for g in (1, 0)]
+    # other tiles: compared with the plain kernel of the same tiles (another warp count is
+    # another compiled kernel, not promised to round the same)
+    tiles = [{}, {"num_warps": 8}, {"block_m": 64}]
+    for mq, mkv, layout in ((700, 300, "bhsd"), (333, 517, "bshd"), (1000, 1000, "bshd"), (129, 1100, "bhsd")):
+        case = Case(2, 6, 2, mq, mkv, D, torch.bfloat16, True, layout)
+        q, k, v, _ = make_inputs(case, device="cuda", seed=5, requires_grad=False)
+        problem = AttentionProblem(case.B, case.H, case.Hkv, mq, mkv, D, case.dtype, q.device, layout, True, D**-0.5)
+        for tile in tiles:
+            base = replace(plain, **tile)
+            if backend.config_reasons(problem, device, base):
+                continue
+            ref = backend.forward(problem, q, k, v, base)
+            for kw in features if not tile else [{"head_group": 0, "warp_skip": 3}, {"head_group": 2, "warp_skip": 1}]:
+                out, lse = backend.forward(problem, q, k, v, replace(base, **kw))
+                diff = (out.float() - ref[0].float()).abs().max().item()
+                assert torch.equal(out, ref[0]), f"out differs by up to {diff:.3e}: {case} {tile} {kw}"
+                assert torch.equal(lse, ref[1]), f"lse differs: {case} {tile} {kw}"
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
 def test_backward_is_bitwise_repeatable(dtype):
     case = Case(2, 16, 4, 1024, 1024, 128, dtype, causal=True)

@@ -314,15 +314,18 @@ def test_fallback_to_next_backend(monkeypatch):
 
 
 def test_split_heuristic():
-    from fa2dispatch.backends.triton_fa2.decode_launch import split_heuristic
+    from fa2dispatch.backends.triton_fa2.decode_launch import active_splits, split_heuristic
 
-    # B=1, Hkv=4 on 132 SMs (target 264 programs), 512 key blocks: 66 splits fill the wave
-    # exactly, but 57 (228 programs, 86% of it) is the smallest count within 85% of the best
-    assert split_heuristic(4, 512, 132) == 57
-    # under one wave efficiency grows with the count: the smallest within 85% of the cap wins
-    assert split_heuristic(4, 8, 132) == 7  # capped at the 8 key blocks
-    assert split_heuristic(1, 10_000, 132) == 109  # capped at flash-attn's 128
+    # GQA 8:1 (Hkv=4) at context 32k in 64-key blocks on 132 SMs: the H100 sweep's best counts,
+    # B x Hkv x splits = 128 programs, one per SM, equal parts (docs/DECODE.md)
+    assert [split_heuristic(b * 4, 512, 132) for b in (1, 2, 4, 8, 16)] == [32, 16, 8, 4, 2]
+    assert split_heuristic(32 * 4, 512, 132) == 1  # the SMs are full without splitting
+    assert split_heuristic(4, 8, 132) == 8  # capped at the 8 key blocks
+    assert split_heuristic(1, 10_000, 132) == 127  # <= 128, and every split gets 79 blocks
     assert split_heuristic(64 * 4, 256, 132) == 1  # enough programs already
+    for base, blocks, sms in ((4, 512, 132), (3, 1000, 108), (5, 77, 80), (1, 3, 4)):
+        s = split_heuristic(base, blocks, sms)
+        assert active_splits(s, blocks) == s and base * s <= 2 * sms
 
 
 # ------------------------------------------------------------------------------ validation
@@ -459,16 +462,19 @@ def offline_compile(target: str = "sm_90") -> list[dict]:
         p: DecodePlan = plan(problem, kv, None, device)
         pointers = {"Q": short, "Kc": short, "Vc": short, "Out": short, "Knew": short, "Vnew": short,
                     "Seqlens": "i32", "BlockTable": "i32", "Slopes": "fp32", "Lse": "fp32", "OutPart": "fp32",
-                    "LsePart": "fp32"}
+                    "LsePart": "fp32", "Flags": "i32"}
         unit = {"stride_qd": 1, "stride_kd": 1, "stride_vd": 1, "stride_od": 1, "stride_nd": 1}
         launches = [
             ("decode_fwd", {"GROUP": 8, "HEAD_DIM": D, "BLOCK_D": block_d(D), "BLOCK_M": p.block_m,
                             "BLOCK_N": p.block_n, "PAGE_SIZE": page, "SPLIT": True, "CAUSAL": "causal" in feats,
                             "WINDOW_LEFT": "left" in feats, "WINDOW_RIGHT": "right" in feats,
-                            "SOFTCAP": "softcap" in feats, "ALIBI": "alibi" in feats, "DOT_PRECISION": "tf32"},
+                            "SOFTCAP": "softcap" in feats, "ALIBI": "alibi" in feats, "DOT_PRECISION": "tf32",
+                            "PDL": True},
              {"num_warps": p.num_warps, "num_stages": p.num_stages}),
             ("decode_combine", {"BLOCK_S": 1 << (p.num_splits - 1).bit_length(),
-                                "HEAD_DIM": D, "BLOCK_D": block_d(D)}, {"num_warps": 4}),
+                                "HEAD_DIM": D, "BLOCK_D": block_d(D), "PDL": True},
+             {"num_warps": 4, "launch_pdl": True}),
+            ("kv_check", {"CHECK_LEN": True, "PAGE_SIZE": page, "BLOCK_T": 256}, {"num_warps": 1}),
             ("kv_append", {"HEAD_DIM": D, "BLOCK_D": block_d(D), "BLOCK_M": 16, "PAGE_SIZE": page}, {"num_warps": 4}),
         ]
         for name, constexprs, options in launches:
@@ -489,7 +495,8 @@ def offline_compile(target: str = "sm_90") -> list[dict]:
                              "plan": f"block_m={p.block_m} block_n={p.block_n} warps={p.num_warps} "
                                   f"stages={p.num_stages} splits={p.num_splits}",
                              "shared": compiled.metadata.shared, "smem_limit": device.smem_per_block,
-                             "mma": "mma" in ptx, "cp_async": "cp.async" in ptx})
+                             "mma": "mma" in ptx, "cp_async": "cp.async" in ptx,
+                             "griddepcontrol": "griddepcontrol" in ptx})
     return rows
 
 
@@ -507,12 +514,15 @@ def test_decode_kernels_compile_for_sm90():
                           cwd=os.path.dirname(__file__), timeout=600, check=False)
     assert proc.returncode == 0, f"offline compile failed:\n{proc.stderr[-4000:]}"
     rows = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert len(rows) == 3 * len(COMPILE_KINDS)
+    assert len(rows) == 4 * len(COMPILE_KINDS)
     for row in rows:
         print(row)
         assert row["shared"] <= row["smem_limit"], row
         if row["kernel"] == "decode_fwd":
             assert row["mma"] and row["cp_async"], row
+            assert row["griddepcontrol"], row  # PDL: lets decode_combine launch early
+        if row["kernel"] == "decode_combine":
+            assert row["griddepcontrol"], row  # PDL: waits for decode_fwd's writes
 
 
 if __name__ == "__main__" and sys.argv[1:] == ["--offline-compile"]:
@@ -541,3 +551,20 @@ def test_memoized_validation_still_checks_values(no_kvcache_launch):
         prepare(**dict(call, cache_seqlens=63, k=args["k"].expand(2, 2, 2, 64).contiguous(),
                        v=args["v"].expand(2, 2, 2, 64).contiguous()))
     assert len(kvcache._memo) >= 2
+
+
+def test_kv_check_kernel_flags():
+    """The fused value check (decode.kv_check, the GPU path of kvcache._check_values) flags each
+    sequence's bad length (bit 0) and bad page ids among the pages in use only (bit 1)."""
+    from fa2dispatch.backends.triton_fa2.decode import kv_check
+
+    seqlens = torch.tensor([0, 20, 63, 64, -1, 30], dtype=torch.int32)
+    table = torch.arange(6 * 4, dtype=torch.int32).reshape(6, 4)  # 4 pages of 16 rows, 24 pages
+    table[1, 1] = 24  # used by sequence 1 (keys 16..20): bad
+    table[2, 3] = -1  # used by sequence 2 (keys 48..63): bad
+    table[5, 3] = 99  # not used by sequence 5 (30 + 1 keys: pages 0, 1): ignored
+    flags = torch.full((6,), -7, dtype=torch.int32)
+    kv_check[(6,)](seqlens, table, flags, 1, 63, 24, table.stride(0), CHECK_LEN=True, PAGE_SIZE=16, BLOCK_T=2)
+    assert flags.tolist() == [0, 2, 2, 1, 1, 0]
+    kv_check[(6,)](seqlens, seqlens, flags, 0, 64, 24, 0, CHECK_LEN=True, PAGE_SIZE=0, BLOCK_T=2)
+    assert flags.tolist() == [0, 0, 0, 0, 1, 0]

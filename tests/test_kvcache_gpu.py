@@ -74,9 +74,14 @@ def test_value_checks_on_gpu():
     assert torch.equal(args["k_cache"], before)
 
 
-def test_decode_under_cuda_graph():
+@pytest.mark.parametrize("pdl", [False, True], ids=["combine", "combine-pdl"])
+def test_decode_under_cuda_graph(pdl, monkeypatch):
     """A decode step captured in a CUDA graph (value checks are skipped during capture) and
-    replayed with new lengths and new rows gives the answer of the eager call."""
+    replayed with new lengths and new rows gives the answer of the eager call; also with the
+    combine as a programmatic dependent launch (decode_launch.USE_PDL; 8 splits here)."""
+    from fa2dispatch.backends.triton_fa2 import decode_launch
+
+    monkeypatch.setattr(decode_launch, "USE_PDL", pdl)
     case = KVCase(B=4, H=32, Hkv=4, D=128, capacity=4096, seqlens=(100, 4000, 0, 2500), page=256)
     args = make_kv_inputs(case, device="cuda")
     static = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in args.items()}
@@ -103,3 +108,30 @@ def test_decode_under_cuda_graph():
 
     check_close("out", out, truth[0], low[0])
     assert torch.equal(static["k_cache"], expected[0]) and torch.equal(static["v_cache"], expected[1])
+
+
+@pytest.mark.parametrize("pdl", [False, True], ids=["combine", "combine-pdl"])
+@pytest.mark.parametrize("page", [0, 256])
+def test_decode_loop_fast_launch(page, pdl, monkeypatch):
+    """A decode loop's later steps launch the cached compiled kernels directly
+    (decode_launch.FAST_LAUNCH; the combine as a programmatic dependent launch where USE_PDL):
+    new tensors every step, one of them at a pointer that is not 16-byte aligned (a different
+    specialization), and every step matches the truth; so does Triton's own launcher. The fast
+    path must really be taken (it falls back to Triton's path if its launcher refuses)."""
+    from fa2dispatch.backends.triton_fa2 import decode_launch
+
+    monkeypatch.setattr(decode_launch, "USE_PDL", pdl)
+    case = KVCase(B=2, H=32, Hkv=4, D=128, capacity=4096, seqlens=(4000, 1500), page=page)
+    for step in range(4):
+        args = make_kv_inputs(case, device="cuda", seed=step)
+        if step == 2:  # q one element into a larger buffer: its pointer is 2-byte aligned
+            buf = torch.empty(args["q"].numel() + 1, dtype=args["q"].dtype, device="cuda")
+            q = buf[1:].view_as(args["q"])
+            q.copy_(args["q"])
+            args["q"] = q
+        truth, low, expected = truth_and_lowprec(case, args)
+        monkeypatch.setattr(decode_launch, "FAST_LAUNCH", step != 3)
+        out, lse = run_backend(case, args, "triton")
+        torch.cuda.synchronize()
+        check_kv_case(case, out, lse, args, truth, low, expected)
+        assert decode_launch.FAST_LAUNCH == (step != 3), "the fast launch path fell back to Triton's"

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import Case, check_close, check_feature_case, make_inputs
+from helpers import Case, check_close, check_feature_case, feature_math, make_inputs
 
 import fa2dispatch
 from fa2dispatch.backends.reference import attention_math
@@ -85,13 +85,13 @@ def check_propagation(case: Case, tensor: str, pos, value, backend: str, device=
     check_close("lse (finite part)", lse[fin], truth_lse[fin], low_lse.float()[fin])
 
 
-# A +inf score (an infinite q or k element): the reference's lse is +inf (torch.logsumexp), the
-# Triton kernel's NaN (m = inf, then exp2(inf - inf)); out is NaN in both. On the H100 cuDNN
-# (which the dispatcher picks for some of these calls) gives NaN too, so "auto" is marked
-# non-strict: whether it fails depends on the backend chosen.
-LSE_OF_INF_SCORE = ("known difference (issue 9): a row with a +inf score gets lse NaN from "
-                    "backends/triton_fa2/kernels.py attn_fwd (`(m_i + tl.math.log2(l_safe)) * LN2` with "
-                    "l_i = exp2(inf - inf) = NaN), +inf from the reference; remove when the kernel maps it to +inf")
+# A +inf score (an infinite q or k element): the reference's lse is +inf (torch.logsumexp) and
+# out NaN. Our kernels map m = +inf to lse +inf (kernels.py, kernels_hopper.py). cuDNN, which
+# the dispatcher picks for many of these calls on the H100, returns lse NaN there (a peer's
+# behaviour we cannot change without scanning the inputs): that case alone is an expected
+# failure, decided by the backend the dispatcher actually chose.
+CUDNN_LSE_OF_INF_SCORE = ("known difference of a peer kernel: cuDNN returns lse NaN (the reference +inf) for a "
+                          "row with a +inf score; out is NaN in both (RELIABILITY.md)")
 
 
 def _inf_score(tensor, value):
@@ -104,11 +104,17 @@ def _poison_params(backends):
         name = backend.values[0] if hasattr(backend, "values") else backend
         marks = list(backend.marks) if hasattr(backend, "marks") else []
         for t, pos, v, c in POISON:
-            m = list(marks)
-            if _inf_score(t, v) and name in ("triton", "auto"):
-                m.append(pytest.mark.xfail(strict=name == "triton", reason=LSE_OF_INF_SCORE))
-            out.append(pytest.param(t, pos, v, c, name, marks=m, id=f"{t}-{v}-{'causal' if c else 'full'}-{name}"))
+            out.append(pytest.param(t, pos, v, c, name, marks=marks, id=f"{t}-{v}-{'causal' if c else 'full'}-{name}"))
     return out
+
+
+def _cudnn_lse_of_inf(case: Case, tensor, value, backend, device) -> bool:
+    """Whether the one expected difference above applies: 'auto' choosing cuDNN for a +inf score."""
+    if backend != "auto" or not _inf_score(tensor, value):
+        return False
+    q, k, v = _poisoned_inputs(case, tensor, (0, 0, 0, 0), 0.0, device)
+    chosen = fa2dispatch.explain(q, k, v, causal=case.causal, layout=case.layout, return_lse=True).backend.name
+    return chosen == "torch-sdpa-cudnn"
 
 
 @pytest.mark.parametrize("tensor,pos,value,causal,backend", _poison_params(CPU_BACKENDS))
@@ -275,6 +281,57 @@ def test_varlen_sequence_does_not_depend_on_the_others(backend):
     check_varlen_independence(backend)
 
 
+# ------------------------------------------------------------------ rows that see one key
+
+# Every row sees exactly one key, so P = 1 and the exact dS = P (dP - delta) is 0: PyTorch's
+# own math gets dq = dk = 0 exactly, and the STYLE.md bound is its floor alone. The delta from
+# dO . O (summed in another order than the tensor-core dP) missed it on the H100 by 1.05x
+# (fuzz case #223); the backward now takes delta from dP for such calls (launch.delta_from_dp).
+ONE_KEY = [
+    (Case(2, 4, 4, 29, 1, 208, torch.float16, False), {}),
+    (Case(1, 2, 2, 40, 40, 64, torch.float16, False), {"window_size": (0, 0)}),
+    (Case(1, 4, 2, 33, 33, 136, torch.float32, True), {"window_size": (0, -1)}),
+]
+
+
+def check_one_key(case: Case, features: dict, device="cpu"):
+    from fa2dispatch.backends.triton_fa2.launch import delta_from_dp, keys_per_row
+
+    q, k, v, dout = make_inputs(case, device, seed=5)
+    low = feature_math(q, k, v, dout, case, case.dtype, features)
+    assert low[2].abs().max() == 0 and low[3].abs().max() == 0, "test setup: PyTorch's dq, dk must be exactly 0"
+    decision = fa2dispatch.explain(q, k, v, causal=case.causal, layout=case.layout, backend="triton", **features)
+    assert keys_per_row(decision.problem) == 1 and delta_from_dp(decision.problem, decision.config)
+    check_feature_case(case, features, device, seed=5, backend="triton")
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("case,features", ONE_KEY, ids=[c.id for c, _ in ONE_KEY])
+def test_rows_that_see_one_key_get_zero_gradient(case, features):
+    check_one_key(case, features)
+
+
+def test_delta_from_dp_policy():
+    """Dropout and calls whose rows see at most one key block take delta from dP; the rest dO . O."""
+    from fa2dispatch.backends.triton_fa2.config import TritonConfig
+    from fa2dispatch.backends.triton_fa2.launch import delta_from_dp, keys_per_row
+    from fa2dispatch.problem import AttentionProblem
+
+    def problem(Mq, Mkv, causal=False, window=(-1, -1), dropout_p=0.0):
+        return AttentionProblem(B=1, H=2, Hkv=2, Mq=Mq, Mkv=Mkv, D=64, dtype=torch.float16, device=torch.device("cpu"),
+                                layout="bshd", causal=causal, softmax_scale=0.125, requires_grad=True,
+                                window=window, dropout_p=dropout_p)
+
+    config = TritonConfig(dq_block_n=64)
+    assert keys_per_row(problem(100, 1)) == 1 and delta_from_dp(problem(100, 1), config)
+    assert keys_per_row(problem(100, 100, window=(3, 4))) == 8
+    assert keys_per_row(problem(100, 100, causal=True, window=(5, -1))) == 6
+    assert keys_per_row(problem(100, 100, causal=True)) == 100
+    assert not delta_from_dp(problem(100, 100, causal=True), config)
+    assert not delta_from_dp(problem(100, 65), config) and delta_from_dp(problem(100, 64), config)
+    assert delta_from_dp(problem(100, 4096, dropout_p=0.1), config)
+
+
 # ------------------------------------------------------------------ 64-bit offsets
 
 _BIG_STRIDE = r"""
@@ -285,20 +342,20 @@ import interpreter_fixes
 interpreter_fixes.install()
 import torch, fa2dispatch
 from fa2dispatch.backends.reference import attention_math
-D, Mq, S = 16, 5, 2**29  # row r of q starts at element r * 2^29: rows 4.. lie past 2^31
-big = torch.empty(S * (Mq - 1) + D, dtype=torch.float16)  # virtual memory; only 5 rows are touched
+D, Mq, S = 16, {rows}, {stride}  # row r of q starts at element r * S
+big = torch.empty(S * (Mq - 1) + D, dtype=torch.float16)  # virtual memory; only Mq rows of D are touched
 q = big.as_strided((1, Mq, 1, D), (0, S, D, 1))
 g = torch.Generator().manual_seed(0)
-for r in range(Mq):
-    q[0, r, 0] = torch.randn(D, generator=g).half()
+q[0, :, 0] = torch.randn(Mq, D, generator=g).half()
 k = torch.randn(1, 7, 1, D, generator=g).half()
 v = torch.randn(1, 7, 1, D, generator=g).half()
 try:
-    fa2dispatch.attention(q, k, v, backend="triton")
-    sys.exit(4)  # the Triton kernels' row offsets are 32-bit: this call must be refused, not computed
+    out = fa2dispatch.attention(q, k, v, backend="triton")
+    print("triton ran")
 except NotImplementedError as exc:
+    print("triton refused:", exc)
     assert "32-bit" in str(exc), exc
-out = fa2dispatch.attention(q, k, v)  # auto: another backend runs it
+    out = fa2dispatch.attention(q, k, v)  # auto: another backend runs it
 truth, _ = attention_math(q, k, v, causal=False, softmax_scale=D**-0.5, compute_dtype=torch.float64)
 low, _ = attention_math(q, k, v, causal=False, softmax_scale=D**-0.5, compute_dtype=torch.float16)
 err, err_pt = (out.double() - truth).abs().max().item(), (low.double() - truth).abs().max().item()
@@ -307,17 +364,55 @@ sys.exit(0 if err <= 2 * err_pt + 8 * 2**-23 * max(1.0, truth.abs().max().item()
 """
 
 
+def _run_big_stride(rows: int, stride: int) -> str:
+    script = _BIG_STRIDE.format(tests=str(ROOT / "tests"), rows=rows, stride=stride)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"exit {proc.returncode}: {proc.stdout[-500:]} {proc.stderr[-1500:]}"
+    return proc.stdout
+
+
 @pytest.mark.interpreter
 def test_row_offsets_past_2_31_inside_one_batch_element():
-    """q whose rows are 2^29 elements apart (a strided view of 4 GiB of untouched virtual
-    memory): rows 4.. start past element 2^31 of the same batch element, as in a (1, M, H, D)
-    tensor with M*H*D > 2^31. The Triton kernels form row offsets in 32 bits, so the Triton
-    backend refuses the call by its strides (stride_reasons), a forced call raises, and the
-    dispatcher's choice computes it correctly. Run in a child process: an out-of-bounds read
-    would kill it. (Widening the kernels' row offsets to int64 is open work, RELIABILITY.md.)"""
-    script = _BIG_STRIDE.format(tests=str(ROOT / "tests"))
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, f"exit {proc.returncode}: {proc.stdout[-500:]} {proc.stderr[-1500:]}"
+    """q of 600 rows whose rows are 2^22 elements apart (a strided view of 5 GiB of untouched
+    virtual memory): rows 512.. start past element 2^31 of the same batch element, as in a
+    (1, M, H, D) tensor with M*H*D > 2^31. The Triton kernels add each block's first row in 64
+    bits, so the forced Triton backend computes it, right against float64. Run in a child
+    process: an out-of-bounds read would kill it."""
+    out = _run_big_stride(600, 2**22)
+    assert "triton ran" in out, out
+
+
+def test_int64_rows_only_where_a_tensor_passes_2_31_elements():
+    """The kernels take the 64-bit row path (INT64_ROWS) only for tensors whose rows reach
+    element 2^31 of a batch element; every ordinary call keeps the 32-bit form (lighter on
+    registers: the same SASS as before the 64-bit path existed)."""
+    from fa2dispatch.backends.triton_fa2 import needs_int64_rows
+    from fa2dispatch.problem import AttentionProblem
+
+    def problem(M, layout="bshd"):
+        return AttentionProblem(B=1, H=8, Hkv=8, Mq=M, Mkv=M, D=128, dtype=torch.float16, device=torch.device("cpu"),
+                                layout=layout, causal=False, softmax_scale=0.1)
+
+    meta = torch.empty(0, device="meta", dtype=torch.float16)
+    small = meta.new_empty((4, 16384, 8, 128))
+    assert not needs_int64_rows(problem(16384), q=small, k=small, v=small)
+    big = meta.new_empty((1, 2**21 + 1, 8, 128))  # (M - 1) * 8 * 128 + 127 >= 2^31
+    assert needs_int64_rows(problem(2**21 + 1), q=big, k=big, v=big)
+    edge = meta.new_empty((1, 2**21, 8, 128))  # the last element is 2^31 - 1: 32-bit still reaches it
+    assert not needs_int64_rows(problem(2**21), q=edge, k=edge, v=edge)
+    view = meta.new_empty((1, 2**20, 3, 8, 128))[:, :, 0]  # a packed qkv's q: the row stride carries it
+    assert needs_int64_rows(problem(2**20), q=view, k=small[:1, :2**20], v=small[:1, :2**20])
+    bhsd = meta.new_empty((1, 8, 2**21 + 1, 128))
+    assert not needs_int64_rows(problem(2**21 + 1, "bhsd"), q=bhsd, k=bhsd, v=bhsd)  # per head: 2^28 elements
+
+
+@pytest.mark.interpreter
+def test_row_stride_past_2_31_inside_one_block_is_refused():
+    """Rows 2^29 elements apart: offsets inside one block of rows (32-bit products) would pass
+    2^31, so the Triton backend refuses by the strides (stride_reasons), naming the stride, and
+    the dispatcher's choice computes the call right."""
+    out = _run_big_stride(5, 2**29)
+    assert "triton refused" in out and "inside one block" in out, out
 
 
 # ------------------------------------------------------------------ the fuzzer's chunked reference
@@ -366,7 +461,12 @@ GPU_DTYPES = [torch.float16, torch.bfloat16]
 def test_nan_and_inf_propagate_on_gpu(tensor, pos, value, causal, dtype, backend):
     case = Case(2, 8, 2, 300, 517, 128, dtype, causal)
     pos = (pos[0], pos[1] * 23, pos[2], pos[3] * 9)  # rows < 300, dims < 128
-    check_propagation(case, tensor, pos, value, backend, device="cuda")
+    try:
+        check_propagation(case, tensor, pos, value, backend, device="cuda")
+    except AssertionError as e:
+        if _cudnn_lse_of_inf(case, tensor, value, backend, "cuda") and str(e).startswith("lse: NaN"):
+            pytest.xfail(f"{CUDNN_LSE_OF_INF_SCORE}: {e}")
+        raise
 
 
 GPU_EMPTY = [
@@ -449,12 +549,9 @@ def _big_one(case: str, backend: str) -> dict:
 @pytest.mark.parametrize("backend", ["triton", "auto"])
 def test_more_than_2_31_elements_in_one_batch_element_on_gpu(case, backend):
     """(1, M, 8, 128) float16 with M*8*128 > 2^31 (q, or k and v): the dispatcher's choice
-    computes it right (rows past element 2^31 against float64); the Triton backend computes it
-    right or refuses it with a reason (it refuses by shape today)."""
+    computes it right (rows past element 2^31 against float64), and so does the forced Triton
+    backend (64-bit row offsets)."""
     result = _big_one(case, backend)
-    if backend == "triton" and result["status"] == "refused":
-        assert "2^31" in result["reason"], result
-        return
     assert result["status"] == "ok", result
 
 
@@ -463,11 +560,14 @@ def test_more_than_2_31_elements_in_one_batch_element_on_gpu(case, backend):
 @pytest.mark.parametrize("backend", ["triton", "auto"])
 def test_strided_views_past_2_31_elements_on_gpu(case, backend):
     """q = packed_qkv[:, :, 0] of a (1, M, 3, 8, 128) tensor with M*3*8*128 > 2^31 (k, v of a packed kv
-    likewise): small shapes, row offsets past 2^31 through the stride. The Triton kernels' row
-    offsets are 32-bit, so the Triton backend refuses by the strides (stride_reasons; the
-    dispatcher's choice falls back to the next backend and must be right)."""
+    likewise): small shapes, row offsets past 2^31 through the stride. The Triton kernels add
+    each block's first row in 64 bits, so the forced Triton backend computes it too."""
     result = _big_one(case, backend)
-    if backend == "triton":
-        assert result["status"] == "refused" and "32-bit" in result["reason"], result
-    else:
-        assert result["status"] == "ok", result
+    assert result["status"] == "ok", result
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case,features", ONE_KEY + [(Case(2, 4, 4, 29, 1, 208, torch.bfloat16, False), {})],
+                         ids=[c.id for c, _ in ONE_KEY] + ["bfloat16-q29k1d208"])
+def test_rows_that_see_one_key_get_zero_gradient_on_gpu(case, features):
+    check_one_key(case, features, device="cuda")

@@ -18,6 +18,9 @@ before each run, median between device events.
   decode steps): the GPU time alone. Effective bandwidth = K and V bytes of the cache the call
   must read / time; ``%copy`` = that over the copy bandwidth. ``paged``: the same cache viewed
   as 256-row pages in shuffled order through ``block_table``, in a CUDA graph.
+- clean: every graph timing is repeated with ``CleanTimer`` (the write flush, then a 256 MiB
+  read of another buffer): a cold L2 without dirty lines, whose write-back otherwise adds up
+  to 50 MB of DRAM traffic to the timed run (a third of B=1's bytes).
 - SDPA: ``torch.nn.functional.scaled_dot_product_attention`` on the same tensors (the cache
   viewed as (B, Hkv, S, D)) pinned to each backend through ``sdpa_kernel``, eager and in a
   CUDA graph: first with ``enable_gqa=True``; a backend that refuses it gets K/V expanded to H
@@ -25,7 +28,8 @@ before each run, median between device events.
   backend of each mode is reported.
 
     python tools/bench_decode.py --out decode.json
-    python tools/bench_decode.py --sweep --batches 1,8,64      # decode configs (block_n, stages, warps, splits)
+    python tools/bench_decode.py --no-decode --sweep --sweep-batches 1,2,4,8   # configs x split counts
+    python tools/bench_decode.py --host-cpu                    # Python side of a call, CPU, kernels mocked
     python tools/bench_decode.py --varlen                      # attention_varlen vs dense, if it exists
 """
 
@@ -40,10 +44,10 @@ from datetime import datetime, timezone
 CONTEXT = 32768
 H, HKV, D = 32, 4, 128
 BATCHES = (1, 2, 4, 8, 16, 32, 64)
-# (decode_block_n, decode_num_stages, decode_num_warps) timed by --sweep, each at the heuristic's
-# split count, half and twice it, and 1
-SWEEP_CONFIGS = ((32, 4, 4), (64, 2, 4), (64, 3, 4), (64, 4, 4), (64, 3, 2), (128, 2, 4), (128, 3, 4),
-                 (128, 2, 8), (128, 3, 8))
+# (decode_block_n, decode_num_stages, decode_num_warps) timed by --sweep, each at the plan's split
+# count, half and twice it, and the counts near 1..4 programs per SM (sweep_split_counts)
+SWEEP_CONFIGS = ((32, 4, 4), (32, 6, 4), (64, 2, 4), (64, 3, 4), (64, 4, 4), (64, 5, 4), (64, 3, 8),
+                 (64, 4, 8), (128, 2, 4), (128, 3, 4), (128, 2, 8), (128, 3, 8))
 SDPA = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "MATH")
 
 
@@ -102,7 +106,7 @@ def _first_line(exc: Exception) -> str:
     return f"{type(exc).__name__}: {text.splitlines()[0][:160] if text else ''}"
 
 
-def sdpa_times(q, k_cache, v_cache, timer) -> dict:
+def sdpa_times(q, k_cache, v_cache, timer, clean=None) -> dict:
     """Per SDPA backend on the same call: eager ms and CUDA-graph ms (None with the reason
     where it cannot run it)."""
     import torch
@@ -114,7 +118,7 @@ def sdpa_times(q, k_cache, v_cache, timer) -> dict:
     results = {}
     for name in SDPA:
         backend = getattr(SDPBackend, name)
-        entry = {"ms": None, "graph_ms": None}
+        entry = {"ms": None, "graph_ms": None, "graph_clean_ms": None}
         ke = ve = None
         try:
             with sdpa_kernel([backend]):
@@ -136,7 +140,10 @@ def sdpa_times(q, k_cache, v_cache, timer) -> dict:
             with sdpa_kernel([backend]):
                 entry["ms"] = timer(call).ms
                 try:
-                    entry["graph_ms"] = timer(graph_of(call).replay).ms
+                    g = graph_of(call)
+                    entry["graph_ms"] = timer(g.replay).ms
+                    if clean is not None:
+                        entry["graph_clean_ms"] = clean(g.replay).ms
                 except Exception as exc:  # noqa: BLE001
                     entry["graph_error"] = _first_line(exc)
         except Exception as exc:  # noqa: BLE001
@@ -156,6 +163,7 @@ def decode_rows(batches, dtype, timer, copy_gbps: float, with_sdpa: bool = True)
     import fa2dispatch.kvcache as kvc
     from fa2dispatch.hardware import device_info
 
+    clean = CleanTimer(timer.runs)
     rows = []
     for B in batches:
         q, kc, vc, seqlens = make_decode(B, dtype)
@@ -164,7 +172,9 @@ def decode_rows(batches, dtype, timer, copy_gbps: float, with_sdpa: bool = True)
         kvc.CHECK_VALUES = False
         decision = kvc.explain_kvcache(q, kc, vc, cache_seqlens=seqlens)
         eager = timer(call)
-        graph = timer(graph_of(call).replay)
+        g = graph_of(call)
+        graph = timer(g.replay)
+        graph_clean = clean(g.replay)
         call()
         torch.cuda.synchronize()
         n = 200
@@ -181,11 +191,13 @@ def decode_rows(batches, dtype, timer, copy_gbps: float, with_sdpa: bool = True)
         row = {"B": B, "context": CONTEXT, "H": H, "Hkv": HKV, "D": D, "dtype": str(dtype).removeprefix("torch."),
                "backend": decision.backend.name, "plan": None if p is None else p.__dict__,
                "ours_ms": eager.ms, "ours_spread_ms": eager.spread, "ours_graph_ms": graph.ms,
+               "ours_graph_clean_ms": graph_clean.ms,
                "ours_checked_ms": checked.ms, "host_us_per_call": host_us, "cache_GB": cache_bytes / 1e9,
                "ours_GBps": cache_bytes / (eager.ms * 1e-3) / 1e9,
                "ours_graph_GBps": cache_bytes / (graph.ms * 1e-3) / 1e9}
         row["frac_copy"] = row["ours_GBps"] / copy_gbps
         row["graph_frac_copy"] = row["ours_graph_GBps"] / copy_gbps
+        row["graph_clean_frac_copy"] = cache_bytes / (graph_clean.ms * 1e-3) / 1e9 / copy_gbps
         # the same cache as 256-row pages in shuffled order (vLLM's layout), CUDA graph
         page = 256
         n_pages = kc.shape[0] * kc.shape[1] // page
@@ -196,11 +208,11 @@ def decode_rows(batches, dtype, timer, copy_gbps: float, with_sdpa: bool = True)
         row["paged256_graph_ms"] = paged.ms
         row["paged256_graph_frac_copy"] = cache_bytes / (paged.ms * 1e-3) / 1e9 / copy_gbps
         if with_sdpa:
-            sd = sdpa_times(q, kc, vc, timer)
-            for mode, key in (("", "ms"), ("graph_", "graph_ms")):
+            sd = sdpa_times(q, kc, vc, timer, clean)
+            for mode, key in (("", "ms"), ("graph_", "graph_ms"), ("graph_clean_", "graph_clean_ms")):
                 ok = {k: v[key] for k, v in sd.items() if v.get(key) is not None}
                 best = min(ok, key=ok.get) if ok else None
-                ours = row["ours_graph_ms" if mode else "ours_ms"]
+                ours = row[{"": "ours_ms", "graph_": "ours_graph_ms", "graph_clean_": "ours_graph_clean_ms"}[mode]]
                 row.update({f"sdpa_{mode}best": best, f"sdpa_{mode}best_ms": ok.get(best),
                             f"{mode}speedup_vs_sdpa": (ok[best] / ours) if best else None})
             row["sdpa"] = sd
@@ -223,17 +235,90 @@ def _fmt_row(r: dict) -> str:
     return (f"{r['B']:>3} {splits:>6} {r['host_us_per_call']:7.1f} | {r['ours_ms'] * 1e3:8.1f} "
             f"{r['ours_checked_ms'] * 1e3:8.1f} {r['ours_GBps']:6.0f} {r['frac_copy'] * 100:5.1f}% {sd('')} | "
             f"{r['ours_graph_ms'] * 1e3:8.1f} {r['ours_graph_GBps']:6.0f} {r['graph_frac_copy'] * 100:5.1f}% "
-            f"{sd('graph_')} | {r['paged256_graph_ms'] * 1e3:8.1f} {r['paged256_graph_frac_copy'] * 100:5.1f}%")
+            f"{sd('graph_')} | {r['paged256_graph_ms'] * 1e3:8.1f} {r['paged256_graph_frac_copy'] * 100:5.1f}% | "
+            f"{r['ours_graph_clean_ms'] * 1e3:8.1f} {r['graph_clean_frac_copy'] * 100:5.1f}% {sd('graph_clean_')}")
 
 
 HEADER = (f"{'B':>3} {'splits':>6} {'host us':>7} | {'eager us':>8} {'chk us':>8} {'GB/s':>6} {'%copy':>6} "
           f"{'sdpa':>9} {'sdpa us':>8} {'speedup':>7} | {'graph us':>8} {'GB/s':>6} {'%copy':>6} "
-          f"{'sdpa':>9} {'sdpa us':>8} {'speedup':>7} | {'paged us':>8} {'%copy':>6}")
+          f"{'sdpa':>9} {'sdpa us':>8} {'speedup':>7} | {'paged us':>8} {'%copy':>6} | "
+          f"{'clean us':>8} {'%copy':>6} {'sdpa':>9} {'sdpa us':>8} {'speedup':>7}")
 
 
-def sweep(batches, dtype, timer) -> list[dict]:
+class CleanTimer:
+    """CudaTimer with a *clean* L2 before each run: CudaTimer flushes with a 256 MiB write,
+    which leaves up to an L2's worth (50 MB on an H100) of dirty lines whose write-back then
+    competes with the timed kernel's first reads; that costs a 64 MiB read (decode at B=1)
+    about a third more time. Here the write flush is followed by a 256 MiB read (``sum``) of
+    another buffer, which writes those lines back before the timed run and leaves L2 holding
+    clean, unrelated lines: the cold-cache time without the flush's write-back."""
+
+    def __init__(self, runs: int):
+        import torch
+
+        from fa2dispatch.autotune.timer import FLUSH_BYTES, MIN_RUNS, WARMUP
+
+        self.runs, self.warmup = max(runs, MIN_RUNS), WARMUP
+        self._flush = torch.empty(FLUSH_BYTES, dtype=torch.uint8, device="cuda")
+        self._read = torch.ones(FLUSH_BYTES // 2, dtype=torch.float16, device="cuda")
+
+    def __call__(self, fn):
+        import torch
+
+        from fa2dispatch.autotune.timer import summarize
+
+        for _ in range(self.warmup):
+            fn()
+        starts = [torch.cuda.Event(enable_timing=True) for _ in range(self.runs)]
+        ends = [torch.cuda.Event(enable_timing=True) for _ in range(self.runs)]
+        for start, end in zip(starts, ends):
+            self._flush.zero_()
+            self._read.sum()
+            start.record()
+            fn()
+            end.record()
+        torch.cuda.synchronize()
+        return summarize([s.elapsed_time(e) for s, e in zip(starts, ends)])
+
+
+def sweep_split_counts(B: int, auto: int, sms: int, key_blocks: int) -> list[int]:
+    """Split counts tried at batch B: the plan's, 1 where the plan splits little, and the counts
+    that make B * Hkv * splits programs close to 1, 2, 3, 4 programs per SM (wave quantization)."""
+    base = B * HKV
+    opts = {auto, max(1, auto // 2), min(128, auto * 2)}
+    if auto <= 2:
+        opts.add(1)
+    for per_sm in (1, 2, 3, 4):
+        s = round(per_sm * sms / base)
+        if s >= 1:
+            opts.update({s, max(1, s - 1)})
+    return sorted(s for s in opts if 1 <= s <= min(128, key_blocks))
+
+
+def _time_combine(B: int, splits: int, dtype, timer) -> float:
+    """GPU time (ms, CUDA graph) of decode_combine alone at this batch and split count."""
+    import torch
+    import triton
+    from fa2dispatch.backends.triton_fa2 import decode
+
+    rows = B * H
+    part = torch.randn(rows * splits * D, dtype=torch.float32, device="cuda")
+    lse_part = torch.randn(rows * splits, dtype=torch.float32, device="cuda")
+    out = torch.empty(B, 1, H, D, dtype=dtype, device="cuda")
+    lse = torch.empty(B, H, 1, dtype=torch.float32, device="cuda")
+
+    def call():
+        decode.decode_combine[(rows,)](part, lse_part, out, lse, *out.stride(), H, 1, splits,
+                                       BLOCK_S=triton.next_power_of_2(splits), HEAD_DIM=D, BLOCK_D=D, num_warps=4)
+
+    return timer(graph_of(call).replay).ms
+
+
+def sweep(batches, dtype, timer, copy_gbps: float, configs=None) -> list[dict]:
     """Time decode configs through the launcher directly (the public call's plan overridden),
-    each captured in a CUDA graph: the GPU time of the config, without the host's cost."""
+    each captured in a CUDA graph: the GPU time of the config, without the host's cost. Every
+    config is timed with the usual write flush (``ms``) and with a clean L2 (``clean_ms``,
+    ``CleanTimer``); the best per batch (by clean_ms) is printed with its %copy."""
     import torch
     from fa2dispatch.backends.triton_fa2.config import TritonConfig
     from fa2dispatch.backends.triton_fa2.decode_launch import forward_kvcache, plan
@@ -241,33 +326,140 @@ def sweep(batches, dtype, timer) -> list[dict]:
     from fa2dispatch.hardware import device_info
     from fa2dispatch.kvcache import prepare
 
+    clean = CleanTimer(timer.runs)
     rows = []
     for B in batches:
         q, kc, vc, seqlens = make_decode(B, dtype)
         problem, kv = prepare(q, kc, vc, None, None, seqlens, None, False, None, (-1, -1), 0.0, None, 0, False)
         dev = device_info(q.device)
         cache_bytes = 2 * kc.numel() * kc.element_size()
-        auto = plan(problem, kv, None, dev).num_splits
-        split_opts = sorted({1, auto, max(1, auto // 2), min(128, auto * 2)})
-        for block_n, stages, warps in SWEEP_CONFIGS:
-            for splits in split_opts:
+        default = plan(problem, kv, None, dev)
+        for block_n, stages, warps in configs or SWEEP_CONFIGS:
+            key_blocks = CONTEXT // block_n
+            for splits in sweep_split_counts(B, default.num_splits, dev.multiprocessors or 132, key_blocks):
                 cfg = TritonConfig(decode_block_n=block_n, decode_num_stages=stages, decode_num_warps=warps,
                                    num_splits=splits)
+                row = {"B": B, "block_n": block_n, "stages": stages, "warps": warps, "splits": splits}
                 try:
-                    t = timer(graph_of(bind(forward_kvcache, problem, q, kc, vc, kv, cfg, dev)).replay)
+                    g = graph_of(bind(forward_kvcache, problem, q, kc, vc, kv, cfg, dev))
+                    t, tc = timer(g.replay), clean(g.replay)
                 except Exception as exc:  # noqa: BLE001 - out of resources etc. is data
-                    rows.append({"B": B, "block_n": block_n, "stages": stages, "warps": warps,
-                                 "splits": splits, "error": f"{type(exc).__name__}"})
+                    rows.append(dict(row, error=_first_line(exc)))
+                    torch.cuda.synchronize()
                     continue
-                used = plan(problem, kv, cfg, dev).num_splits
-                rows.append({"B": B, "block_n": block_n, "stages": stages, "warps": warps,
-                             "splits": splits, "splits_used": used, "ms": t.ms,
-                             "GBps": cache_bytes / (t.ms * 1e-3) / 1e9})
-        best = min((r for r in rows if r["B"] == B and "ms" in r), key=lambda r: r["ms"])
-        print(f"sweep B={B}: best {best}", flush=True)
+                p = plan(problem, kv, cfg, dev)
+                active = -(-(CONTEXT // block_n) // -(-(CONTEXT // block_n) // p.num_splits))  # non-empty splits
+                rows.append(dict(row, splits_used=p.num_splits, active_splits=active, ms=t.ms, clean_ms=tc.ms,
+                                 frac_copy=cache_bytes / (t.ms * 1e-3) / 1e9 / copy_gbps,
+                                 clean_frac_copy=cache_bytes / (tc.ms * 1e-3) / 1e9 / copy_gbps))
+        mine = [r for r in rows if r["B"] == B and "ms" in r]
+        dflt = [r for r in mine if (r["block_n"], r["stages"], r["warps"], r["splits"]) ==
+                (default.block_n, default.num_stages, default.num_warps, default.num_splits)]
+        for key in ("clean_ms", "ms"):
+            best = min(mine, key=lambda r: r[key])
+            print(f"sweep B={B} best by {key}: ({best['block_n']}, {best['stages']}, {best['warps']}) "
+                  f"splits {best['splits']}: {best['ms'] * 1e3:.1f} us ({best['frac_copy'] * 100:.1f}%), clean "
+                  f"{best['clean_ms'] * 1e3:.1f} us ({best['clean_frac_copy'] * 100:.1f}%)", flush=True)
+        if dflt:
+            d = dflt[0]
+            print(f"sweep B={B} default ({d['block_n']}, {d['stages']}, {d['warps']}) splits {d['splits']}: "
+                  f"{d['ms'] * 1e3:.1f} us ({d['frac_copy'] * 100:.1f}%), clean {d['clean_ms'] * 1e3:.1f} us "
+                  f"({d['clean_frac_copy'] * 100:.1f}%)", flush=True)
+        top = sorted(mine, key=lambda r: r["clean_ms"])[:8]
+        for r in top:
+            print(f"   ({r['block_n']:>3}, {r['stages']}, {r['warps']}) splits {r['splits']:>3} "
+                  f"(active {r['active_splits']:>3}): {r['ms'] * 1e3:7.1f} us, clean {r['clean_ms'] * 1e3:7.1f} us",
+                  flush=True)
+        best = min(mine, key=lambda r: r["clean_ms"])
+        try:
+            for s in sorted({best["splits"], default.num_splits}):
+                cm = _time_combine(B, s, dtype, clean)
+                rows.append({"B": B, "combine_splits": s, "combine_clean_ms": cm})
+                print(f"   decode_combine alone, {s} splits: {cm * 1e3:.1f} us (clean L2, graph)", flush=True)
+        except Exception as exc:  # noqa: BLE001
+            print(f"   decode_combine timing failed: {_first_line(exc)}", flush=True)
+        # programmatic dependent launch of the combine (decode_launch.USE_PDL), default plan
+        from fa2dispatch.backends.triton_fa2 import decode_launch
+
+        pdl, before = {}, decode_launch.USE_PDL
+        for on in (False, True):
+            decode_launch.USE_PDL = on
+            g = graph_of(bind(forward_kvcache, problem, q, kc, vc, kv, None, dev))
+            pdl[on] = (timer(g.replay).ms, clean(g.replay).ms)
+        decode_launch.USE_PDL = before
+        rows.append({"B": B, "pdl_off_ms": pdl[False][0], "pdl_off_clean_ms": pdl[False][1],
+                     "pdl_on_ms": pdl[True][0], "pdl_on_clean_ms": pdl[True][1]})
+        print(f"   default plan, combine without / with PDL: {pdl[False][0] * 1e3:.1f} / {pdl[True][0] * 1e3:.1f} us, "
+              f"clean {pdl[False][1] * 1e3:.1f} / {pdl[True][1] * 1e3:.1f} us", flush=True)
         del q, kc, vc
         torch.cuda.empty_cache()
     return rows
+
+
+def host_overhead_cpu(n: int = 2000, B: int = 1, context: int = 4096) -> dict:
+    """The Python side of one decode call, on the CPU (no GPU needed): the kernels are replaced
+    by no-op launches, so what is timed is validation (memoized), dispatch, planning, argument
+    assembly and output allocation; per call, mean over n calls. Triton's own launcher and the
+    device sync of the value checks are not in it (they need a GPU: the decode table's
+    ``host us`` and ``chk us`` columns)."""
+    import time
+
+    import torch
+    from fa2dispatch.backends.triton_fa2 import decode, decode_launch
+
+    import fa2dispatch.kvcache as kvc
+    from fa2dispatch import dispatch
+    from fa2dispatch.hardware import device_info
+
+    class NoLaunch:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: None
+
+    saved = {name: getattr(decode, name) for name in ("decode_fwd", "decode_combine", "kv_append", "kv_check")}
+    for name in saved:
+        setattr(decode, name, NoLaunch())
+    try:
+        q = torch.randn(B, 1, H, D, dtype=torch.float16)
+        kc = torch.zeros(B, context, HKV, D, dtype=torch.float16)
+        vc = torch.zeros_like(kc)
+        seqlens = torch.full((B,), context - 1, dtype=torch.int32)
+        k_new = torch.randn(B, 1, HKV, D, dtype=torch.float16)
+        table = torch.arange(B * context // 256, dtype=torch.int32).reshape(B, -1)
+        kp, vp = kc.view(-1, 256, HKV, D), vc.view(-1, 256, HKV, D)
+        dev = device_info(q.device)
+
+        def per_call(fn) -> float:
+            for _ in range(20):
+                fn()
+            start = time.perf_counter()
+            for _ in range(n):
+                fn()
+            return (time.perf_counter() - start) * 1e6 / n
+
+        args = (q, kc, vc, None, None, seqlens, None, False, None, (-1, -1), 0.0, None, 0, False)
+        problem, kv = kvc.prepare(*args)
+        decision = dispatch.decide(problem, "triton")
+        out = {}
+        with dispatch.use_backend("triton"):
+            out["prepare (memo hit + CPU value check)"] = per_call(lambda: kvc.prepare(*args))
+            out["dispatch.decide (memo)"] = per_call(lambda: dispatch.decide(problem, "triton"))
+            out["decode_launch.forward_kvcache (launches mocked)"] = per_call(
+                lambda: decode_launch.forward_kvcache(problem, q, kc, vc, kv, decision.config, dev))
+            out["_check_values, torch ops (CPU)"] = per_call(
+                lambda: kvc._check_values(seqlens, None, 0, context, B, seqlens))
+            out["_check_values, torch ops, paged (CPU)"] = per_call(
+                lambda: kvc._check_values(seqlens, table, 0, context, kp.shape[0], seqlens))
+            out["attention_with_kvcache, contiguous"] = per_call(
+                lambda: kvc.attention_with_kvcache(q, kc, vc, cache_seqlens=seqlens))
+            out["attention_with_kvcache, paged 256 + append"] = per_call(
+                lambda: kvc.attention_with_kvcache(q, kp, vp, k=k_new, v=k_new, cache_seqlens=seqlens,
+                                                   block_table=table))
+    finally:
+        for name, fn in saved.items():
+            setattr(decode, name, fn)
+    for k, v in out.items():
+        print(f"host (CPU, launches mocked) {k}: {v:.1f} us/call", flush=True)
+    return out
 
 
 def varlen_rows(timer, dtype) -> list[dict]:
@@ -315,10 +507,20 @@ def main(argv=None) -> int:
     ap.add_argument("--no-decode", action="store_true", help="skip the decode table")
     ap.add_argument("--no-sdpa", action="store_true")
     ap.add_argument("--sweep", action="store_true", help="also time decode configs")
-    ap.add_argument("--sweep-batches", default="1,2,4,8,16")
+    ap.add_argument("--sweep-batches", default="1,2,4,8")
+    ap.add_argument("--sweep-configs", default=None,
+                    help="block_n:stages:warps,... instead of SWEEP_CONFIGS (e.g. 64:3:4,64:2:4)")
     ap.add_argument("--varlen", action="store_true", help="also time attention_varlen against dense attention")
+    ap.add_argument("--host-cpu", action="store_true",
+                    help="only the Python side of a decode call on the CPU, kernels mocked (no GPU needed)")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     args = ap.parse_args(argv)
+    if args.host_cpu:
+        result = {"host_cpu": host_overhead_cpu()}
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(result, f, indent=1)
+        return 0
 
     import torch
 
@@ -336,7 +538,10 @@ def main(argv=None) -> int:
         result["decode"] = decode_rows([int(b) for b in args.batches.split(",")], dtype, timer,
                                        result["copy"]["GBps"], not args.no_sdpa)
     if args.sweep:
-        result["sweep"] = sweep([int(b) for b in args.sweep_batches.split(",")], dtype, timer)
+        configs = None if not args.sweep_configs else \
+            [tuple(int(x) for x in c.split(":")) for c in args.sweep_configs.split(",")]
+        result["sweep"] = sweep([int(b) for b in args.sweep_batches.split(",")], dtype, timer, result["copy"]["GBps"],
+                                configs)
     if args.varlen:
         result["varlen"] = varlen_rows(timer, dtype)
     if args.out:

@@ -967,6 +967,9 @@ def main(argv=None) -> int:
     p.add_argument("--time-limit", type=float, default=0, help="seconds for the random configs (0: none)")
     p.add_argument("--only", default=None,
                    help="comma-separated config indices: run just these of the --n drawn (re-check failures)")
+    p.add_argument("--resume", default=None,
+                   help="a --json file of an earlier run (same --n and --seed): its configs are not run again, "
+                        "and its results (random, long and >2^31) join this run's report")
     # internal: one worker / one >2^31 call
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--configs", help=argparse.SUPPRESS)
@@ -1001,6 +1004,20 @@ def main(argv=None) -> int:
     if args.only:
         wanted = {int(x) for x in args.only.split(",")}
         configs = [c for c in configs if c["index"] in wanted]
+    earlier, earlier_big = [], []
+    if args.resume:
+        prior = json.loads(Path(args.resume).read_text())
+        if (prior["summary"].get("n_requested"), prior["summary"].get("seed")) != (args.n, args.seed):
+            raise SystemExit(f"--resume {args.resume}: that run drew --n {prior['summary'].get('n_requested')} "
+                             f"--seed {prior['summary'].get('seed')}, this one --n {args.n} --seed {args.seed}")
+        earlier, earlier_big = prior["results"], prior.get("big", [])
+        done_before = {r["config"]["index"] for r in earlier if r["config"]["kind"] != "long"}
+        configs = [c for c in configs if c["index"] not in done_before]
+        if any(r["config"]["kind"] == "long" for r in earlier):
+            args.no_long = True
+        if earlier_big:
+            args.no_big = True
+        print(f"resume: {len(done_before)} configs done in {args.resume}, {len(configs)} left", flush=True)
     long_cfgs = [] if args.no_long else draw_long_configs(random.Random(args.seed + 1), args.device)
     dev_name = torch.cuda.get_device_name() if args.device != "cpu" else "cpu"
     print(f"fuzz: {args.n} configs ({args.pool or 'no'} shared kernel specialisations) + {len(long_cfgs)} long, "
@@ -1009,6 +1026,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         results = run_workers(configs, args, Path(tmp))
+    results = sorted(earlier + results, key=lambda r: (r["config"]["kind"] == "long", r["config"]["index"]))
     t_small = time.perf_counter() - t0
     for cfg in long_cfgs:  # in this process, one at a time: each needs several GiB
         res = run_config(cfg, args.device)
@@ -1021,6 +1039,7 @@ def main(argv=None) -> int:
     if not args.no_big and args.device != "cpu":
         backends = [b for b in args.big_backends.split(",") if b == "auto" or b in BACKENDS]
         big = run_big(args.device, backends)
+    big = earlier_big + big
     summary = summarize(results, big)
     summary.update(n_requested=args.n, seed=args.seed, device=dev_name, seconds_random=round(t_small, 1),
                    seconds_total=round(time.perf_counter() - t0, 1),

@@ -64,7 +64,9 @@ def forward_spec(dtype: torch.dtype, head_dim: int, causal: bool, cfg: CupyConfi
 
     defines = (("FA2_BF16", int(dtype == torch.bfloat16)), ("HEAD_DIM", head_dim), ("D_PAD", d_pad(head_dim)),
                ("CAUSAL", int(causal)), ("BLOCK_M", cfg.block_m), ("BLOCK_N", cfg.block_n),
-               ("NUM_WARPS", cfg.num_warps), ("O_SMEM", int(default_o_smem(cfg, causal))))
+               ("NUM_WARPS", cfg.num_warps), ("O_SMEM", int(default_o_smem(cfg, causal))),
+               ("WARP_SKIP", cfg.warp_skip if causal else 0),
+               ("GROUP_ORDER", int(causal and cfg.head_group != 1)))
     return KernelSpec("fa2_fwd.cu", "fa2_fwd", defines, 32 * cfg.num_warps, smem_forward(head_dim, cfg))
 
 

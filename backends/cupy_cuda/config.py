@@ -28,6 +28,13 @@ class CupyConfig(Config):
     # of 4-byte stores from the accumulator fragments; None: for causal problems only (measured
     # on the H100: +1-3% causal at 2k-4k, -1-3% non-causal; docs/CUPY_BACKEND.md)
     o_smem: bool | None = None
+    # causal forward: warps whose rows see no key of a (diagonal) block skip its matrix products
+    # (fa2_fwd.cu, WARP_SKIP): bit 1 S = Q K^T, bit 2 O += P V (0..3); no effect when not causal
+    warp_skip: int = 0
+    # causal forward work order (fa2_fwd.cu, head_group): CTAs in groups of this many heads, the
+    # longest query blocks of the whole group first; 1: one head at a time (its longest blocks
+    # first); 0: auto, groups of about one wave (2 CTAs per SM) of CTAs; clamped to B x H
+    head_group: int = 1
     # backward dK/dV kernel: dkdv_block_n keys per CTA (16 per warp), dkdv_block_m queries per step
     dkdv_block_m: int = 64
     dkdv_block_n: int = 64
@@ -103,6 +110,10 @@ def config_reasons(head_dim: int, cfg: CupyConfig, smem_limit: int | None, backw
     elif mt in (1, 2) and forward_acc_regs(head_dim, cfg) > MAX_ACC_REGS:
         reasons.append(f"block_m={cfg.block_m} block_n={cfg.block_n} at head_dim={head_dim} needs "
                        f"{forward_acc_regs(head_dim, cfg)} accumulator registers per thread (max {MAX_ACC_REGS})")
+    if cfg.warp_skip not in (0, 1, 2, 3):
+        reasons.append(f"warp_skip={cfg.warp_skip} (supported: 0..3, bit 1 S, bit 2 P V)")
+    if cfg.head_group < 0:
+        reasons.append(f"head_group={cfg.head_group} (supported: 0 = auto, or a number of heads >= 1)")
     need = [("forward", smem_forward(head_dim, cfg))]
     if backward:
         for name, value in (("dkdv_block_n", cfg.dkdv_block_n), ("dq_block_m", cfg.dq_block_m)):
@@ -140,6 +151,14 @@ def default_config(head_dim: int, device: DeviceInfo) -> CupyConfig:
     elif dp <= 128:
         # FA2's own sm80 tiles at D=128 (32 rows per warp, 64-key blocks).
         fwd = {"block_m": 128, "block_n": 64, "num_warps": 4}
+        if dp == 128 and device.capability and device.capability >= (9, 0):
+            # Causal: longest query blocks first over groups of about one wave of CTAs, and warps
+            # skip S for key blocks none of their rows sees. H100, 2026-11-25, two runs
+            # (tools/sweep_cupy.py, docs/CUPY_BACKEND.md): 1.05-1.10x FA2 at S 2k-16k where
+            # head_group=1, warp_skip=0 gave 1.00-1.04x. Not the default elsewhere: unmeasured
+            # (D=64: one short run, docs/CUPY_BACKEND.md), and on sm_80 the reordering alone makes NVRTC 13.5
+            # spill 4 bytes.
+            fwd.update(head_group=0, warp_skip=1)
         if dp == 112:
             # Head dims 97..112: NVRTC 13.5's ptxas spills at 255 registers with 64-query dK/dV
             # steps (24-32 bytes, sm_80 and sm_90) and in the causal forward with O through shared
@@ -173,6 +192,12 @@ def config_space(problem: AttentionProblem, device: DeviceInfo) -> list[CupyConf
                   for m, n, s in ((64, 64, 2), (32, 64, 2), (64, 128, 2), (32, 128, 2), (64, 64, 1), (16, 64, 2))]
     else:
         points = [{"o_smem": not problem.causal}]  # the other epilogue (default_o_smem)
+        if problem.causal:
+            # the causal work order and warp skip (fa2_fwd.cu: GROUP_ORDER, WARP_SKIP): the other
+            # settings that measured well on the H100 (head_group=0 alone was best at 4k-16k,
+            # with warp_skip=1 at 2k) and the plain kernel; no effect when not causal
+            points += [{"head_group": 0, "warp_skip": 0}, {"head_group": 0, "warp_skip": 1},
+                       {"head_group": 1, "warp_skip": 0}]
         points += [{"block_m": m, "block_n": n, "num_warps": w}
                    for m, n, w in ((128, 64, 4), (128, 128, 4), (128, 32, 4), (64, 64, 4), (64, 128, 4),
                                    (128, 64, 8), (256, 64, 8))]

@@ -15,13 +15,37 @@
 // and stores them from there in 16-byte chunks, a warp instruction writing whole 128-byte
 // lines, instead of 4-byte stores from the accumulator fragments (8 rows x 16 bytes each).
 //
+// Causal work order (GROUP_ORDER 1; runtime argument head_group): CTAs are taken in groups of
+// head_group heads, and within a group the longest query blocks of all its heads go first
+// (longest processing time first), so the last CTAs to start are the shortest ones and the tail
+// wave is light. GROUP_ORDER 0: one head at a time, its blocks longest first (with ~2,000 CTAs
+// of 1..2 x S/128 key blocks each, a long block of one of the last heads can start late and
+// set the tail). A group of about one wave of CTAs (launch.py: head_group 0) keeps the group's
+// K and V in L2; all heads in one group measured 2-5% slower than that on the H100.
+//
+// Warp skip (WARP_SKIP, causal only; bit 1: S = Q K^T, bit 2: O += P V): a warp whose rows see
+// no key of the current block (the first, diagonal blocks of the loop: with 128 x 64 tiles the
+// first block is fully masked for the first half of the warps) skips that block's matrix
+// products; it still takes part in the loads, barriers and the (all -inf) softmax, so the block
+// adds exact zeros (p = 0, alpha = 1) and out / lse stay bit for bit the same. Register
+// pressure: NVRTC 13.5 spills 8-28 bytes with both bits and O_SMEM on sm_90; bit 1 without
+// GROUP_ORDER left 16 bytes of local memory with the H100's run-time NVRTC (and ran 0-5%
+// slower).
+//
 // Defines (compile.py): FA2_BF16, HEAD_DIM, D_PAD (common.cuh), BLOCK_M, BLOCK_N, NUM_WARPS,
-// CAUSAL (bottom-right aligned: query i sees key j iff j <= i + Mkv - Mq), O_SMEM.
+// CAUSAL (bottom-right aligned: query i sees key j iff j <= i + Mkv - Mq), O_SMEM, WARP_SKIP,
+// GROUP_ORDER (0: one head at a time, head_group ignored).
 
 #include "common.cuh"
 
 #ifndef O_SMEM
 #define O_SMEM 0
+#endif
+#ifndef WARP_SKIP
+#define WARP_SKIP 0
+#endif
+#ifndef GROUP_ORDER
+#define GROUP_ORDER 0
 #endif
 
 #define NT (NUM_WARPS * 32)
@@ -39,7 +63,7 @@ extern "C" __global__ void __launch_bounds__(NT, 1) fa2_fwd(
     elem_t* __restrict__ o, float* __restrict__ lse,
     i64 sqb, i64 sqh, i64 sqm, i64 skb, i64 skh, i64 skm, i64 svb, i64 svh, i64 svm,
     i64 sob, i64 soh, i64 som,
-    int H, int group, int Mq, int Mkv, int num_m_blocks, float scale_log2) {
+    int H, int group, int Mq, int Mkv, int num_m_blocks, float scale_log2, int head_group) {
     extern __shared__ __align__(128) unsigned char smem[];
     const u32 sQ = smem_u32(smem);
     const u32 sK = sQ + BLOCK_M * SROW * 2;
@@ -48,11 +72,23 @@ extern "C" __global__ void __launch_bounds__(NT, 1) fa2_fwd(
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int gr = lane >> 2, t = lane & 3;
     // Consecutive CTAs share a head (its K and V stay in L2); causal takes the longest query
-    // blocks of each head first.
+    // blocks of each group of head_group heads first (1 <= head_group <= B x H, launch.py).
+#if CAUSAL
+    unsigned x = blockIdx.x;  // as (head, query block counted from the last) in head-major order
+#if GROUP_ORDER
+    // (Compiled only where asked for: the remap alone makes ptxas spill 4 bytes on sm_80.)
+    {
+        const unsigned hg = head_group, nmb = num_m_blocks, per = hg * nmb;
+        const unsigned g = x / per, w = x - g * per;
+        const unsigned gsize = min(hg, gridDim.x / nmb - g * hg);
+        x = (g * hg + w % gsize) * nmb + w / gsize;
+    }
+#endif
+    const int bh = x / num_m_blocks;
+    const int mb = num_m_blocks - 1 - x % num_m_blocks;
+#else
     const int bh = blockIdx.x / num_m_blocks;
     int mb = blockIdx.x % num_m_blocks;
-#if CAUSAL
-    mb = num_m_blocks - 1 - mb;
 #endif
     const int b = bh / H, h = bh % H, hk = h / group;
     const int m0 = mb * BLOCK_M;
@@ -100,13 +136,21 @@ extern "C" __global__ void __launch_bounds__(NT, 1) fa2_fwd(
         load_tile<BLOCK_N, NT>(sV, vp + (i64)n0 * svm, svm, Mkv - n0, tid);
         cp_async_commit();
 
+#if CAUSAL && WARP_SKIP
+        // Does any row of this warp see a key of this block? (Warp-uniform.)
+        const bool live = n0 <= m0 + wrow + MT * 16 - 1 + off;
+#else
+        constexpr bool live = true;
+#endif
         float s[MT][NT8][4];
         zero(s);
+        if (!(WARP_SKIP & 1) || live) {
 #if Q_IN_REGS
-        gemm_abt_ra<MT, NT8, D_PAD>(s, qf, sK, lane);
+            gemm_abt_ra<MT, NT8, D_PAD>(s, qf, sK, lane);
 #else
-        gemm_abt<MT, NT8, D_PAD>(s, sQ + wrow * SROW * 2, sK, lane);
+            gemm_abt<MT, NT8, D_PAD>(s, sQ + wrow * SROW * 2, sK, lane);
 #endif
+        }
 
         bool need_mask = n0 + BLOCK_N > Mkv;
 #if CAUSAL
@@ -175,7 +219,7 @@ extern "C" __global__ void __launch_bounds__(NT, 1) fa2_fwd(
                     for (int e = 0; e < 4; ++e) acc[mt][j][e] *= alpha[mt][e >> 1];
         }
 
-        gemm_sb<MT, NT8, D_PAD / 8>(acc, s, sV, lane);
+        if (!(WARP_SKIP & 2) || live) gemm_sb<MT, NT8, D_PAD / 8>(acc, s, sV, lane);
     }
 
     // Epilogue: out = acc / l (0 for a row with no visible key), lse = m scale + ln l (-inf there).

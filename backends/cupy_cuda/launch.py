@@ -79,9 +79,24 @@ def forward(problem: AttentionProblem, q, k, v, config: CupyConfig):
     args = (_ptr(q), _ptr(k), _ptr(v), _ptr(out), _ptr(lse),
             *_strides(q, layout), *_strides(k, layout), *_strides(v, layout), *_strides(out, layout),
             np.int32(H), np.int32(problem.group), np.int32(Mq), np.int32(Mkv), np.int32(num_m_blocks),
-            np.float32(problem.softmax_scale * LOG2E))
+            np.float32(problem.softmax_scale * LOG2E), np.int32(head_group(config, num_m_blocks, B * H, q.device)))
     _launch(spec, grid, args, q.device.index)
     return out, lse
+
+
+_sm_counts: dict = {}
+
+
+def head_group(config: CupyConfig, num_m_blocks: int, num_bh: int, device: torch.device) -> int:
+    """Heads per group of the causal work order (fa2_fwd.cu), in 1..num_bh. ``head_group`` 0:
+    about one wave of CTAs per group (2 per SM, the D=128 default's occupancy), at least one head."""
+    g = config.head_group
+    if g == 0:
+        sms = _sm_counts.get(device.index)
+        if sms is None:
+            sms = _sm_counts[device.index] = torch.cuda.get_device_properties(device).multi_processor_count
+        g = max(1, (2 * sms) // max(1, num_m_blocks))
+    return max(1, min(g, num_bh))
 
 
 def backward(problem: AttentionProblem, dout, q, k, v, out, lse, dlse, config: CupyConfig):

@@ -55,56 +55,83 @@ def triton_reasons(device: DeviceInfo) -> list[str]:
     return reasons
 
 
-INT32_OFFSETS = 2**31  # row offsets inside one batch element are int32 products in the kernels
+INT32_OFFSETS = 2**31
+MAX_BLOCK_ROWS = 256  # the largest block_m / block_n of any config (autotune/space.py)
 
 
 def offset_reasons(problem: AttentionProblem) -> list[str]:
-    """The kernels form a row's offset inside one batch element (or one packed sequence) as an
-    int32 product (row x row stride): a batch element of 2^31 elements or more would wrap.
-    Batch and head offsets are 64-bit. Refused rather than computed wrong (RELIABILITY.md)."""
-    rows = max(problem.Mq * problem.H, problem.Mkv * problem.Hkv) * problem.D
-    if rows >= INT32_OFFSETS:
-        return [f"one batch element holds {rows} elements (Mq*H*D or Mkv*Hkv*D); row offsets inside it are "
-                f"32-bit (supported: < 2^31)"]
+    """What the kernels' 32-bit offsets cannot address, by shape.
+
+    The attention kernels (kernels.py) add batch and head offsets in 64 bits, and with
+    INT64_ROWS (set per call by ``_check_strides`` when a tensor's rows reach element 2^31 of
+    a batch element) each block's first row too; only offsets inside a block are then 32-bit
+    (``stride_reasons`` checks the actual strides). The decode kernels (decode.py) still form a
+    row's offset inside one cache sequence in 32 bits: a KV-cache sequence of 2^31 elements or
+    more is refused."""
+    if problem.kvcache:
+        rows = max(problem.Mq * problem.H, problem.Mkv * problem.Hkv) * problem.D
+        if rows >= INT32_OFFSETS:
+            return [f"one KV-cache sequence holds {rows} elements (Mq*H*D or Mkv*Hkv*D); the decode kernels' "
+                    "row offsets inside it are 32-bit (supported: < 2^31)"]
     return []
 
 
+def _rows_and_strides(problem: AttentionProblem, t: torch.Tensor) -> tuple[int, int, int]:
+    """(rows, row stride, dim stride) of one head of a tensor in the problem's layout."""
+    s = t.stride()
+    if problem.layout == "thd":
+        return t.shape[0], s[0], s[2]
+    if problem.layout == "bshd":
+        return t.shape[1], s[1], s[3]
+    return t.shape[2], s[2], s[3]
+
+
 def stride_reasons(problem: AttentionProblem, **tensors) -> list[str]:
-    """``offset_reasons`` for the actual strides: a view (q of a packed qkv, say) can reach 2^31
-    elements inside one batch element with a shape that alone would not."""
+    """Offsets inside one block are 32-bit: up to MAX_BLOCK_ROWS rows of a tensor's row stride,
+    plus D of its dim stride, must stay below 2^31 (a row stride of about 2^23 elements or
+    more; a stride of 2^31 or more is passed as a 64-bit kernel argument and is fine)."""
     out = []
     for name, t in tensors.items():
-        s = t.stride()
-        if problem.layout == "thd":
-            rows, row, dim = problem.Mq if name in ("q", "out", "dout") else problem.Mkv, s[0], s[2]
-        elif problem.layout == "bshd":
-            rows, row, dim = t.shape[1], s[1], s[3]
-        else:
-            rows, row, dim = t.shape[2], s[2], s[3]
-        reach = (rows - 1) * abs(row) + (t.shape[-1] - 1) * abs(dim)
+        rows, row, dim = _rows_and_strides(problem, t)
+        if abs(row) >= INT32_OFFSETS:
+            continue  # a 64-bit argument: every product with it is 64-bit
+        reach = (min(rows, MAX_BLOCK_ROWS) - 1) * abs(row) + (t.shape[-1] - 1) * abs(dim)
         if reach >= INT32_OFFSETS:
-            out.append(f"{name}'s rows reach element {reach} of a batch element (row stride {row}); row offsets "
-                       "inside a batch element are 32-bit (supported: < 2^31)")
+            out.append(f"{name}'s row stride {row} reaches element {reach} inside one block of "
+                       f"{MAX_BLOCK_ROWS} rows; offsets inside a block are 32-bit (supported: < 2^31)")
     return out
 
 
+def needs_int64_rows(problem: AttentionProblem, **tensors) -> bool:
+    """Whether some tensor's rows reach element 2^31 of a batch element (row x row stride would
+    wrap as a 32-bit product): the kernels then take INT64_ROWS."""
+    for t in tensors.values():
+        rows, row, dim = _rows_and_strides(problem, t)
+        if (rows - 1) * abs(row) + (t.shape[-1] - 1) * abs(dim) >= INT32_OFFSETS:
+            return True
+    return False
+
+
 _HOPPER_OK: dict = {}
-_STRIDES_CHECKED: dict = {}  # (problem, strides of the tensors) -> stride_reasons
+_STRIDES_CHECKED: dict = {}  # (problem, strides of the tensors) -> (stride_reasons, needs_int64_rows)
 _MEMO_LIMIT = 4096  # as the dispatcher's memo: past that these start over
 _THREAD = threading.local()
 
 
-def _check_strides(problem: AttentionProblem, **tensors) -> None:
+def _check_strides(problem: AttentionProblem, **tensors) -> bool:
     """``stride_reasons`` as a run-time refusal (the dispatcher's fallback takes the call
-    elsewhere; a forced call raises), once per problem and strides: the warm path stays a lookup."""
+    elsewhere; a forced call raises), and ``needs_int64_rows`` as the answer, once per problem
+    and strides: the warm path stays a lookup."""
     key = (problem, *[t.stride() for t in tensors.values()])  # forward (3) and backward (5) differ in length
-    too_far = _STRIDES_CHECKED.get(key)
-    if too_far is None:
+    found = _STRIDES_CHECKED.get(key)
+    if found is None:
         if len(_STRIDES_CHECKED) >= _MEMO_LIMIT:
             _STRIDES_CHECKED.clear()
-        too_far = _STRIDES_CHECKED[key] = stride_reasons(problem, **tensors)
+        found = _STRIDES_CHECKED[key] = (stride_reasons(problem, **tensors), needs_int64_rows(problem, **tensors))
+    too_far, int64_rows = found
     if too_far:
         raise NotImplementedError("triton: " + "; ".join(too_far))
+    return int64_rows
 
 
 def ensure_cuda_context(device: torch.device) -> None:
@@ -170,7 +197,7 @@ class TritonBackend(Backend):
     def forward(self, problem, q, k, v, config, features=None):
         from .launch import forward  # lazily: importing launch imports Triton
 
-        _check_strides(problem, q=q, k=k, v=v)
+        int64_rows = _check_strides(problem, q=q, k=k, v=v)
         device = device_info(q.device)
         if config.fwd_kernel == "hopper" and features is None:
             from . import launch_hopper
@@ -183,13 +210,14 @@ class TritonBackend(Backend):
             if ok:
                 ensure_cuda_context(q.device)
                 return launch_hopper.forward(problem, q, k, v, config, device, checked=True)
-        return forward(problem, q, k, v, config, device, features)
+        return forward(problem, q, k, v, config, device, features, int64_rows=int64_rows)
 
     def backward(self, problem, dout, q, k, v, out, lse, config, dlse=None, features=None):
         from .launch import backward
 
-        _check_strides(problem, q=q, k=k, v=v, out=out, dout=dout)
-        return backward(problem, dout, q, k, v, out, lse, dlse, config, device_info(q.device), features)
+        int64_rows = _check_strides(problem, q=q, k=k, v=v, out=out, dout=dout)
+        return backward(problem, dout, q, k, v, out, lse, dlse, config, device_info(q.device), features,
+                        int64_rows=int64_rows)
 
     def forward_kvcache(self, problem, q, k_cache, v_cache, kv, config):
         from .decode_launch import forward_kvcache

@@ -32,6 +32,10 @@ class TritonConfig(Config):
     dq_block_n: int = 32
     bwd_num_warps: int = 4
     bwd_num_stages: int = 2
+    # warps of the dK/dV kernel alone (0 = bwd_num_warps). At D=128 its 64x64 tile needs more
+    # registers than 4 warps have (255 and 64-120 bytes of spills, docs/PERF_NOTES.md §8),
+    # while the dQ kernel holds less and may keep 4.
+    dkdv_num_warps: int = 0
     # AMD only (0 = leave to the compiler): occupancy hint, MFMA shape, operand packing
     waves_per_eu: int = 0
     matrix_instr_nonkdim: int = 0
@@ -50,10 +54,13 @@ class TritonConfig(Config):
     fwd_order: int = 0
     fwd_maxnreg: int = 0
 
-    def launch_options(self, vendor: str, backward: bool = False) -> dict:
-        """Keyword arguments for a kernel launch on this vendor."""
+    def launch_options(self, vendor: str, backward: bool = False, dkdv: bool = False) -> dict:
+        """Keyword arguments for a kernel launch on this vendor (``dkdv``: the dK/dV kernel's)."""
+        warps = self.bwd_num_warps if backward else self.num_warps
+        if backward and dkdv and self.dkdv_num_warps:
+            warps = self.dkdv_num_warps
         opts = {
-            "num_warps": self.bwd_num_warps if backward else self.num_warps,
+            "num_warps": warps,
             "num_stages": self.bwd_num_stages if backward else self.num_stages,
         }
         if vendor == "amd":

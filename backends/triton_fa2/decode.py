@@ -27,6 +27,7 @@ Conventions:
 
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 LOG2E = tl.constexpr(1.4426950408889634)  # 1/ln(2)
 LN2 = tl.constexpr(0.6931471805599453)  # ln(2)
@@ -87,9 +88,16 @@ def decode_fwd(Q, Kc, Vc, Seqlens, BlockTable, Slopes, Out, Lse, OutPart, LsePar
                GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr, SPLIT: tl.constexpr,
                CAUSAL: tl.constexpr, WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr,
-               SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DOT_PRECISION: tl.constexpr):
+               SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DOT_PRECISION: tl.constexpr,
+               PDL: tl.constexpr = False):
     """Grid (B * Hkv * row blocks, num_splits): one key/value head, BLOCK_M packed rows, one split.
-    SPLIT (num_splits > 1) writes float32 partials for decode_combine instead of the output."""
+    SPLIT (num_splits > 1) writes float32 partials for decode_combine instead of the output.
+    PDL (sm_90+, decode_combine launched as a programmatic dependent): let the combine grid
+    launch now; its programs wait (griddepcontrol.wait) until this grid is complete and its
+    writes are visible, so only the combine's own work follows this kernel, not its launch.
+    Safe at any grid size: the dependent launches only once every program here has started."""
+    if PDL:
+        gdc_launch_dependents()
     n_rows = Mq * GROUP
     row_blocks = tl.cdiv(n_rows, BLOCK_M)
     pid = tl.program_id(0)
@@ -198,9 +206,13 @@ def decode_fwd(Q, Kc, Vc, Seqlens, BlockTable, Slopes, Out, Lse, OutPart, LsePar
 def decode_combine(OutPart, LsePart, Out, Lse,
                    stride_ob, stride_om, stride_oh, stride_od,
                    H, Mq, num_splits,
-                   BLOCK_S: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+                   BLOCK_S: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                   PDL: tl.constexpr = False):
     """One program per (b, h, i) row: out = sum_s exp(lse_s - lse) * out_s, lse = logsumexp_s lse_s.
-    A split that saw no key has lse_s = -inf and weight 0; a row no split saw gives 0 and -inf."""
+    A split that saw no key has lse_s = -inf and weight 0; a row no split saw gives 0 and -inf.
+    PDL: launched as a programmatic dependent of decode_fwd: wait for its writes first."""
+    if PDL:
+        gdc_wait()
     row = tl.program_id(0).to(tl.int64)
     off_b = row // (H * Mq)
     off_h = (row // Mq) % H
@@ -222,3 +234,29 @@ def decode_combine(OutPart, LsePart, Out, Lse,
     tl.store(Out + off_b * stride_ob + off_i * stride_om + off_h * stride_oh + offs_d * stride_od,
              out.to(Out.dtype.element_ty), mask=offs_d < HEAD_DIM)
     tl.store(Lse + row, lse)
+
+
+@triton.jit
+def kv_check(Seqlens, BlockTable, Flags, n_new, max_len, n_blocks, stride_btb,
+             CHECK_LEN: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_T: tl.constexpr):
+    """The value checks of one call as one launch (grid (B,)): Flags[b] gets bit 0 when
+    cache_seqlens[b] is outside 0..max_len (max_len = capacity - n_new), bit 1 when a page of
+    sequence b that holds one of its keys has an id outside 0..n_blocks - 1. The host reads
+    Flags once (fa2dispatch.kvcache._check_values) and raises the error naming the argument."""
+    b = tl.program_id(0).to(tl.int64)
+    s = tl.load(Seqlens + b)
+    flag = 0
+    if CHECK_LEN:
+        flag = tl.where((s < 0) | (s > max_len), 1, 0)
+    if PAGE_SIZE > 0:
+        # pages in use: those holding keys 0 .. L_b - 1 (an out-of-range length is clamped: its
+        # own error comes first)
+        used = (tl.minimum(tl.maximum(s, 0), max_len) + n_new + PAGE_SIZE - 1) // PAGE_SIZE
+        bad = 0
+        for c0 in range(0, used, BLOCK_T):
+            cols = c0 + tl.arange(0, BLOCK_T)
+            ok = cols < used
+            ids = tl.load(BlockTable + b * stride_btb + cols, mask=ok, other=0)
+            bad += tl.sum((((ids < 0) | (ids >= n_blocks)) & ok).to(tl.int32), 0)
+        flag = flag + tl.where(bad > 0, 2, 0)
+    tl.store(Flags + b, flag)

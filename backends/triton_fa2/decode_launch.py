@@ -5,26 +5,27 @@ them); a field left at 0 is chosen by ``plan``:
 
 - rows per program (BLOCK_M): the packed (query position x GQA group) rows, rounded up to a
   power of two, 16 at least (tl.dot's smallest M) and 64 at most;
-- keys per block (BLOCK_N), warps and pipeline stages: 64 keys (32 for rows over 256 bytes),
-  4 warps, 4 stages, from the H100 sweep in docs/DECODE.md;
-- splits of the key range: flash-attn 2's ``num_splits_heuristic`` (csrc/flash_attn/
-  flash_api.cpp): with ``base`` = programs without splitting and ``target`` = 2 programs per
-  SM, no split once base fills 80% of target; otherwise the smallest split count whose wave
-  efficiency (waves / ceil(waves)) is within 85% of the best, at most 128 and at most one
-  split per key block. (flash-attn also skips counts that give as many key blocks per split
-  as one split fewer, which only add an empty split; that filter is left out here, which keeps
-  the split counts the H100 numbers in docs/DECODE.md were measured with.) The key length is
+- keys per block (BLOCK_N), warps and pipeline stages: 64 keys x 3 stages (32 keys x 4 stages
+  for rows over 256 bytes), 4 warps, from the H100 sweep in docs/DECODE.md;
+- splits of the key range: ``split_heuristic``: from the H100 sweep, the count whose
+  B x Hkv x row blocks x splits programs fill the SMs best at one program per SM, among the
+  counts that give every split the same number of key blocks (at most 128, at most 2 programs
+  per SM; no split once the programs without splitting fill 80% of the SMs). The key length is
   taken from the host-side bound in ``KVCacheArgs`` (the capacity unless ``cache_seqlens``
-  was an int), so planning never synchronises.
+  was an int), so planning never synchronises. (flash-attn 2's ``num_splits_heuristic``, used
+  before, sizes for 2 programs per SM and picked uneven counts: 57 splits at B=1, 13% slower.)
 """
 
 from __future__ import annotations
 
+import inspect
 import math
+import os
 from dataclasses import dataclass
 
 import torch
 import triton
+from triton import knobs
 
 from fa2dispatch.hardware import DeviceInfo
 from fa2dispatch.problem import AttentionProblem
@@ -33,7 +34,7 @@ from .config import TritonConfig, block_d
 from .launch import _dot_precision  # float32 caches: exact dots unless TF32 is allowed
 
 MAX_SPLITS = 128  # flash-attn 2's cap; more splits only add combine traffic
-PROGRAMS_PER_SM = 2  # flash-attn 2 sizes the split count for 2 CTAs per SM
+MAX_PROGRAMS_PER_SM = 2  # split counts are tried up to 2 programs per SM (co-resident at 3 stages)
 
 
 @dataclass(frozen=True)
@@ -49,21 +50,35 @@ def _pow2_at_least(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
+def active_splits(splits: int, n_key_blocks: int) -> int:
+    """The splits that get a key block: the kernel gives each ``cdiv(blocks, splits)`` blocks."""
+    per_split = -(-n_key_blocks // max(1, splits))
+    return -(-n_key_blocks // per_split)
+
+
 def split_heuristic(base: int, n_key_blocks: int, sm_count: int) -> int:
-    """flash-attn 2's ``num_splits_heuristic`` (see the module docstring)."""
-    target = max(1, sm_count * PROGRAMS_PER_SM)
-    if base >= 0.8 * target:
+    """Split count for ``base`` programs without splitting over ``n_key_blocks`` key blocks.
+
+    From the H100 sweep (tools/bench_decode.py --sweep, docs/DECODE.md): one program per SM
+    streaming equal parts of the cache is fastest (B*Hkv*splits = 128 programs on 132 SMs beat
+    228-256 by 1-6%, 96-112 programs lose 3-8%, and uneven parts cost up to 8%). So: only counts
+    whose every split gets the same number of blocks (``active_splits(s) == s``), at most
+    ``MAX_PROGRAMS_PER_SM`` programs per SM; the best wave efficiency ``P / (ceil(P / SMs) * SMs)``
+    of P = base * s programs wins, the smaller count on ties (within 1%). No split once base
+    fills 80% of the SMs."""
+    sms = max(1, sm_count)
+    if base >= 0.8 * sms:
         return 1
-    max_splits = max(1, min(MAX_SPLITS, n_key_blocks, target))
-    efficiency = []
-    for s in range(1, max_splits + 1):
-        waves = base * s / target
-        efficiency.append(waves / math.ceil(waves))
-    best = max(efficiency)
-    for s, eff in enumerate(efficiency, start=1):
-        if eff >= 0.85 * best:
-            return s
-    return 1
+    best_s, best_eff = 1, 0.0
+    cap = max(1, min(MAX_SPLITS, n_key_blocks, (MAX_PROGRAMS_PER_SM * sms) // max(1, base)))
+    for s in range(1, cap + 1):
+        if active_splits(s, n_key_blocks) != s:
+            continue
+        programs = base * s
+        eff = programs / (math.ceil(programs / sms) * sms)
+        if eff > best_eff * 1.01:
+            best_s, best_eff = s, eff
+    return best_s
 
 
 def _visible_bound(problem: AttentionProblem, max_len: int) -> int:
@@ -95,14 +110,14 @@ def _plan(problem: AttentionProblem, kv, config: TritonConfig | None, device: De
         block_m, block_n, warps, stages, sms = 16, 16, 4, 1, 4
     else:
         block_m = min(64, max(16, _pow2_at_least(rows)))
-        # H100 sweep (tools/bench_decode.py --sweep: GPU time in CUDA graphs, D=128 fp16, context
-        # 32k, 9 configs x 4 split counts; docs/DECODE.md): 64 keys x 4 stages x 4 warps at the
-        # heuristic's split count is within 3.1% of the best at batch 1..16 (and 0.2% at 64, eager)
-        # (~100 KB of shared memory: two programs per SM). Rows over 256 bytes (D=256, or
-        # float32) take half the keys.
+        # H100 sweep (tools/bench_decode.py --sweep, 2026-11-25 00:33 UTC: GPU time in CUDA graphs,
+        # D=128 fp16, context 32k, 12 configs x 8-11 split counts at B = 1, 2, 4, 8; docs/DECODE.md):
+        # 64 keys x 3 stages x 4 warps at split_heuristic's count is the best or within 1.1% of it
+        # at every batch (~100 KB of shared memory: two programs fit an SM). Rows over 256 bytes
+        # (D=256, or float32) take half the keys and keep 4 stages (not swept).
         row_bytes = block_d(problem.D) * problem.dtype.itemsize
-        block_n = 64 if row_bytes <= 256 else 32
-        warps, stages, sms = 4, 4, device.multiprocessors or 1
+        block_n, stages = (64, 3) if row_bytes <= 256 else (32, 4)
+        warps, sms = 4, device.multiprocessors or 1
     block_n = cfg.decode_block_n or block_n
     warps = cfg.decode_num_warps or warps
     stages = cfg.decode_num_stages or stages
@@ -129,15 +144,143 @@ def append(problem: AttentionProblem, k_cache, v_cache, kv) -> None:
         k_new = k_new.contiguous()
     B, n_new = k_new.shape[0], k_new.shape[1]
     block = min(64, max(16, _pow2_at_least(n_new)))
-    table = kv.block_table if kv.block_table is not None else kv.cache_seqlens
-    decode.kv_append[(triton.cdiv(n_new, block), problem.Hkv, B)](
-        k_new, v_new, k_cache, v_cache, kv.cache_seqlens, table, n_new,
-        *k_new.stride(),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        table.stride(0) if kv.block_table is not None else 0,
-        HEAD_DIM=problem.D, BLOCK_D=block_d(problem.D), BLOCK_M=block, PAGE_SIZE=problem.paged_block,
-    )
+    paged = kv.block_table is not None
+    table = kv.block_table if paged else kv.cache_seqlens
+    scalars = (n_new, *k_new.stride(), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+               v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), table.stride(0) if paged else 0)
+    meta = {"HEAD_DIM": problem.D, "BLOCK_D": block_d(problem.D), "BLOCK_M": block, "PAGE_SIZE": problem.paged_block}
+    key = (problem.dtype, problem.D, problem.paged_block, scalars)  # everything the specialization reads
+    kernels = _append_kernels.get(key)
+    if kernels is None:
+        if len(_append_kernels) >= 1024:
+            _append_kernels.clear()
+        kernels = _append_kernels[key] = {}
+    _launch(decode.kv_append, (triton.cdiv(n_new, block), problem.Hkv, B),
+            (k_new, v_new, k_cache, v_cache, kv.cache_seqlens, table), scalars, meta, kernels)
+
+
+_append_kernels: dict[tuple, dict] = {}
+
+
+# Programmatic dependent launch of decode_combine (sm_90+):
+# the combine grid is launched while decode_fwd runs and waits for it in hardware, so the
+# combine's launch latency is hidden (decode.py, decode_fwd's docstring).
+# Off by default until measured on a GPU (tools/bench_decode.py --sweep prints the A/B):
+# FA2DISPATCH_DECODE_PDL=1 turns it on.
+USE_PDL = os.environ.get("FA2DISPATCH_DECODE_PDL", "0") == "1"
+
+
+@dataclass(frozen=True)
+class _Launch:
+    """Everything of the two launches that is fixed for one (problem, plan, strides): built once
+    per decode loop, so a step only allocates its outputs and passes the tensors."""
+
+    plan: DecodePlan
+    out_shape: tuple
+    lse_shape: tuple
+    part_rows: int  # float32 partial rows (0: no split)
+    grid: tuple
+    scalars: tuple  # decode_fwd's arguments after the 10 tensors
+    meta: dict  # decode_fwd's constexprs and options
+    combine_grid: tuple
+    combine_scalars: tuple
+    combine_meta: dict
+    kernels: dict  # fast-launch cache: (kernel name, device, pointer alignments) -> compiled kernel
+
+
+# Eager calls bypass Triton's Python launcher once a kernel is compiled (FA2DISPATCH_DECODE_FAST_LAUNCH=0
+# turns it off): JITFunction.run re-derives the specialization of ~45 arguments, builds its cache key
+# and launch metadata on every call. Here everything but the tensors is fixed per _Launch (the key
+# includes every scalar and stride), so the compiled kernel is found by the pointers' 16-byte
+# alignment (the only specialization that can change between calls) and its launcher called directly.
+FAST_LAUNCH = os.environ.get("FA2DISPATCH_DECODE_FAST_LAUNCH", "1") != "0"
+
+
+def _constexpr_tail(fn, n_args: int, meta: dict) -> tuple | None:
+    """The values of fn's constexpr parameters, in order, when they all follow its first n_args
+    parameters (as Triton's launcher receives them); None otherwise (no fast path)."""
+    params = fn.params
+    if any(p.is_constexpr for p in params[:n_args]) or not all(p.is_constexpr for p in params[n_args:]):
+        return None
+    tail = []
+    for p in params[n_args:]:
+        if p.name in meta:
+            tail.append(meta[p.name])
+        elif p.default is not inspect.Parameter.empty:
+            tail.append(p.default)
+        else:
+            return None
+    return tuple(tail)
+
+
+def _disable_fast_launch() -> None:
+    global FAST_LAUNCH
+    FAST_LAUNCH = False
+
+
+def _launch(fn, grid: tuple, tensors: tuple, scalars: tuple, meta: dict, kernels: dict) -> None:
+    """``fn[grid](*tensors, *scalars, **meta)``, through the compiled kernel's own launcher once
+    this _Launch has launched it with the same pointer alignments (see FAST_LAUNCH)."""
+    if FAST_LAUNCH and tensors[0].is_cuda and knobs.runtime.launch_enter_hook is None:
+        device = triton.runtime.driver.active.get_current_device()
+        key = (fn.fn.__name__, device, tuple(t.data_ptr() % 16 == 0 for t in tensors))
+        found = kernels.get(key)
+        if found is not None:
+            kernel, tail = found
+            try:
+                kernel.run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1,
+                           triton.runtime.driver.active.get_current_stream(device), kernel.function,
+                           kernel.packed_metadata, None, None, None, *tensors, *scalars, *tail)
+                return
+            except Exception:  # noqa: BLE001 - the launcher refused the arguments (nothing launched):
+                _disable_fast_launch()  # Triton's own path from now on
+        kernel = fn[grid](*tensors, *scalars, **meta)
+        tail = _constexpr_tail(fn, len(tensors) + len(scalars), meta)
+        if tail is not None and hasattr(kernel, "run") and hasattr(kernel, "packed_metadata"):
+            kernels[key] = (kernel, tail)
+        return
+    fn[grid](*tensors, *scalars, **meta)
+
+
+_launches: dict[tuple, _Launch] = {}
+
+
+def _launch_spec(problem: AttentionProblem, q, k_cache, v_cache, kv, config, device: DeviceInfo) -> _Launch:
+    paged = kv.block_table is not None
+    key = (problem, kv.max_seqlen_k, kv.num_splits, config, device, q.stride(), k_cache.stride(), v_cache.stride(),
+           kv.block_table.stride(0) if paged else 0, kv.n_new, USE_PDL,
+           problem.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32)
+    found = _launches.get(key)
+    if found is not None:
+        return found
+    p = plan(problem, kv, config, device)
+    B, H, Hkv, Mq, D = problem.B, problem.H, problem.Hkv, problem.Mq, problem.D
+    out_shape = (B, Mq, H, D)
+    out_stride = (Mq * H * D, H * D, D, 1)  # torch.empty(out_shape) is contiguous
+    left, right = problem.window
+    split = p.num_splits > 1
+    pdl = split and USE_PDL and device.vendor == "nvidia" and tuple(device.capability or (0, 0)) >= (9, 0)
+    row_blocks = triton.cdiv(Mq * problem.group, p.block_m)
+    scalars = (problem.softmax_scale, problem.softcap or 1.0, kv.n_new, left, right,
+               *q.stride(), *k_cache.stride(), *v_cache.stride(), *out_stride,
+               kv.block_table.stride(0) if paged else 0, H if problem.alibi == "bh" else 0,
+               H, Hkv, Mq, p.num_splits)
+    meta = {"GROUP": problem.group, "HEAD_DIM": D, "BLOCK_D": block_d(D), "BLOCK_M": p.block_m,
+            "BLOCK_N": p.block_n, "PAGE_SIZE": problem.paged_block, "SPLIT": split, "CAUSAL": problem.causal,
+            "WINDOW_LEFT": left >= 0, "WINDOW_RIGHT": right >= 0, "SOFTCAP": problem.softcap > 0,
+            "ALIBI": problem.alibi is not None, "DOT_PRECISION": _dot_precision(problem, device),
+            "num_warps": p.num_warps, "num_stages": p.num_stages}
+    combine_meta = {"BLOCK_S": _pow2_at_least(p.num_splits), "HEAD_DIM": D, "BLOCK_D": block_d(D), "num_warps": 4}
+    if pdl:
+        meta["PDL"] = True
+        combine_meta.update(PDL=True, launch_pdl=True)
+    found = _Launch(p, out_shape, (B, H, Mq), B * H * Mq * p.num_splits if split else 0,
+                    (B * Hkv * row_blocks, p.num_splits), scalars, meta, (B * H * Mq,),
+                    (*out_stride, H, Mq, p.num_splits), combine_meta, {})
+    if len(_launches) >= 1024:
+        _launches.clear()
+    _launches[key] = found
+    return found
 
 
 def forward_kvcache(problem: AttentionProblem, q, k_cache, v_cache, kv, config: TritonConfig | None,
@@ -147,39 +290,21 @@ def forward_kvcache(problem: AttentionProblem, q, k_cache, v_cache, kv, config: 
 
     if kv.k_new is not None:
         append(problem, k_cache, v_cache, kv)
-    p = plan(problem, kv, config, device)
-    B, H, Hkv, Mq, D = problem.B, problem.H, problem.Hkv, problem.Mq, problem.D
-    out = torch.empty((B, Mq, H, D), dtype=q.dtype, device=q.device)
-    lse = torch.empty((B, H, Mq), dtype=torch.float32, device=q.device)
-    if p.num_splits > 1:  # one allocation: the partial outputs, then their lse
-        rows = B * H * Mq * p.num_splits
+    spec = _launch_spec(problem, q, k_cache, v_cache, kv, config, device)
+    out = torch.empty(spec.out_shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty(spec.lse_shape, dtype=torch.float32, device=q.device)
+    rows = spec.part_rows
+    if rows:  # one allocation: the partial outputs, then their lse
+        D = problem.D
         scratch = torch.empty((rows * (D + 1),), dtype=torch.float32, device=q.device)
         out_part, lse_part = scratch[: rows * D], scratch[rows * D:]
     else:
         out_part, lse_part = out, lse  # unused
     table = kv.block_table if kv.block_table is not None else kv.cache_seqlens
     slopes = kv.alibi_slopes.contiguous() if problem.alibi else lse
-    left, right = problem.window
-    row_blocks = triton.cdiv(Mq * problem.group, p.block_m)
-    grid = (B * Hkv * row_blocks, p.num_splits)
-    decode.decode_fwd[grid](
-        q, k_cache, v_cache, kv.cache_seqlens, table, slopes, out, lse, out_part, lse_part,
-        problem.softmax_scale, problem.softcap or 1.0, kv.n_new, left, right,
-        *q.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(),
-        table.stride(0) if kv.block_table is not None else 0,
-        H if problem.alibi == "bh" else 0,
-        H, Hkv, Mq, p.num_splits,
-        GROUP=problem.group, HEAD_DIM=D, BLOCK_D=block_d(D), BLOCK_M=p.block_m, BLOCK_N=p.block_n,
-        PAGE_SIZE=problem.paged_block, SPLIT=p.num_splits > 1,
-        CAUSAL=problem.causal, WINDOW_LEFT=left >= 0, WINDOW_RIGHT=right >= 0,
-        SOFTCAP=problem.softcap > 0, ALIBI=problem.alibi is not None,
-        DOT_PRECISION=_dot_precision(problem, device),
-        num_warps=p.num_warps, num_stages=p.num_stages,
-    )
-    if p.num_splits > 1:
-        decode.decode_combine[(B * H * Mq,)](
-            out_part, lse_part, out, lse, *out.stride(), H, Mq, p.num_splits,
-            BLOCK_S=_pow2_at_least(p.num_splits), HEAD_DIM=D, BLOCK_D=block_d(D),
-            num_warps=4,
-        )
+    _launch(decode.decode_fwd, spec.grid, (q, k_cache, v_cache, kv.cache_seqlens, table, slopes, out, lse,
+                                           out_part, lse_part), spec.scalars, spec.meta, spec.kernels)
+    if rows:
+        _launch(decode.decode_combine, spec.combine_grid, (out_part, lse_part, out, lse), spec.combine_scalars,
+                spec.combine_meta, spec.kernels)
     return out, lse

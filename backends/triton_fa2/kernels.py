@@ -19,6 +19,12 @@ Conventions:
   DROPOUT (Philox mask regenerated from (seed, offset) by ``dropout.py``, never stored),
   VARLEN (sequence b is rows ``cu_seqlens[b]:cu_seqlens[b+1]`` of a packed (total, H, D)
   tensor; lse then is (H, total_q)).
+- Offsets: batch and head offsets are 64-bit. A row's offset inside one batch element is a
+  32-bit product (row x row stride) unless INT64_ROWS, which the launcher sets only for
+  tensors whose rows reach element 2^31 of a batch element: then each block's first row is
+  added in 64 bits and only the offsets inside a block are 32-bit (``_row_ptrs``). Ordinary
+  sizes keep the 32-bit form, whose address arithmetic is lighter on registers (the 64-bit
+  form everywhere cost the backward 4-14% on the H100, docs/PENDING_S5.md).
 - HEAD_DIM is the real head dim, BLOCK_D the next power of two >= 16 (tl.dot's minimum);
   the padding columns are loaded as 0 and never stored.
 """
@@ -55,6 +61,16 @@ def _store_rows(ptrs, tile, offs_rows, n_rows, offs_d, HEAD_DIM: tl.constexpr, B
         tl.store(ptrs, tile, mask=offs_rows[:, None] < n_rows)
     else:
         tl.store(ptrs, tile, mask=(offs_rows[:, None] < n_rows) & (offs_d[None, :] < HEAD_DIM))
+
+
+@triton.jit
+def _row_ptrs(base, start, offs0, stride, INT64_ROWS: tl.constexpr):
+    """(rows, 1) pointers to rows ``start + offs0`` of a head whose row 0 is at ``base``: a
+    32-bit row x stride product, or (INT64_ROWS) the block's first row added in 64 bits."""
+    if INT64_ROWS:
+        return base + tl.cast(start, tl.int64) * stride + offs0[:, None] * stride
+    else:
+        return base + (start + offs0)[:, None] * stride
 
 
 @triton.jit
@@ -225,6 +241,21 @@ def _scores_t(k, q, qk_scale, cap_a, cap_b, slope2, offs_m, offs_n, seq_q, seq_k
     return s, t
 
 
+@triton.jit
+def _acc_dot(a, b, acc, rt_zero, DOT_PRECISION: tl.constexpr):
+    """acc + a @ b. float32 operands (exact float32 dots: FMA chains) sum each block's product
+    on its own, then add it: a gradient summed over thousands of rows then rounds once per
+    block instead of once per row (the float32 backward's error stays within PyTorch's own).
+    The block's dot starts from ``rt_zero`` (a run-time 0.0): from a constant zero Triton would
+    fold the add back into the dot's accumulator. 16-bit operands accumulate in the tensor-core
+    instruction as usual."""
+    if a.dtype == tl.float32:
+        part = tl.dot(a, b, tl.full(acc.shape, 0.0, tl.float32) + rt_zero, input_precision=DOT_PRECISION)
+        return acc + part
+    else:
+        return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+
 # ----------------------------------------------------------------------------- forward
 
 
@@ -234,11 +265,12 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn
                win_left, win_right, cap_a, cap_b, slope2, seed, offset, bh, Mq, Mkv, p_drop,
                MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr,
-               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+               INT64_ROWS: tl.constexpr):
     offs_n0 = tl.arange(0, BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + offs_n0
-        k = _load_rows(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+        k = _load_rows(_row_ptrs(k_base, start_n, offs_n0, stride_kn, INT64_ROWS) + offs_d[None, :] * stride_kd,
                        offs_n, seq_k, offs_d, HEAD_DIM, BLOCK_D, MASKED)
         s, _ = _scores(q, k, qk_scale, cap_a, cap_b, slope2, offs_m, offs_n, seq_q, seq_k, diag, win_left, win_right,
                        MASKED, CAUSAL, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DOT_PRECISION)
@@ -254,7 +286,7 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn
         alpha = tl.math.exp2(m_i - m_sub)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
-        v = _load_rows(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+        v = _load_rows(_row_ptrs(v_base, start_n, offs_n0, stride_vn, INT64_ROWS) + offs_d[None, :] * stride_vd,
                        offs_n, seq_k, offs_d, HEAD_DIM, BLOCK_D, MASKED)
         if DROPOUT:  # l keeps the undropped sum (the lse is the softmax's); 1/(1-p) comes at the end
             p = tl.where(attention_dropout_keep(seed, offset, bh, Mq, Mkv, offs_m, offs_n, p_drop), p, 0.0)
@@ -277,7 +309,7 @@ def attn_fwd(Q, K, V, Out, Lse, qk_scale,
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
              TOP_LEFT: tl.constexpr = False, HAS_LEFT: tl.constexpr = False, HAS_RIGHT: tl.constexpr = False,
              SOFTCAP: tl.constexpr = False, ALIBI: tl.constexpr = False, DROPOUT: tl.constexpr = False,
-             VARLEN: tl.constexpr = False):
+             VARLEN: tl.constexpr = False, INT64_ROWS: tl.constexpr = False):
     """One program per (query block, batch*head); q stays on chip throughout."""
     start_m, off_bh = _block_and_head(Mq, BLOCK_M)
     off_z = (off_bh // H).to(tl.int64)
@@ -290,9 +322,10 @@ def attn_fwd(Q, K, V, Out, Lse, qk_scale,
     k_base = K + off_z * stride_kz + off_hkv * stride_kh + k_start * stride_kn
     v_base = V + off_z * stride_vz + off_hkv * stride_vh + k_start * stride_vn
 
-    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_r = tl.arange(0, BLOCK_M)
+    offs_m = start_m + offs_r
     offs_d = tl.arange(0, BLOCK_D)
-    q = _load_rows(q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+    q = _load_rows(_row_ptrs(q_base, start_m, offs_r, stride_qm, INT64_ROWS) + offs_d[None, :] * stride_qd,
                    offs_m, seq_q, offs_d, HEAD_DIM, BLOCK_D, True)
     slope2 = 0.0
     if ALIBI:
@@ -309,17 +342,17 @@ def attn_fwd(Q, K, V, Out, Lse, qk_scale,
                                    offs_m, offs_d, lo, a, seq_q, seq_k, diag, qk_scale,
                                    win_left, win_right, cap_a, cap_b, slope2, seed, offset, off_bh, Mq, Mkv, p_drop,
                                    True, CAUSAL, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DROPOUT,
-                                   HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION)
+                                   HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION, INT64_ROWS)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
                                offs_m, offs_d, a, b, seq_q, seq_k, diag, qk_scale,
                                win_left, win_right, cap_a, cap_b, slope2, seed, offset, off_bh, Mq, Mkv, p_drop,
                                False, CAUSAL, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DROPOUT,
-                               HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION)
+                               HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION, INT64_ROWS)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
                                offs_m, offs_d, b, hi, seq_q, seq_k, diag, qk_scale,
                                win_left, win_right, cap_a, cap_b, slope2, seed, offset, off_bh, Mq, Mkv, p_drop,
                                True, CAUSAL, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DROPOUT,
-                               HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION)
+                               HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION, INT64_ROWS)
 
     # l == 0 only for rows that saw no key: output 0 and lse -inf, never NaN.
     empty = l_i == 0.0
@@ -329,8 +362,10 @@ def attn_fwd(Q, K, V, Out, Lse, qk_scale,
     else:
         out = acc / l_safe[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * LN2)
+    # A +inf score makes l = exp2(inf - inf) = NaN; the softmax's lse is +inf (torch.logsumexp).
+    lse = tl.where(m_i == float("inf"), float("inf"), lse)
     o_base = Out + off_z * stride_oz + off_h * stride_oh + q_start * stride_om
-    _store_rows(o_base + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
+    _store_rows(_row_ptrs(o_base, start_m, offs_r, stride_om, INT64_ROWS) + offs_d[None, :] * stride_od,
                 out.to(Out.dtype.element_ty), offs_m, seq_q, offs_d, HEAD_DIM, BLOCK_D)
     tl.store(Lse + off_z * stride_lz + off_h * stride_lh + q_start + offs_m, lse, mask=offs_m < seq_q)
 
@@ -345,7 +380,7 @@ def attn_bwd_preprocess(Out, DO, Delta,
                         stride_lz, stride_lh,
                         H, Mq, CuQ,
                         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-                        VARLEN: tl.constexpr = False):
+                        VARLEN: tl.constexpr = False, INT64_ROWS: tl.constexpr = False):
     """delta_i = sum_d dO_id * O_id (float32), the row term of dS = P * (dP - delta)."""
     start_m, off_bh = _block_and_head(Mq, BLOCK_M)
     off_z = (off_bh // H).to(tl.int64)
@@ -353,12 +388,15 @@ def attn_bwd_preprocess(Out, DO, Delta,
     q_start, seq_q, _, _ = _seq_bounds(CuQ, CuQ, off_z, Mq, Mq, VARLEN)
     if start_m >= seq_q:
         return
-    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_r = tl.arange(0, BLOCK_M)
+    offs_m = start_m + offs_r
     offs_d = tl.arange(0, BLOCK_D)
-    o = _load_rows(Out + off_z * stride_oz + off_h * stride_oh + q_start * stride_om + offs_m[:, None] * stride_om
-                   + offs_d[None, :] * stride_od, offs_m, seq_q, offs_d, HEAD_DIM, BLOCK_D, True)
-    do = _load_rows(DO + off_z * stride_doz + off_h * stride_doh + q_start * stride_dom + offs_m[:, None] * stride_dom
-                    + offs_d[None, :] * stride_dod, offs_m, seq_q, offs_d, HEAD_DIM, BLOCK_D, True)
+    o_base = Out + off_z * stride_oz + off_h * stride_oh + q_start * stride_om
+    do_base = DO + off_z * stride_doz + off_h * stride_doh + q_start * stride_dom
+    o = _load_rows(_row_ptrs(o_base, start_m, offs_r, stride_om, INT64_ROWS) + offs_d[None, :] * stride_od,
+                   offs_m, seq_q, offs_d, HEAD_DIM, BLOCK_D, True)
+    do = _load_rows(_row_ptrs(do_base, start_m, offs_r, stride_dom, INT64_ROWS) + offs_d[None, :] * stride_dod,
+                    offs_m, seq_q, offs_d, HEAD_DIM, BLOCK_D, True)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
     tl.store(Delta + off_z * stride_lz + off_h * stride_lh + q_start + offs_m, delta, mask=offs_m < seq_q)
 
@@ -370,15 +408,17 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
                     win_left, win_right, cap_a, cap_b, slope2, seed, offset, bh, Mq, Mkv, p_drop, rp_drop,
                     MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                     SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr,
-                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                    INT64_ROWS: tl.constexpr):
     """Accumulate dK, dV of one key block over query blocks [lo, hi). Works on transposed
     scores (keys x queries) so P^T and dS^T feed the dots without a transpose of the result."""
     offs_m0 = tl.arange(0, BLOCK_M)
+    rt_zero = qk_scale * 0.0  # a run-time zero (_acc_dot)
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + offs_m0
-        q = _load_rows(q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+        q = _load_rows(_row_ptrs(q_base, start_m, offs_m0, stride_qm, INT64_ROWS) + offs_d[None, :] * stride_qd,
                        offs_m, seq_q, offs_d, HEAD_DIM, BLOCK_D, MASKED)
-        do = _load_rows(do_base + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod,
+        do = _load_rows(_row_ptrs(do_base, start_m, offs_m0, stride_dom, INT64_ROWS) + offs_d[None, :] * stride_dod,
                         offs_m, seq_q, offs_d, HEAD_DIM, BLOCK_D, MASKED)
         if MASKED:
             lse = tl.load(lse_base + offs_m, mask=offs_m < seq_q, other=0.0)
@@ -395,16 +435,16 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
         if DROPOUT:  # dV takes the dropped weights; dP is masked and scaled the same way
             keep_t = attention_dropout_keep(seed, offset, bh, Mq, Mkv, offs_m, offs_n, p_drop, TRANSPOSED=True)
             pd_t = tl.where(keep_t, p_t * rp_drop, 0.0)
-            dv = tl.dot(pd_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+            dv = _acc_dot(pd_t.to(do.dtype), do, dv, rt_zero, DOT_PRECISION)
             dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
             dp_t = tl.where(keep_t, dp_t * rp_drop, 0.0)
         else:
-            dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+            dv = _acc_dot(p_t.to(do.dtype), do, dv, rt_zero, DOT_PRECISION)
             dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])
         if SOFTCAP:
             ds_t = ds_t * (1.0 - t_t * t_t)
-        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
+        dk = _acc_dot(ds_t.to(q.dtype), q, dk, rt_zero, DOT_PRECISION)
     return dk, dv
 
 
@@ -424,7 +464,7 @@ def attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV, qk_scale, softmax_scale,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
                   TOP_LEFT: tl.constexpr = False, HAS_LEFT: tl.constexpr = False, HAS_RIGHT: tl.constexpr = False,
                   SOFTCAP: tl.constexpr = False, ALIBI: tl.constexpr = False, DROPOUT: tl.constexpr = False,
-                  VARLEN: tl.constexpr = False):
+                  VARLEN: tl.constexpr = False, INT64_ROWS: tl.constexpr = False):
     """One program per (key block, batch*kv head): K and V stay on chip while the program
     loops over every query head of its group and every query block, so dK and dV are summed
     on chip (GQA included) with no atomics: deterministic."""
@@ -434,12 +474,15 @@ def attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV, qk_scale, softmax_scale,
     q_start, seq_q, k_start, seq_k = _seq_bounds(CuQ, CuK, off_z, Mq, Mkv, VARLEN)
     if start_n >= seq_k:
         return
-    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_r = tl.arange(0, BLOCK_N)
+    offs_n = start_n + offs_r
     offs_d = tl.arange(0, BLOCK_D)
-    k = _load_rows(K + off_z * stride_kz + off_hkv * stride_kh + k_start * stride_kn + offs_n[:, None] * stride_kn
-                   + offs_d[None, :] * stride_kd, offs_n, seq_k, offs_d, HEAD_DIM, BLOCK_D, True)
-    v = _load_rows(V + off_z * stride_vz + off_hkv * stride_vh + k_start * stride_vn + offs_n[:, None] * stride_vn
-                   + offs_d[None, :] * stride_vd, offs_n, seq_k, offs_d, HEAD_DIM, BLOCK_D, True)
+    k_base = K + off_z * stride_kz + off_hkv * stride_kh + k_start * stride_kn
+    v_base = V + off_z * stride_vz + off_hkv * stride_vh + k_start * stride_vn
+    k = _load_rows(_row_ptrs(k_base, start_n, offs_r, stride_kn, INT64_ROWS) + offs_d[None, :] * stride_kd,
+                   offs_n, seq_k, offs_d, HEAD_DIM, BLOCK_D, True)
+    v = _load_rows(_row_ptrs(v_base, start_n, offs_r, stride_vn, INT64_ROWS) + offs_d[None, :] * stride_vd,
+                   offs_n, seq_k, offs_d, HEAD_DIM, BLOCK_D, True)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
 
@@ -460,40 +503,44 @@ def attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV, qk_scale, softmax_scale,
                                  lo, a, seq_q, seq_k, diag, qk_scale,
                                  win_left, win_right, cap_a, cap_b, slope2, seed, offset, bh, Mq, Mkv, p_drop, rp_drop,
                                  True, CAUSAL, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DROPOUT,
-                                 HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PRECISION)
+                                 HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PRECISION, INT64_ROWS)
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, Lse + row_base, Delta + row_base,
                                  stride_qm, stride_qd, stride_dom, stride_dod, offs_n, offs_d,
                                  a, b, seq_q, seq_k, diag, qk_scale,
                                  win_left, win_right, cap_a, cap_b, slope2, seed, offset, bh, Mq, Mkv, p_drop, rp_drop,
                                  False, CAUSAL, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DROPOUT,
-                                 HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PRECISION)
+                                 HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PRECISION, INT64_ROWS)
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, Lse + row_base, Delta + row_base,
                                  stride_qm, stride_qd, stride_dom, stride_dod, offs_n, offs_d,
                                  b, hi, seq_q, seq_k, diag, qk_scale,
                                  win_left, win_right, cap_a, cap_b, slope2, seed, offset, bh, Mq, Mkv, p_drop, rp_drop,
                                  True, CAUSAL, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DROPOUT,
-                                 HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PRECISION)
+                                 HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PRECISION, INT64_ROWS)
 
     dk = dk * softmax_scale
-    _store_rows(DK + off_z * stride_dkz + off_hkv * stride_dkh + k_start * stride_dkn + offs_n[:, None] * stride_dkn
-                + offs_d[None, :] * stride_dkd, dk.to(DK.dtype.element_ty), offs_n, seq_k, offs_d, HEAD_DIM, BLOCK_D)
-    _store_rows(DV + off_z * stride_dvz + off_hkv * stride_dvh + k_start * stride_dvn + offs_n[:, None] * stride_dvn
-                + offs_d[None, :] * stride_dvd, dv.to(DV.dtype.element_ty), offs_n, seq_k, offs_d, HEAD_DIM, BLOCK_D)
+    dk_base = DK + off_z * stride_dkz + off_hkv * stride_dkh + k_start * stride_dkn
+    dv_base = DV + off_z * stride_dvz + off_hkv * stride_dvh + k_start * stride_dvn
+    _store_rows(_row_ptrs(dk_base, start_n, offs_r, stride_dkn, INT64_ROWS) + offs_d[None, :] * stride_dkd,
+                dk.to(DK.dtype.element_ty), offs_n, seq_k, offs_d, HEAD_DIM, BLOCK_D)
+    _store_rows(_row_ptrs(dv_base, start_n, offs_r, stride_dvn, INT64_ROWS) + offs_d[None, :] * stride_dvd,
+                dv.to(DV.dtype.element_ty), offs_n, seq_k, offs_d, HEAD_DIM, BLOCK_D)
 
 
 @triton.jit
-def _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+def _bwd_dq_inner(dq, dsum, psum, q, do, lse2, delta, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
                   offs_m, offs_d, lo, hi, seq_q, seq_k, diag, qk_scale,
                   win_left, win_right, cap_a, cap_b, slope2, seed, offset, bh, Mq, Mkv, p_drop, rp_drop,
                   MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                   SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr,
-                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                  DELTA_ONLY: tl.constexpr, INT64_ROWS: tl.constexpr):
     offs_n0 = tl.arange(0, BLOCK_N)
+    rt_zero = qk_scale * 0.0  # a run-time zero (_acc_dot)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + offs_n0
-        k = _load_rows(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+        k = _load_rows(_row_ptrs(k_base, start_n, offs_n0, stride_kn, INT64_ROWS) + offs_d[None, :] * stride_kd,
                        offs_n, seq_k, offs_d, HEAD_DIM, BLOCK_D, MASKED)
-        v = _load_rows(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+        v = _load_rows(_row_ptrs(v_base, start_n, offs_n0, stride_vn, INT64_ROWS) + offs_d[None, :] * stride_vd,
                        offs_n, seq_k, offs_d, HEAD_DIM, BLOCK_D, MASKED)
         s, t = _scores(q, k, qk_scale, cap_a, cap_b, slope2, offs_m, offs_n, seq_q, seq_k, diag, win_left, win_right,
                        MASKED, CAUSAL, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DOT_PRECISION)
@@ -504,11 +551,15 @@ def _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_kd, 
         if DROPOUT:
             keep = attention_dropout_keep(seed, offset, bh, Mq, Mkv, offs_m, offs_n, p_drop)
             dp = tl.where(keep, dp * rp_drop, 0.0)
-        ds = p * (dp - delta[:, None])
-        if SOFTCAP:
-            ds = ds * (1.0 - t * t)
-        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
-    return dq
+        if DELTA_ONLY:  # delta_i = sum_j P_ij dP_ij, from the very P and dP the gradients use
+            dsum += tl.sum(p * dp, 1)
+            psum += tl.sum(p, 1)
+        else:
+            ds = p * (dp - delta[:, None])
+            if SOFTCAP:
+                ds = ds * (1.0 - t * t)
+            dq = _acc_dot(ds.to(k.dtype), k, dq, rt_zero, DOT_PRECISION)
+    return dq, dsum, psum
 
 
 @triton.jit(do_not_specialize=["seed", "offset"])
@@ -526,9 +577,14 @@ def attn_bwd_dq(Q, K, V, DO, Lse, Delta, DQ, qk_scale, softmax_scale,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
                 TOP_LEFT: tl.constexpr = False, HAS_LEFT: tl.constexpr = False, HAS_RIGHT: tl.constexpr = False,
                 SOFTCAP: tl.constexpr = False, ALIBI: tl.constexpr = False, DROPOUT: tl.constexpr = False,
-                VARLEN: tl.constexpr = False):
+                VARLEN: tl.constexpr = False, DELTA_ONLY: tl.constexpr = False, INT64_ROWS: tl.constexpr = False):
     """One program per (query block, batch*head), parallel over queries like the forward;
-    dQ is summed on chip over key blocks: no atomics, deterministic."""
+    dQ is summed on chip over key blocks: no atomics, deterministic.
+
+    DELTA_ONLY: the same loop writes delta_i = sum_j P_ij dP_ij / sum_j P_ij into Delta instead
+    of dQ (a pass before the gradient kernels, for dropout: there dO . O would use the output
+    rounded to its dtype, which is off from the dropped dP by that rounding, and a row that
+    sees one key would get dS = P (dP - delta) != 0 where the exact value is 0)."""
     start_m, off_bh = _block_and_head(Mq, BLOCK_M)
     off_z = (off_bh // H).to(tl.int64)
     off_h = (off_bh % H).to(tl.int64)
@@ -536,12 +592,15 @@ def attn_bwd_dq(Q, K, V, DO, Lse, Delta, DQ, qk_scale, softmax_scale,
     if start_m >= seq_q:
         return
     off_hkv = off_h // GROUP
-    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_r = tl.arange(0, BLOCK_M)
+    offs_m = start_m + offs_r
     offs_d = tl.arange(0, BLOCK_D)
-    q = _load_rows(Q + off_z * stride_qz + off_h * stride_qh + q_start * stride_qm + offs_m[:, None] * stride_qm
-                   + offs_d[None, :] * stride_qd, offs_m, seq_q, offs_d, HEAD_DIM, BLOCK_D, True)
-    do = _load_rows(DO + off_z * stride_doz + off_h * stride_doh + q_start * stride_dom + offs_m[:, None] * stride_dom
-                    + offs_d[None, :] * stride_dod, offs_m, seq_q, offs_d, HEAD_DIM, BLOCK_D, True)
+    q_base = Q + off_z * stride_qz + off_h * stride_qh + q_start * stride_qm
+    do_base = DO + off_z * stride_doz + off_h * stride_doh + q_start * stride_dom
+    q = _load_rows(_row_ptrs(q_base, start_m, offs_r, stride_qm, INT64_ROWS) + offs_d[None, :] * stride_qd,
+                   offs_m, seq_q, offs_d, HEAD_DIM, BLOCK_D, True)
+    do = _load_rows(_row_ptrs(do_base, start_m, offs_r, stride_dom, INT64_ROWS) + offs_d[None, :] * stride_dod,
+                    offs_m, seq_q, offs_d, HEAD_DIM, BLOCK_D, True)
     row_base = off_z * stride_lz + off_h * stride_lh + q_start
     lse2 = tl.load(Lse + row_base + offs_m, mask=offs_m < seq_q, other=0.0) * LOG2E
     delta = tl.load(Delta + row_base + offs_m, mask=offs_m < seq_q, other=0.0)
@@ -552,25 +611,38 @@ def attn_bwd_dq(Q, K, V, DO, Lse, Delta, DQ, qk_scale, softmax_scale,
         slope2 = tl.load(Slopes + off_z * stride_sz + off_h * stride_sh) * LOG2E
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    dsum = tl.zeros([BLOCK_M], dtype=tl.float32)
+    psum = tl.zeros([BLOCK_M], dtype=tl.float32)
     diag = _diag(seq_q, seq_k, TOP_LEFT)
     lo, a, b, hi = _key_ranges(start_m, seq_k, diag, win_left, win_right, CAUSAL, HAS_LEFT, HAS_RIGHT,
                               BLOCK_M, BLOCK_N)
     if HAS_LEFT:
-        dq = _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-                           offs_m, offs_d, lo, a, seq_q, seq_k, diag, qk_scale,
-                           win_left, win_right, cap_a, cap_b, slope2, seed, offset, off_bh, Mq, Mkv, p_drop, rp_drop,
-                           True, CAUSAL, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DROPOUT,
-                           HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION)
-    dq = _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-                       offs_m, offs_d, a, b, seq_q, seq_k, diag, qk_scale,
-                       win_left, win_right, cap_a, cap_b, slope2, seed, offset, off_bh, Mq, Mkv, p_drop, rp_drop,
-                       False, CAUSAL, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DROPOUT,
-                       HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION)
-    dq = _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-                       offs_m, offs_d, b, hi, seq_q, seq_k, diag, qk_scale,
-                       win_left, win_right, cap_a, cap_b, slope2, seed, offset, off_bh, Mq, Mkv, p_drop, rp_drop,
-                       True, CAUSAL, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DROPOUT,
-                       HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION)
+        dq, dsum, psum = _bwd_dq_inner(dq, dsum, psum, q, do, lse2, delta, k_base, v_base,
+                                       stride_kn, stride_kd, stride_vn, stride_vd,
+                                       offs_m, offs_d, lo, a, seq_q, seq_k, diag, qk_scale,
+                                       win_left, win_right, cap_a, cap_b, slope2, seed, offset, off_bh, Mq, Mkv, p_drop, rp_drop,
+                                       True, CAUSAL, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DROPOUT,
+                                       HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION, DELTA_ONLY, INT64_ROWS)
+    dq, dsum, psum = _bwd_dq_inner(dq, dsum, psum, q, do, lse2, delta, k_base, v_base,
+                                   stride_kn, stride_kd, stride_vn, stride_vd,
+                                   offs_m, offs_d, a, b, seq_q, seq_k, diag, qk_scale,
+                                   win_left, win_right, cap_a, cap_b, slope2, seed, offset, off_bh, Mq, Mkv, p_drop, rp_drop,
+                                   False, CAUSAL, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DROPOUT,
+                                   HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION, DELTA_ONLY, INT64_ROWS)
+    dq, dsum, psum = _bwd_dq_inner(dq, dsum, psum, q, do, lse2, delta, k_base, v_base,
+                                   stride_kn, stride_kd, stride_vn, stride_vd,
+                                   offs_m, offs_d, b, hi, seq_q, seq_k, diag, qk_scale,
+                                   win_left, win_right, cap_a, cap_b, slope2, seed, offset, off_bh, Mq, Mkv, p_drop, rp_drop,
+                                   True, CAUSAL, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DROPOUT,
+                                   HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION, DELTA_ONLY, INT64_ROWS)
+    if DELTA_ONLY:
+        # Divided by sum_j P_ij (1 up to rounding): P carries the rounding of the stored lse
+        # (natural log, read back in base 2) as one factor per row, which this cancels, so a
+        # row that sees one key gets delta = dP and dS = 0, as the softmax's algebra says.
+        delta_exact = tl.where(psum > 0.0, dsum / tl.where(psum > 0.0, psum, 1.0), 0.0)
+        tl.store(Delta + row_base + offs_m, delta_exact, mask=offs_m < seq_q)
+        return
     dq = dq * softmax_scale
-    _store_rows(DQ + off_z * stride_dqz + off_h * stride_dqh + q_start * stride_dqm + offs_m[:, None] * stride_dqm
-                + offs_d[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty), offs_m, seq_q, offs_d, HEAD_DIM, BLOCK_D)
+    dq_base = DQ + off_z * stride_dqz + off_h * stride_dqh + q_start * stride_dqm
+    _store_rows(_row_ptrs(dq_base, start_m, offs_r, stride_dqm, INT64_ROWS) + offs_d[None, :] * stride_dqd,
+                dq.to(DQ.dtype.element_ty), offs_m, seq_q, offs_d, HEAD_DIM, BLOCK_D)

@@ -130,6 +130,7 @@ def _hopper_tile(QDesc, KDesc, VDesc, ODesc, Lse, qk_scale, mb, bh, H, GROUP, Mq
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * LN2)
+    lse = tl.where(m_i == float("inf"), float("inf"), lse)  # a +inf score: l is NaN, the lse +inf
     # The descriptor clips rows >= Mq and columns >= HEAD_DIM: no mask needed.
     ODesc.store([off_z, off_h, start_m, 0], out.to(q.dtype).reshape(1, 1, BLOCK_M, BLOCK_D))
     tl.store(Lse + bh.to(tl.int64) * Mq + offs_m, lse, mask=offs_m < Mq)
@@ -205,7 +206,7 @@ def attn_fwd_hopper_ws(QDesc, KDesc, VDesc, Out, Lse, qk_scale,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ORDER: tl.constexpr,
                        NEED_MASK: tl.constexpr):
     """One tile per program. QDesc/KDesc/VDesc are 2-D descriptors over (rows, cols) views
-    (``triton_fp8.launch._tma_view``): q row ``z * q_rows_z + h * q_rows_h + m``, column
+    (``launch_hopper._tma_view``): q row ``z * q_rows_z + h * q_rows_h + m``, column
     ``h * q_cols_h`` (likewise k, v). Query rows a block reads past Mq belong to the next head:
     computed, never stored. The output goes through masked pointer stores."""
     n_mblocks = tl.cdiv(Mq, BLOCK_M)

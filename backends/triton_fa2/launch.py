@@ -96,7 +96,8 @@ def _dot_precision(problem: AttentionProblem, device: DeviceInfo) -> str:
     return "ieee"
 
 
-def forward(problem: AttentionProblem, q, k, v, config: TritonConfig, device: DeviceInfo, features=None):
+def forward(problem: AttentionProblem, q, k, v, config: TritonConfig, device: DeviceInfo, features=None,
+            int64_rows: bool = False):
     from . import kernels
 
     B, H, Mq, Mkv, D = problem.B, problem.H, problem.Mq, problem.Mkv, problem.D
@@ -112,13 +113,35 @@ def forward(problem: AttentionProblem, q, k, v, config: TritonConfig, device: De
         H, problem.group, Mq, Mkv, *fargs,
         CAUSAL=problem.causal, HEAD_DIM=D, BLOCK_D=block_d(D),
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, DOT_PRECISION=_dot_precision(problem, device),
-        **fconst, **config.launch_options(device.vendor),
+        INT64_ROWS=int64_rows, **fconst, **config.launch_options(device.vendor),
     )
     return out, lse
 
 
+def keys_per_row(problem: AttentionProblem) -> int:
+    """The most keys one query row can see (window and causal bound; Mkv otherwise)."""
+    left, right = problem.window
+    if problem.causal:
+        right = 0 if right < 0 else min(right, 0)
+    if left >= 0 and right >= 0:
+        return min(problem.Mkv, left + right + 1)
+    return problem.Mkv
+
+
+def delta_from_dp(problem: AttentionProblem, config: TritonConfig) -> bool:
+    """Whether the backward's delta comes from dP (the DELTA_ONLY pass) instead of dO . O.
+
+    Dropout needs it: O holds the dropped P, rounded. Rows that see at most one block of keys
+    take it too: there the pass reads what the preprocess reads (one row block of q and dO
+    against one key block, instead of O and dO), and a row that sees one key gets dS = 0
+    exactly. With dO . O, the preprocess and the tensor-core dP sum the same products in
+    different orders, which left such a row a few float32 ulps of gradient (fuzz case #223 on
+    the H100: dq 3.4e-6 where the exact value is 0, docs/PENDING_S5.md)."""
+    return bool(problem.dropout_p) or keys_per_row(problem) <= config.dq_block_n
+
+
 def backward(problem: AttentionProblem, dout, q, k, v, out, lse, dlse, config: TritonConfig, device: DeviceInfo,
-             features=None):
+             features=None, int64_rows: bool = False):
     """dq, dk, dv. ``dlse`` (the gradient reaching the returned lse, or None) folds into delta:
     dS = P * (dP - delta + dlse), since d lse_i / d S_ij = P_ij."""
     from . import kernels
@@ -133,14 +156,30 @@ def backward(problem: AttentionProblem, dout, q, k, v, out, lse, dlse, config: T
     lse_strides = _lse_strides(problem, q.shape[0])
 
     delta = torch.empty(_lse_shape(problem, q.shape[0]), dtype=torch.float32, device=q.device)
-    kernels.attn_bwd_preprocess[(triton.cdiv(Mq, config.dq_block_m) * B * H,)](
-        out, dout, delta, *_strides(out, layout), *_strides(dout, layout), *lse_strides, H, Mq, fargs[0],
-        HEAD_DIM=D, BLOCK_D=bd, BLOCK_M=config.dq_block_m, VARLEN=problem.varlen, **opts,
-    )
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if delta_from_dp(problem, config):
+        # delta = rowsum(P * dP) from the (dropped) dP itself (one more pass over the keys: the
+        # dQ kernel's DELTA_ONLY mode), not dO . O: O is rounded to its dtype, and a row that
+        # sees one key would otherwise get a gradient of that rounding's size where the exact
+        # one is 0.
+        kernels.attn_bwd_dq[(triton.cdiv(Mq, config.dq_block_m) * B * H,)](
+            q, k, v, dout, lse, delta, dq, qk_scale, problem.softmax_scale,
+            *_strides(q, layout), *_strides(k, layout), *_strides(v, layout), *_strides(dout, layout),
+            *_strides(dq, layout), *lse_strides,
+            H, problem.group, Mq, Mkv, *fargs,
+            CAUSAL=problem.causal, HEAD_DIM=D, BLOCK_D=bd,
+            BLOCK_M=config.dq_block_m, BLOCK_N=config.dq_block_n, DOT_PRECISION=precision, **fconst,
+            DELTA_ONLY=True, INT64_ROWS=int64_rows, **opts,
+        )
+    else:
+        kernels.attn_bwd_preprocess[(triton.cdiv(Mq, config.dq_block_m) * B * H,)](
+            out, dout, delta, *_strides(out, layout), *_strides(dout, layout), *lse_strides, H, Mq, fargs[0],
+            HEAD_DIM=D, BLOCK_D=bd, BLOCK_M=config.dq_block_m, VARLEN=problem.varlen, INT64_ROWS=int64_rows,
+            **opts,
+        )
     if dlse is not None:
         delta.sub_(dlse)
 
-    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     kernels.attn_bwd_dkdv[(triton.cdiv(Mkv, config.dkdv_block_n) * B * Hkv,)](
@@ -149,7 +188,8 @@ def backward(problem: AttentionProblem, dout, q, k, v, out, lse, dlse, config: T
         *_strides(dk, layout), *_strides(dv, layout), *lse_strides,
         H, Hkv, problem.group, Mq, Mkv, *fargs,
         CAUSAL=problem.causal, HEAD_DIM=D, BLOCK_D=bd,
-        BLOCK_M=config.dkdv_block_m, BLOCK_N=config.dkdv_block_n, DOT_PRECISION=precision, **fconst, **opts,
+        BLOCK_M=config.dkdv_block_m, BLOCK_N=config.dkdv_block_n, DOT_PRECISION=precision, **fconst,
+        INT64_ROWS=int64_rows, **config.launch_options(device.vendor, backward=True, dkdv=True),
     )
     kernels.attn_bwd_dq[(triton.cdiv(Mq, config.dq_block_m) * B * H,)](
         q, k, v, dout, lse, delta, dq, qk_scale, problem.softmax_scale,
@@ -157,7 +197,8 @@ def backward(problem: AttentionProblem, dout, q, k, v, out, lse, dlse, config: T
         *_strides(dq, layout), *lse_strides,
         H, problem.group, Mq, Mkv, *fargs,
         CAUSAL=problem.causal, HEAD_DIM=D, BLOCK_D=bd,
-        BLOCK_M=config.dq_block_m, BLOCK_N=config.dq_block_n, DOT_PRECISION=precision, **fconst, **opts,
+        BLOCK_M=config.dq_block_m, BLOCK_N=config.dq_block_n, DOT_PRECISION=precision, **fconst,
+        INT64_ROWS=int64_rows, **opts,
     )
     return dq, dk, dv
 
@@ -166,7 +207,17 @@ MAX_PROGRAMS = 2**31 - 1  # gridDim.x; the program id is a 32-bit int
 
 
 def grid_reasons(problem: AttentionProblem, config: TritonConfig) -> list[str]:
-    """The 1-D grid of the largest launch (query or key blocks x batch x heads) must fit."""
+    """The 1-D grid of the largest launch (query or key blocks x batch x heads) must fit, and
+    no block may pass MAX_BLOCK_ROWS rows (``stride_reasons`` bounds in-block offsets by it)."""
+    from . import MAX_BLOCK_ROWS
+
+    big = [f"{name}={value}" for name, value in (("block_m", config.block_m), ("block_n", config.block_n),
+                                                 ("dkdv_block_m", config.dkdv_block_m),
+                                                 ("dkdv_block_n", config.dkdv_block_n),
+                                                 ("dq_block_m", config.dq_block_m), ("dq_block_n", config.dq_block_n))
+           if value > MAX_BLOCK_ROWS]
+    if big:
+        return [f"{', '.join(big)} (supported: blocks of at most {MAX_BLOCK_ROWS} rows)"]
     blocks = max(triton.cdiv(problem.Mq, min(config.block_m, config.dq_block_m)) * problem.H,
                  triton.cdiv(problem.Mkv, config.dkdv_block_n) * problem.Hkv)
     if blocks * problem.B > MAX_PROGRAMS:

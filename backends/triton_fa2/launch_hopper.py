@@ -41,7 +41,7 @@ def _strides(t: torch.Tensor, layout: str) -> tuple[int, int, int, int]:
 def _tma_view(t: torch.Tensor, layout: str):
     """A 2-D (rows, cols) view of q, k or v for a descriptor, and the (rows per batch, rows per
     head, cols per head) that locate a head's first row; None when the strides allow none
-    (as triton_fp8.launch._tma_view, copied so that this module depends on no other launcher)."""
+    (the fp8 launcher, ``triton_fp8.launch``, imports it from here)."""
     B, H, M, D = (t.shape[0], t.shape[2], t.shape[1], t.shape[3]) if layout == "bshd" else t.shape
     sz, sh, sm, sd = _strides(t, layout)
     if sd != 1 or (t.data_ptr() % TMA_ALIGN) != 0:

@@ -9,6 +9,7 @@ replaces ``@triton.jit`` functions with Python ones that cannot be compiled.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import sys
 
@@ -75,15 +76,29 @@ def kernel_launches(problem: AttentionProblem, config: TritonConfig,
     common = dict(CAUSAL=problem.causal, HEAD_DIM=problem.D, BLOCK_D=block_d(problem.D), **(features or {}))
     pre = dict(VARLEN=True) if features and features.get("VARLEN") else {}
     precision = "ieee" if problem.dtype == torch.float32 else "tf32"
+    dq = dict(common, BLOCK_M=config.dq_block_m, BLOCK_N=config.dq_block_n, DOT_PRECISION=precision)
+    if features and features.get("DROPOUT"):  # launch.backward: delta from dP, the dQ kernel's DELTA_ONLY pass
+        delta = ("attn_bwd_dq", dict(dq, DELTA_ONLY=True), True)
+    else:
+        delta = ("attn_bwd_preprocess", dict(HEAD_DIM=problem.D, BLOCK_D=block_d(problem.D),
+                                             BLOCK_M=config.dq_block_m, **pre), True)
     return [
         ("attn_fwd", dict(common, BLOCK_M=config.block_m, BLOCK_N=config.block_n, DOT_PRECISION=precision), False),
-        ("attn_bwd_preprocess", dict(HEAD_DIM=problem.D, BLOCK_D=block_d(problem.D), BLOCK_M=config.dq_block_m, **pre),
-         True),
+        delta,
         ("attn_bwd_dkdv", dict(common, BLOCK_M=config.dkdv_block_m, BLOCK_N=config.dkdv_block_n,
                                DOT_PRECISION=precision), True),
-        ("attn_bwd_dq", dict(common, BLOCK_M=config.dq_block_m, BLOCK_N=config.dq_block_n,
-                             DOT_PRECISION=precision), True),
+        ("attn_bwd_dq", dq, True),
     ]
+
+
+def _with_defaults(fn, constexprs: dict) -> dict:
+    """The kernel's constexpr parameters not given, at their defaults (as a launch that leaves
+    them out compiles them): otherwise they would enter the signature as run-time ints."""
+    out = dict(constexprs)
+    for p in fn.params:
+        if p.is_constexpr and p.name not in out and p.default is not inspect.Parameter.empty:
+            out[p.name] = p.default
+    return out
 
 
 def compile_report(target: str, dtype: torch.dtype, head_dim: int, causal: bool = True,
@@ -103,8 +118,9 @@ def compile_report(target: str, dtype: torch.dtype, head_dim: int, causal: bool 
     rows = []
     for name, constexprs, backward in kernel_launches(problem, config, FEATURE_SETS.get(features)):
         fn = getattr(kernels, name)
+        constexprs = _with_defaults(fn, constexprs)
         src = ASTSource(fn, _signature(fn, constexprs, _TRITON_DTYPE[dtype]), constexprs)
-        compiled = triton.compile(src, target=_gpu_target(device), options=config.launch_options(device.vendor, backward))
+        compiled = triton.compile(src, target=_gpu_target(device), options=config.launch_options(device.vendor, backward, dkdv=name == "attn_bwd_dkdv"))
         code = compiled.asm.get("ptx") or compiled.asm.get("amdgcn") or ""
         rows.append({
             "target": target, "kernel": name, "dtype": str(dtype).removeprefix("torch."), "head_dim": head_dim,

@@ -313,6 +313,7 @@ def _short(mode: str, c: dict | None) -> str:
     text = (f"{c['block_m']}x{c['block_n']} w{c['num_warps']} s{c['num_stages']}"
             if mode == "fwd" else
             f"dkdv {c['dkdv_block_m']}x{c['dkdv_block_n']} dq {c['dq_block_m']}x"
-            f"{c['dq_block_n']} w{c['bwd_num_warps']} s{c['bwd_num_stages']}")
+            f"{c['dq_block_n']} w{c['bwd_num_warps']}"
+            + (f"/dkdv w{c['dkdv_num_warps']}" if c.get('dkdv_num_warps') else "") + f" s{c['bwd_num_stages']}")
     amd = {"waves_per_eu": "wpe", "matrix_instr_nonkdim": "mfma", "kpack": "kpack"}
     return text + "".join(f" {short}{c[k]}" for k, short in amd.items() if c.get(k))

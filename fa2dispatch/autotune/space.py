@@ -48,12 +48,15 @@ _NV_HOPPER_FWD = {
                 (128, 64, 4, 3, 168, 0), (128, 128, 8, 2, 0, 0)],
     "full": list(itertools.product((64, 128), (64, 128), (4, 8), (2, 3), (0, 128, 168), (0, 1))),
 }
-# Backward (dkdv_block_m, dkdv_block_n, bwd_num_warps, bwd_num_stages); the dQ kernel takes
-# the transposed blocks (dq_block_m = dkdv_block_n, dq_block_n = dkdv_block_m), as in FA2.
+# Backward (dkdv_block_m, dkdv_block_n, bwd_num_warps, bwd_num_stages[, dkdv_num_warps]); the
+# dQ kernel takes the transposed blocks (dq_block_m = dkdv_block_n, dq_block_n = dkdv_block_m),
+# as in FA2. (64, 64, 4, 2, 8): dK/dV with 8 warps, spill-free at D=128, dQ with 4
+# (docs/PERF_NOTES.md §8).
 _NV_BWD = {
-    "quick": [(64, 64, 4, 2), (32, 64, 4, 2), (64, 128, 8, 2)],
-    "default": [(64, 64, 4, 2), (32, 64, 4, 2), (64, 128, 8, 2), (32, 128, 4, 2), (64, 64, 8, 2), (64, 64, 4, 3)],
-    "full": list(itertools.product((16, 32, 64, 128), (32, 64, 128), (4, 8), (1, 2, 3))),
+    "quick": [(64, 64, 4, 2), (32, 64, 4, 2), (64, 128, 8, 2), (64, 64, 4, 2, 8)],
+    "default": [(64, 64, 4, 2), (32, 64, 4, 2), (64, 128, 8, 2), (32, 128, 4, 2), (64, 64, 8, 2), (64, 64, 4, 3),
+                (64, 64, 4, 2, 8), (64, 64, 4, 3, 8)],
+    "full": list(itertools.product((16, 32, 64, 128), (32, 64, 128), (4, 8), (1, 2, 3), (0, 8))),
 }
 # AMD adds the occupancy hint, the MFMA shape and operand packing; num_stages 1-2 (the AMD
 # stream pipeliner).
@@ -137,9 +140,11 @@ def _triton_configs(problem: AttentionProblem, device: DeviceInfo, level: str,
             out.append(replace(plain, block_m=m, block_n=n, num_warps=w, num_stages=s, fwd_kernel="hopper",
                                fwd_maxnreg=reg, fwd_order=order))
     else:
-        for m, n, w, s in (_AMD_BWD if amd else _NV_BWD)[level]:
+        for m, n, w, s, *dkdv_w in (_AMD_BWD if amd else _NV_BWD)[level]:
+            if dkdv_w and dkdv_w[0] == w:
+                continue  # the same launch as dkdv_num_warps=0
             out.append(replace(base, dkdv_block_m=m, dkdv_block_n=n, dq_block_m=n, dq_block_n=m,
-                               bwd_num_warps=w, bwd_num_stages=s))
+                               bwd_num_warps=w, bwd_num_stages=s, dkdv_num_warps=dkdv_w[0] if dkdv_w else 0))
     return list(dict.fromkeys(out))  # order kept, duplicates (base == default) dropped
 
 

@@ -78,6 +78,9 @@ class AttentionProblem:
     # cannot take an empty sequence, refuse by them (backends.torch_sdpa).
     varlen_equal: bool = False
     varlen_empty: bool = False
+    # every q sequence has one length and every k sequence has one length (> 0): the pack is a
+    # dense (B, S, H, D) batch in memory (varlen.attention_varlen runs it as one)
+    varlen_uniform: bool = False
     kvcache: bool = False
     paged_block: int = 0
     # an arbitrary SDPA-style mask ("bool" / "float"), from fa2dispatch.compat only

@@ -81,10 +81,43 @@ def attention_varlen(
     from fa2dispatch.api import _resolve_backend, feature_args
 
     choice = _resolve_backend(backend)
+    if choice == "auto" and runs_as_dense(problem, q.shape[0], k.shape[0]):
+        return _as_dense(q, k, v, problem, causal=causal, softmax_scale=softmax_scale, return_lse=return_lse,
+                         window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes, dropout_p=dropout_p,
+                         generator=generator, causal_alignment=causal_alignment, deterministic=deterministic)
     decision = decide(problem, choice)
     features = feature_args(problem, alibi_slopes, generator, cu_seqlens_q, cu_seqlens_k)
     out, lse = attention_eager(q, k, v, problem, choice, decision, features=features)
     return (out, lse) if return_lse else out
+
+
+def runs_as_dense(problem: AttentionProblem, total_q: int, total_k: int) -> bool:
+    """Whether a varlen call under ``backend="auto"`` runs as a dense batch: every q sequence
+    has one length and every k sequence one length, so the packed (total, H, D) tensors are
+    (B, S, H, D) views and the call is exactly dense attention over them (the same math per
+    sequence). The dispatcher then has every dense kernel to pick from (cuDNN, the Hopper
+    forward), where packed calls have only the varlen kernels. With dropout only when the
+    max_seqlen arguments are the lengths themselves: the dropout counters index
+    (B, H, max_seqlen_q, max_seqlen_k), and the dense call's index (B, H, S_q, S_k)."""
+    if not problem.varlen_uniform:
+        return False
+    s_q, s_k = total_q // problem.B, total_k // problem.B
+    return not problem.dropout_p or (problem.Mq, problem.Mkv) == (s_q, s_k)
+
+
+def _as_dense(q, k, v, problem: AttentionProblem, *, return_lse: bool, **kw):
+    """``attention`` over the (B, S, H, D) views of a uniform pack; out and lse come back in the
+    varlen shapes ((total_q, H, D) and (H, total_q))."""
+    from fa2dispatch.api import attention
+
+    B = problem.B
+    views = [t.view(B, t.shape[0] // B, *t.shape[1:]) for t in (q, k, v)]
+    res = attention(*views, layout="bshd", return_lse=return_lse, **kw)
+    out, lse = res if return_lse else (res, None)
+    out = out.view(q.shape[0], *out.shape[2:])
+    if not return_lse:
+        return out
+    return out, lse.permute(1, 0, 2).reshape(problem.H, q.shape[0])  # (B, H, S) -> (H, B * S)
 
 
 # cu_seqlens tensors already validated, with their version counter at the time: a model calls
@@ -179,5 +212,6 @@ def make_varlen_problem(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_s
         layout="thd", causal=causal, softmax_scale=float(softmax_scale),
         requires_grad=torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)),
         return_lse=return_lse, varlen=True, varlen_equal=lens_q == lens_k,
-        varlen_empty=min(lens_q) == 0 or min(lens_k) == 0)
+        varlen_empty=min(lens_q) == 0 or min(lens_k) == 0,
+        varlen_uniform=min(lens_q) == max(lens_q) > 0 and min(lens_k) == max(lens_k) > 0)
     return with_features(problem, **features)

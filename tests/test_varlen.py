@@ -142,3 +142,70 @@ def test_validated_cu_seqlens_are_checked_again_after_an_in_place_change(no_kern
     args["cu_seqlens_q"][1] = 13  # now decreasing
     with pytest.raises(ValueError, match="cu_seqlens_q"):
         fa2dispatch.attention_varlen(q, k, v, **args)
+
+
+# ------------------------------------------------------------------ uniform packs run as dense
+
+
+def _uniform(B=3, S=17, Sk=None, H=4, Hkv=2, D=32, dtype=torch.float32):
+    Sk = Sk or S
+    return packed([S] * B, [Sk] * B, H, Hkv, D, dtype)
+
+
+@pytest.mark.parametrize("kw", [dict(causal=True), dict(causal=False, window_size=(3, 5), softcap=2.0),
+                                dict(causal=True, causal_alignment="top_left",
+                                     alibi_slopes=torch.tensor([0.3, 0.2, 0.1, 0.05]))],
+                         ids=["causal", "window-softcap", "top-left-alibi"])
+def test_uniform_pack_runs_as_the_dense_call(kw):
+    """Under "auto" a pack whose sequences share one q length and one k length is the dense
+    (B, S, H, D) call on views of the same memory: out, lse (in the varlen shape) and gradients
+    are bit for bit those of fa2dispatch.attention on the views."""
+    B, S, Sk, H = 3, 17, 23, 4
+    q, k, v, dout, cq, ck = _uniform(B, S, Sk)
+    out, lse = fa2dispatch.attention_varlen(q, k, v, cq, ck, S, Sk, return_lse=True, **kw)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    views = [t.detach().view(B, t.shape[0] // B, *t.shape[1:]).requires_grad_() for t in (q, k, v)]
+    d_out, d_lse = fa2dispatch.attention(*views, return_lse=True, **kw)
+    d_grads = torch.autograd.grad(d_out, views, dout.view(B, S, H, -1))
+    assert lse.shape == (H, B * S)
+    assert torch.equal(out, d_out.reshape(B * S, H, -1))
+    assert torch.equal(lse, d_lse.permute(1, 0, 2).reshape(H, B * S))
+    for g, d in zip(grads, d_grads):
+        assert torch.equal(g, d.reshape(g.shape))
+
+
+def test_which_packs_run_as_dense(monkeypatch):
+    """Uniform packs under "auto" take the dense call; unequal lengths, an empty sequence, a
+    forced backend, and dropout with max_seqlen above the lengths (its counters index
+    (B, H, max_seqlen_q, max_seqlen_k)) keep the packed kernels."""
+    from fa2dispatch import varlen
+
+    calls = []
+    real = varlen._as_dense
+    monkeypatch.setattr(varlen, "_as_dense", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+
+    def runs_dense(lens_q, lens_k, mq=None, mk=None, **kw):
+        calls.clear()
+        q, k, v, _, cq, ck = packed(lens_q, lens_k)
+        fa2dispatch.attention_varlen(q, k, v, cq, ck, mq or max(lens_q), mk or max(lens_k), **kw)
+        return bool(calls)
+
+    assert runs_dense([9, 9, 9], [5, 5, 5])
+    assert not runs_dense([9, 8, 9], [5, 5, 5])
+    assert not runs_dense([9, 9], [0, 0], mk=1)
+    assert not runs_dense([9, 9], [5, 5], backend="reference")
+    assert runs_dense([9, 9], [5, 5], dropout_p=0.2, generator=torch.Generator().manual_seed(1))
+    assert not runs_dense([9, 9], [5, 5], mq=16, dropout_p=0.2, generator=torch.Generator().manual_seed(1))
+    assert runs_dense([9, 9], [5, 5], mq=16)  # without dropout an upper bound changes nothing
+
+
+def test_uniform_pack_with_dropout_draws_the_packed_mask():
+    """Dropout through the dense route gives what the packed kernels give: the counters of a
+    uniform pack with exact max_seqlen are the dense call's."""
+    B, S = 2, 13
+    q, k, v, dout, cq, ck = _uniform(B, S)
+    kw = dict(causal=True, dropout_p=0.3)
+    dense = fa2dispatch.attention_varlen(q, k, v, cq, ck, S, S, generator=torch.Generator().manual_seed(7), **kw)
+    pack = fa2dispatch.attention_varlen(q, k, v, cq, ck, S, S, generator=torch.Generator().manual_seed(7),
+                                        backend="reference", **kw)
+    assert torch.equal(dense, pack)

@@ -64,7 +64,7 @@ def rows_for(timer, dtype, seqlen: int, causal: bool, grad: bool, unequal: bool)
 
     import fa2dispatch
     from fa2dispatch.dispatch import decide
-    from fa2dispatch.varlen import make_varlen_problem
+    from fa2dispatch.varlen import make_varlen_problem, runs_as_dense
 
     lens = lengths_for(TOTAL, seqlen, unequal)
     B = TOTAL // seqlen
@@ -86,7 +86,10 @@ def rows_for(timer, dtype, seqlen: int, causal: bool, grad: bool, unequal: bool)
         try:
             with torch.set_grad_enabled(grad):
                 problem = make_varlen_problem(q, k, v, cu, cu, max(lens), max(lens), causal=causal)
-            chosen = decide(problem, backend).backend.name
+            if backend == "auto" and runs_as_dense(problem, q.shape[0], k.shape[0]):
+                chosen = f"dense:{dense_backend}"  # a uniform pack runs as the dense call (varlen.runs_as_dense)
+            else:
+                chosen = decide(problem, backend).backend.name
             row["ran_on"] = chosen
             fn = functools.partial(fa2dispatch.attention_varlen, q, k, v, cu, cu, max(lens), max(lens),
                                    causal=causal, backend=backend)

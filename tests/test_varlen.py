@@ -209,3 +209,17 @@ def test_uniform_pack_with_dropout_draws_the_packed_mask():
     pack = fa2dispatch.attention_varlen(q, k, v, cq, ck, S, S, generator=torch.Generator().manual_seed(7),
                                         backend="reference", **kw)
     assert torch.equal(dense, pack)
+
+
+@pytest.mark.gpu
+def test_uniform_pack_runs_as_the_dense_call_on_gpu():
+    """On the GPU the uniform pack gets the dense call's kernel (cuDNN or the Hopper forward on
+    an H100): out and lse bit for bit those of the dense call on the views."""
+    B, S, H = 4, 1024, 16
+    q, k, v, _, cq, ck = (t.cuda() for t in _uniform(B, S, H=H, Hkv=H, D=128, dtype=torch.float16))
+    with torch.no_grad():
+        out, lse = fa2dispatch.attention_varlen(q, k, v, cq, ck, S, S, causal=True, return_lse=True)
+        views = [t.view(B, S, *t.shape[1:]) for t in (q, k, v)]
+        d_out, d_lse = fa2dispatch.attention(*views, causal=True, return_lse=True)
+    assert torch.equal(out, d_out.reshape(B * S, H, -1))
+    assert torch.equal(lse, d_lse.permute(1, 0, 2).reshape(H, B * S))

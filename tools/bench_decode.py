@@ -18,7 +18,7 @@ before each run, median between device events.
   decode steps): the GPU time alone. Effective bandwidth = K and V bytes of the cache the call
   must read / time; ``%copy`` = that over the copy bandwidth. ``paged``: the same cache viewed
   as 256-row pages in shuffled order through ``block_table``, in a CUDA graph.
-- clean: every graph timing is repeated with ``CleanTimer`` (the write flush, then a 256 MiB
+- clean: every graph timing is repeated with ``CudaTimer(clean_l2=True)`` (the write flush, then a 256 MiB
   read of another buffer): a cold L2 without dirty lines, whose write-back otherwise adds up
   to 50 MB of DRAM traffic to the timed run (a third of B=1's bytes).
 - SDPA: ``torch.nn.functional.scaled_dot_product_attention`` on the same tensors (the cache
@@ -161,9 +161,10 @@ def decode_rows(batches, dtype, timer, copy_gbps: float, with_sdpa: bool = True)
     from fa2dispatch.backends.triton_fa2.decode_launch import plan
 
     import fa2dispatch.kvcache as kvc
+    from fa2dispatch.autotune.timer import CudaTimer
     from fa2dispatch.hardware import device_info
 
-    clean = CleanTimer(timer.runs)
+    clean = CudaTimer(timer.runs, clean_l2=True)
     rows = []
     for B in batches:
         q, kc, vc, seqlens = make_decode(B, dtype)
@@ -245,42 +246,6 @@ HEADER = (f"{'B':>3} {'splits':>6} {'host us':>7} | {'eager us':>8} {'chk us':>8
           f"{'clean us':>8} {'%copy':>6} {'sdpa':>9} {'sdpa us':>8} {'speedup':>7}")
 
 
-class CleanTimer:
-    """CudaTimer with a *clean* L2 before each run: CudaTimer flushes with a 256 MiB write,
-    which leaves up to an L2's worth (50 MB on an H100) of dirty lines whose write-back then
-    competes with the timed kernel's first reads; that costs a 64 MiB read (decode at B=1)
-    about a third more time. Here the write flush is followed by a 256 MiB read (``sum``) of
-    another buffer, which writes those lines back before the timed run and leaves L2 holding
-    clean, unrelated lines: the cold-cache time without the flush's write-back."""
-
-    def __init__(self, runs: int):
-        import torch
-
-        from fa2dispatch.autotune.timer import FLUSH_BYTES, MIN_RUNS, WARMUP
-
-        self.runs, self.warmup = max(runs, MIN_RUNS), WARMUP
-        self._flush = torch.empty(FLUSH_BYTES, dtype=torch.uint8, device="cuda")
-        self._read = torch.ones(FLUSH_BYTES // 2, dtype=torch.float16, device="cuda")
-
-    def __call__(self, fn):
-        import torch
-
-        from fa2dispatch.autotune.timer import summarize
-
-        for _ in range(self.warmup):
-            fn()
-        starts = [torch.cuda.Event(enable_timing=True) for _ in range(self.runs)]
-        ends = [torch.cuda.Event(enable_timing=True) for _ in range(self.runs)]
-        for start, end in zip(starts, ends):
-            self._flush.zero_()
-            self._read.sum()
-            start.record()
-            fn()
-            end.record()
-        torch.cuda.synchronize()
-        return summarize([s.elapsed_time(e) for s, e in zip(starts, ends)])
-
-
 def sweep_split_counts(B: int, auto: int, sms: int, key_blocks: int) -> list[int]:
     """Split counts tried at batch B: the plan's, 1 where the plan splits little, and the counts
     that make B * Hkv * splits programs close to 1, 2, 3, 4 programs per SM (wave quantization)."""
@@ -318,15 +283,16 @@ def sweep(batches, dtype, timer, copy_gbps: float, configs=None) -> list[dict]:
     """Time decode configs through the launcher directly (the public call's plan overridden),
     each captured in a CUDA graph: the GPU time of the config, without the host's cost. Every
     config is timed with the usual write flush (``ms``) and with a clean L2 (``clean_ms``,
-    ``CleanTimer``); the best per batch (by clean_ms) is printed with its %copy."""
+    ``CudaTimer(clean_l2=True)``); the best per batch (by clean_ms) is printed with its %copy."""
     import torch
     from fa2dispatch.backends.triton_fa2.config import TritonConfig
     from fa2dispatch.backends.triton_fa2.decode_launch import forward_kvcache, plan
 
+    from fa2dispatch.autotune.timer import CudaTimer
     from fa2dispatch.hardware import device_info
     from fa2dispatch.kvcache import prepare
 
-    clean = CleanTimer(timer.runs)
+    clean = CudaTimer(timer.runs, clean_l2=True)
     rows = []
     for B in batches:
         q, kc, vc, seqlens = make_decode(B, dtype)

@@ -35,11 +35,18 @@ def summarize(samples: list[float]) -> Timing:
 
 
 class CudaTimer:
-    def __init__(self, runs: int = MIN_RUNS, warmup: int = WARMUP):
+    """``clean_l2``: after the write flush, read another 256 MiB buffer. The write leaves up to
+    an L2's worth of dirty lines (50 MB on an H100), whose write-back then competes with the
+    timed kernel's first reads: a memory-bound kernel reading ~64 MiB (decode at B=1) measured
+    about a third slower for it. The read writes them back before the timed run and leaves L2
+    holding clean, unrelated lines (tools/bench_decode.py's "clean" times)."""
+
+    def __init__(self, runs: int = MIN_RUNS, warmup: int = WARMUP, clean_l2: bool = False):
         import torch
 
         self.runs, self.warmup = max(runs, MIN_RUNS), warmup
         self._flush = torch.empty(FLUSH_BYTES, dtype=torch.uint8, device="cuda")
+        self._read = torch.ones(FLUSH_BYTES // 2, dtype=torch.float16, device="cuda") if clean_l2 else None
 
     def __call__(self, fn: Callable[[], object]) -> Timing:
         import torch
@@ -50,6 +57,8 @@ class CudaTimer:
         ends = [torch.cuda.Event(enable_timing=True) for _ in range(self.runs)]
         for start, end in zip(starts, ends):
             self._flush.zero_()
+            if self._read is not None:
+                self._read.sum()
             start.record()
             fn()
             end.record()

@@ -70,6 +70,7 @@ class Decision:
     rejected: dict[str, list[str]] = field(default_factory=dict)  # every backend not chosen, with reasons
     fallbacks: tuple[str, ...] = ()  # the other backends that can run the call, in order
     tuned_from: str | None = None  # the cache entry behind a "tuned" decision
+    note: str | None = None  # how the call reached this problem (a uniform varlen pack run as dense, ...)
 
     SOURCES = {
         "forced": "forced by backend= / use_backend / FA2DISPATCH_BACKEND",
@@ -86,6 +87,8 @@ class Decision:
             f"  with    {self.backend.name}  ({self.source}: {self.SOURCES[self.source]})",
             f"  config  {self.config.short() if self.config is not None else '-'}",
         ]
+        if self.note:
+            lines.append(f"  note    {self.note}")
         if self.tuned_from:
             lines.append(f"  tuned   {self.tuned_from}")
         if self.fallbacks:

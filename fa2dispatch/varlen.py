@@ -9,11 +9,12 @@ B, and Mq / Mkv as the maximum lengths (what sizes the launch grid).
 from __future__ import annotations
 
 import weakref
+from dataclasses import replace
 
 import torch
 
 from fa2dispatch import rng
-from fa2dispatch.dispatch import check_backend_name, decide
+from fa2dispatch.dispatch import AUTO_IGNORING_ENV, Decision, check_backend_name, decide
 from fa2dispatch.ops import attention_eager
 from fa2dispatch.problem import (
     DTYPES,
@@ -81,7 +82,7 @@ def attention_varlen(
     from fa2dispatch.api import _resolve_backend, feature_args
 
     choice = _resolve_backend(backend)
-    if choice == "auto" and runs_as_dense(problem, q.shape[0], k.shape[0]):
+    if choice in ("auto", AUTO_IGNORING_ENV) and runs_as_dense(problem, q.shape[0], k.shape[0]):
         return _as_dense(q, k, v, problem, causal=causal, softmax_scale=softmax_scale, return_lse=return_lse,
                          window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes, dropout_p=dropout_p,
                          generator=generator, causal_alignment=causal_alignment, deterministic=deterministic)
@@ -89,6 +90,51 @@ def attention_varlen(
     features = feature_args(problem, alibi_slopes, generator, cu_seqlens_q, cu_seqlens_k)
     out, lse = attention_eager(q, k, v, problem, choice, decision, features=features)
     return (out, lse) if return_lse else out
+
+
+def explain_varlen(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    *,
+    causal: bool = False,
+    softmax_scale: float | None = None,
+    return_lse: bool = False,
+    backend: str = "auto",
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    generator: torch.Generator | None = None,
+    causal_alignment: str = "bottom_right",
+    deterministic: bool = False,
+) -> Decision:
+    """The dispatcher's decision for ``attention_varlen(**same arguments)``, without running it.
+    A uniform pack under ``auto`` is explained as the dense call it runs as (``runs_as_dense``),
+    with a note saying so."""
+    problem = make_varlen_problem(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=causal,
+                                  softmax_scale=softmax_scale, return_lse=return_lse, window_size=window_size,
+                                  softcap=softcap, alibi_slopes=alibi_slopes, dropout_p=dropout_p,
+                                  causal_alignment=causal_alignment, deterministic=deterministic)
+    rng.check_generator(generator)
+    check_backend_name(backend)
+    from fa2dispatch.api import _resolve_backend, explain
+
+    choice = _resolve_backend(backend)
+    if choice in ("auto", AUTO_IGNORING_ENV) and runs_as_dense(problem, q.shape[0], k.shape[0]):
+        B = problem.B
+        views = [t.view(B, t.shape[0] // B, *t.shape[1:]) for t in (q, k, v)]
+        decision = explain(*views, layout="bshd", causal=causal, softmax_scale=softmax_scale, return_lse=return_lse,
+                           window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes, dropout_p=dropout_p,
+                           generator=generator, causal_alignment=causal_alignment, deterministic=deterministic)
+        return replace(decision, note=f"varlen pack of {B} sequences of {views[0].shape[1]} queries and "
+                                      f"{views[1].shape[1]} keys each: runs as this dense call on views of the "
+                                      "same memory")
+    return decide(problem, choice)
 
 
 def runs_as_dense(problem: AttentionProblem, total_q: int, total_k: int) -> bool:

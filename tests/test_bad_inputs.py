@@ -608,6 +608,7 @@ FUNCTIONS = [
     Function("attention", fa2dispatch.attention, _dense, DENSE + FP8_MUTATIONS),
     Function("explain", fa2dispatch.explain, _dense, DENSE + FP8_MUTATIONS),
     Function("attention_varlen", fa2dispatch.attention_varlen, varlen_args, varlen_mutations()),
+    Function("explain_varlen", fa2dispatch.explain_varlen, varlen_args, varlen_mutations()),
     Function("attention_with_kvcache", kvcache.attention_with_kvcache, lambda b: kvcache_args(b),
              kvcache_mutations(False)),
     Function("attention_with_kvcache[paged]", kvcache.attention_with_kvcache, lambda b: kvcache_args(b, True),
@@ -701,7 +702,7 @@ def valid_call(function: Function, base: Base) -> str:
     if function.name in ("use_backend", "integrations.hf.register", "quantize_fp8", "hadamard"):
         function.call(**valid)
         return "returned"
-    if function.name in ("explain", "compat.explain_sdpa"):
+    if function.name in ("explain", "explain_varlen", "compat.explain_sdpa"):
         assert function.call(**valid) is not None
         return "returned"
     with pytest.raises(AssertionError, match="kernel launched"):

@@ -223,3 +223,22 @@ def test_uniform_pack_runs_as_the_dense_call_on_gpu():
         d_out, d_lse = fa2dispatch.attention(*views, causal=True, return_lse=True)
     assert torch.equal(out, d_out.reshape(B * S, H, -1))
     assert torch.equal(lse, d_lse.permute(1, 0, 2).reshape(H, B * S))
+
+
+def test_explain_varlen_says_how_the_call_runs(no_kernel_launch):
+    """explain_varlen: a uniform pack under auto is the dense call's decision, with a note; an
+    unequal pack (or a forced backend) is the packed problem's decision. Nothing launches."""
+    q, k, v, _, cq, ck = _uniform(3, 17, 23)
+    dense = fa2dispatch.explain_varlen(q, k, v, cq, ck, 17, 23, causal=True)
+    assert dense.problem.layout == "bshd" and (dense.problem.B, dense.problem.Mq, dense.problem.Mkv) == (3, 17, 23)
+    assert "3 sequences of 17 queries and 23 keys each" in str(dense) and "note" in str(dense)
+    views = [t.detach().view(3, t.shape[0] // 3, *t.shape[1:]) for t in (q, k, v)]
+    same = fa2dispatch.explain(*views, causal=True)
+    assert (dense.backend.name, dense.config) == (same.backend.name, same.config)
+    packed_call = fa2dispatch.explain_varlen(q, k, v, cq, ck, 17, 23, causal=True, backend="reference")
+    assert packed_call.problem.varlen and packed_call.note is None
+    q, k, v, _, cq, ck = packed([5, 9], [7, 7])
+    ragged = fa2dispatch.explain_varlen(q, k, v, cq, ck, 9, 7)
+    assert ragged.problem.varlen and ragged.problem.layout == "thd" and ragged.note is None
+    with pytest.raises(ValueError, match="cu_seqlens_q"):
+        fa2dispatch.explain_varlen(q, k, v, torch.tensor([0, 9, 5], dtype=torch.int32), ck, 9, 7)

@@ -70,22 +70,17 @@ def attention_varlen(
         out (total_q, H, D) in q's dtype; with ``return_lse`` also lse (H, total_q) float32
         (FlashAttention-2's varlen convention). Differentiable with respect to q, k and v.
     """
-    problem = make_varlen_problem(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=causal,
-                                  softmax_scale=softmax_scale, return_lse=return_lse, window_size=window_size,
-                                  softcap=softcap, alibi_slopes=alibi_slopes, dropout_p=dropout_p,
-                                  causal_alignment=causal_alignment, deterministic=deterministic)
-    rng.check_generator(generator)
-    check_backend_name(backend)
     if torch.compiler.is_compiling():
         raise NotImplementedError("fa2dispatch.attention_varlen is not supported under torch.compile "
                                   "(cu_seqlens are validated on the host); call it eagerly")
-    from fa2dispatch.api import _resolve_backend, feature_args
+    kw = dict(causal=causal, softmax_scale=softmax_scale, return_lse=return_lse, window_size=window_size,
+              softcap=softcap, alibi_slopes=alibi_slopes, dropout_p=dropout_p, generator=generator,
+              causal_alignment=causal_alignment, deterministic=deterministic)
+    problem, choice, views = _plan(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, backend, kw)
+    if views is not None:
+        return _as_dense(q, views, problem, kw)
+    from fa2dispatch.api import feature_args
 
-    choice = _resolve_backend(backend)
-    if choice in ("auto", AUTO_IGNORING_ENV) and runs_as_dense(problem, q.shape[0], k.shape[0]):
-        return _as_dense(q, k, v, problem, causal=causal, softmax_scale=softmax_scale, return_lse=return_lse,
-                         window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes, dropout_p=dropout_p,
-                         generator=generator, causal_alignment=causal_alignment, deterministic=deterministic)
     decision = decide(problem, choice)
     features = feature_args(problem, alibi_slopes, generator, cu_seqlens_q, cu_seqlens_k)
     out, lse = attention_eager(q, k, v, problem, choice, decision, features=features)
@@ -116,25 +111,33 @@ def explain_varlen(
     """The dispatcher's decision for ``attention_varlen(**same arguments)``, without running it.
     A uniform pack under ``auto`` is explained as the dense call it runs as (``runs_as_dense``),
     with a note saying so."""
-    problem = make_varlen_problem(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=causal,
-                                  softmax_scale=softmax_scale, return_lse=return_lse, window_size=window_size,
-                                  softcap=softcap, alibi_slopes=alibi_slopes, dropout_p=dropout_p,
-                                  causal_alignment=causal_alignment, deterministic=deterministic)
-    rng.check_generator(generator)
-    check_backend_name(backend)
-    from fa2dispatch.api import _resolve_backend, explain
+    kw = dict(causal=causal, softmax_scale=softmax_scale, return_lse=return_lse, window_size=window_size,
+              softcap=softcap, alibi_slopes=alibi_slopes, dropout_p=dropout_p, generator=generator,
+              causal_alignment=causal_alignment, deterministic=deterministic)
+    problem, choice, views = _plan(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, backend, kw)
+    if views is None:
+        return decide(problem, choice)
+    from fa2dispatch.api import explain
 
+    B, S, Sk = problem.B, views[0].shape[1], views[1].shape[1]
+    return replace(explain(*views, layout="bshd", **kw),
+                   note=f"varlen pack of {B} sequences of {S} queries and {Sk} keys each: runs as this dense "
+                        "call on views of the same memory")
+
+
+def _plan(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, backend: str, kw: dict):
+    """(problem, the backend choice, the (B, S, H, D) views when the call runs as dense, else
+    None): validation and the route, shared by ``attention_varlen`` and ``explain_varlen``."""
+    from fa2dispatch.api import _resolve_backend
+
+    features = {n: x for n, x in kw.items() if n != "generator"}
+    problem = make_varlen_problem(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, **features)
+    rng.check_generator(kw["generator"])
+    check_backend_name(backend)
     choice = _resolve_backend(backend)
-    if choice in ("auto", AUTO_IGNORING_ENV) and runs_as_dense(problem, q.shape[0], k.shape[0]):
-        B = problem.B
-        views = [t.view(B, t.shape[0] // B, *t.shape[1:]) for t in (q, k, v)]
-        decision = explain(*views, layout="bshd", causal=causal, softmax_scale=softmax_scale, return_lse=return_lse,
-                           window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes, dropout_p=dropout_p,
-                           generator=generator, causal_alignment=causal_alignment, deterministic=deterministic)
-        return replace(decision, note=f"varlen pack of {B} sequences of {views[0].shape[1]} queries and "
-                                      f"{views[1].shape[1]} keys each: runs as this dense call on views of the "
-                                      "same memory")
-    return decide(problem, choice)
+    if choice not in ("auto", AUTO_IGNORING_ENV) or not runs_as_dense(problem, q.shape[0], k.shape[0]):
+        return problem, choice, None
+    return problem, choice, [t.view(problem.B, t.shape[0] // problem.B, *t.shape[1:]) for t in (q, k, v)]
 
 
 def runs_as_dense(problem: AttentionProblem, total_q: int, total_k: int) -> bool:
@@ -151,17 +154,15 @@ def runs_as_dense(problem: AttentionProblem, total_q: int, total_k: int) -> bool
     return not problem.dropout_p or (problem.Mq, problem.Mkv) == (s_q, s_k)
 
 
-def _as_dense(q, k, v, problem: AttentionProblem, *, return_lse: bool, **kw):
+def _as_dense(q, views, problem: AttentionProblem, kw: dict):
     """``attention`` over the (B, S, H, D) views of a uniform pack; out and lse come back in the
     varlen shapes ((total_q, H, D) and (H, total_q))."""
     from fa2dispatch.api import attention
 
-    B = problem.B
-    views = [t.view(B, t.shape[0] // B, *t.shape[1:]) for t in (q, k, v)]
-    res = attention(*views, layout="bshd", return_lse=return_lse, **kw)
-    out, lse = res if return_lse else (res, None)
+    res = attention(*views, layout="bshd", **kw)
+    out, lse = res if kw["return_lse"] else (res, None)
     out = out.view(q.shape[0], *out.shape[2:])
-    if not return_lse:
+    if lse is None:
         return out
     return out, lse.permute(1, 0, 2).reshape(problem.H, q.shape[0])  # (B, H, S) -> (H, B * S)
 

@@ -61,14 +61,18 @@ def test_kernels_compile_and_fit(target):
 @pytest.mark.parametrize("target", ["sm_90", "gfx942"])
 def test_feature_kernels_compile_and_fit(target):
     """The kernels with every FlashAttention-2 feature on (left window, softcap, ALiBi, dropout,
-    varlen; and a two-sided window) compile, fit, and keep their matrix instructions."""
+    varlen; and a two-sided window) compile, fit, and keep their matrix instructions; float32
+    with every feature too (softcap's series for small arguments, the RENORM backward)."""
     rows = _compile(target, "bfloat16", [128], "--features", "all") + \
-        _compile(target, "float16", [64], "--causal", "false", "--features", "window")
+        _compile(target, "float16", [64], "--causal", "false", "--features", "window") + \
+        _compile(target, "float32", [64], "--features", "all")
     _print_report(rows)
-    assert len(rows) == 8
+    assert len(rows) == 12
     for row in rows:
         where = f"{row['kernel']} {row['dtype']} D={row['head_dim']} features={row['features']} on {target}"
         assert 0 <= row["shared_bytes"] <= row["smem_limit"], f"{where}: {row['shared_bytes']} B of shared memory"
+        if row["dtype"] == "float32":  # exact IEEE float32 dots: FMA, no tensor cores
+            continue
         if row["kernel"] in DOT_KERNELS:
             assert row["mma"], f"{where}: no tensor-core instruction in the generated code"
         if target == "sm_90" and row["kernel"] == "attn_fwd":

@@ -184,6 +184,8 @@ CASES = [
     KVCase(B=2, Mq=2, n_new=2, seqlens=(40, 21), window=(-1, 0), page=16),
     KVCase(B=2, seqlens=(40, 22), softcap=1.5, num_splits=2),
     KVCase(B=2, seqlens=(40, 22), softcap=2.0, dtype=F32, causal=True),
+    # float32 with a large softcap: tanh's small-argument series (kernels._tanh), not 1 - e
+    KVCase(B=2, seqlens=(40, 22), softcap=1000.0, dtype=F32),
     KVCase(B=2, Mq=3, n_new=3, seqlens=(40, 22), alibi="h", causal=True, num_splits=2),
     KVCase(B=2, seqlens=(40, 22), alibi="bh", window=(12, -1), softcap=3.0, page=16, num_splits=2),
 ]

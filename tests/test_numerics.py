@@ -1,8 +1,9 @@
 """Numerics beyond accuracy (issue 9): NaN and Inf in the inputs propagate as in the reference;
 rows that see no key give 0 and lse -inf with finite gradients; an element's result does not
 depend on the rest of the batch (or on the other sequences of a varlen call), bit for bit;
-64-bit offsets inside one batch element; and the fuzzer's chunked reference (tools/fuzz.py) is
-the unchunked one. CPU tests use small shapes (the Triton kernels run under the interpreter);
+64-bit offsets inside one batch element; float32 precision where PyTorch's float32 math is
+exact or nearly so (softcap's tanh at small arguments, P at |lse| ~ 1e3); and the fuzzer's
+chunked reference (tools/fuzz.py) is the unchunked one. CPU tests use small shapes (the Triton kernels run under the interpreter);
 the ``gpu`` tests repeat them at realistic sizes on the device's kernels."""
 
 from __future__ import annotations
@@ -11,12 +12,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+import triton
+import triton.language as tl
 from helpers import Case, check_close, check_feature_case, feature_math, make_inputs
 
 import fa2dispatch
 from fa2dispatch.backends.reference import attention_math
+from fa2dispatch.backends.triton_fa2.kernels import _tanh
 
 ROOT = Path(__file__).resolve().parents[1]
 TRITON = pytest.param("triton", marks=pytest.mark.interpreter)
@@ -332,6 +337,138 @@ def test_delta_from_dp_policy():
     assert delta_from_dp(problem(100, 4096, dropout_p=0.1), config)
 
 
+# ------------------------------------------------------------------ float32: softcap's tanh, the lse round trip
+
+# Two float32 mechanisms found by tools/fuzz.py on the H100 (fuzz.draw_configs(1000, 0, "cuda",
+# True, 64); the GPU tests below rerun those very calls):
+# - #501: tanh from exp2, (1 - e) / (1 + e), cancels for small |x|: relative error ~ulp(1) / (2|x|),
+#   which softcap * tanh carries into the score (lse 1.31e-6 against 1.18e-6 at softcap 30). The
+#   interpreter's exp2 (NumPy) is correctly rounded where the GPU's ex2.approx is not, so the
+#   fuzz's own call passes here even without the fix (lse 4.0e-7 against 1.2e-6); at softcap
+#   1000 the same cancellation misses on CPU too. float32 now takes a series below |x| < 0.3
+#   (kernels._tanh, PRECISE).
+# - #726: every row sees one key (P = 1 exactly) and ALiBi makes |lse| ~ 1e3: P recomputed from
+#   the lse stored in natural log carries ~1 ulp of |lse| (1.2e-4) per row, summed into dV over
+#   the rows (dv 5.6e-3 against 6.3e-4). The float32 backward now renormalizes P by its
+#   recomputed row sum (kernels.attn_bwd_dkdv, RENORM; launch.renormalize_p).
+FP32_CASES = [
+    # #501's mechanism at softcap 1000 (the fuzz's call: the same shape at softcap 30.256)
+    (Case(1, 4, 2, 1, 1, 200, torch.float32, False), dict(window_size=(1, 1), softcap=1000.0)),
+    # the same through many keys: P, dS and the derivative 1 - t^2 in all three kernels
+    (Case(1, 4, 2, 37, 45, 64, torch.float32, True, "bhsd"), dict(softcap=1000.0)),
+    # #726's: one key per row, top-left causal, |ALiBi bias| up to 1196 at row 299 (fuzz: 1706)
+    (Case(1, 2, 2, 300, 1, 32, torch.float32, True, "bhsd", contiguous=False),
+     dict(alibi_slopes=torch.tensor([4.0, 2.0]), softcap=23.0, causal_alignment="top_left")),
+]
+FP32_IDS = [f"{c.id}-{'-'.join(f)}" for c, f in FP32_CASES]
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("case,features", FP32_CASES, ids=FP32_IDS)
+def test_float32_softcap_and_large_lse(case, features):
+    check_feature_case(case, features, seed=0)
+
+
+@triton.jit
+def _tanh_sweep_kernel(X, Y, N, PRECISE: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    x = tl.load(X + offs, mask=offs < N, other=0.0)
+    tl.store(Y + offs, _tanh(x, PRECISE), mask=offs < N)
+
+
+def tanh_ulps(device: str, precise: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(x, error of the kernels' tanh in float32 ulps of float64 tanh) over a dense sweep: [0, 1]
+    in steps of 2.5e-6 (both branches), 4000 consecutive float32 values around the switch at
+    0.3, tiny arguments from 1e-30 (normal numbers: the GPU flushes subnormals), 1..12 and a few
+    large ones up to 3e38; and their negatives."""
+    th = np.float32(0.3)
+    steps = np.arange(2000, dtype=np.float32) * np.spacing(th)
+    xs = np.concatenate([np.linspace(0, 1, 400001, dtype=np.float32), np.logspace(-30, 0, 100000, dtype=np.float32),
+                         np.linspace(1, 12, 100001, dtype=np.float32), th - np.spacing(th) - steps, th + steps,
+                         np.float32([20, 50, 1e4, 3e38])]).astype(np.float32)
+    xs = np.concatenate([xs, -xs])
+    x = torch.from_numpy(xs).to(device)
+    y = torch.empty_like(x)
+    block = 4096
+    with np.errstate(over="ignore", invalid="ignore"):  # the series at |x| ~ 1e38, not taken there
+        _tanh_sweep_kernel[(triton.cdiv(x.numel(), block),)](x, y, x.numel(), PRECISE=precise, BLOCK=block)
+    t64 = np.tanh(xs.astype(np.float64))
+    ulp = np.spacing(np.abs(t64).astype(np.float32)).astype(np.float64)
+    return xs, np.abs(y.cpu().numpy().astype(np.float64) - t64) / ulp
+
+
+@pytest.mark.interpreter
+def test_precise_tanh_is_within_a_few_float32_ulps():
+    """kernels._tanh's float32 form under the interpreter (NumPy float32 arithmetic): at most 4
+    float32 ulps from float64 tanh on both sides of its switch (measured: 0.55 on the series,
+    3.25 on the exp2 form, at x = 0.54); the exp2 form alone is off by millions of ulps at small
+    arguments, where the series takes over."""
+    x, ulps = tanh_ulps("cpu", precise=True)
+    worst = int(np.argmax(ulps))
+    assert ulps.max() <= 4, f"{ulps.max():.2f} ulps at x = {x[worst]!r}"
+    x, fast = tanh_ulps("cpu", precise=False)
+    assert fast[np.abs(x) < 1e-3].max() > 1e3, "test setup: the sweep reaches the exp2 form's cancellation"
+
+
+def test_float32_backward_renormalizes_p_and_16_bit_does_not():
+    """Every float32 backward takes the DELTA_ONLY pass and RENORM; float16/bfloat16 keep their
+    kernels (delta from dO . O for rows that see many keys, never RENORM)."""
+    from fa2dispatch.backends.triton_fa2.config import TritonConfig
+    from fa2dispatch.backends.triton_fa2.launch import delta_from_dp, renormalize_p
+    from fa2dispatch.problem import AttentionProblem
+
+    def problem(dtype, Mkv=1000, dropout_p=0.0):
+        return AttentionProblem(B=1, H=2, Hkv=2, Mq=1000, Mkv=Mkv, D=64, dtype=dtype, device=torch.device("cpu"),
+                                layout="bshd", causal=True, softmax_scale=0.125, requires_grad=True,
+                                dropout_p=dropout_p)
+
+    config = TritonConfig(dq_block_n=64)
+    for dtype in (torch.float16, torch.bfloat16):
+        assert not renormalize_p(problem(dtype)) and not delta_from_dp(problem(dtype), config)
+        assert not renormalize_p(problem(dtype, Mkv=1)) and not renormalize_p(problem(dtype, dropout_p=0.1))
+    assert renormalize_p(problem(torch.float32)) and delta_from_dp(problem(torch.float32), config)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("dropout_p", [0.0, 0.1], ids=["plain", "dropout"])
+def test_backward_launches_what_the_offline_compile_compiles(dtype, dropout_p, monkeypatch):
+    """launch.backward launches the kernels that offline.kernel_launches lists (the compile tests
+    build those for sm_80, sm_90 and gfx942), with the same DELTA_ONLY and RENORM variants:
+    recorded with the kernels replaced, so nothing runs."""
+    from fa2dispatch.backends.triton_fa2 import kernels, launch, offline
+    from fa2dispatch.backends.triton_fa2.config import default_config
+    from fa2dispatch.features import FeatureArgs
+    from fa2dispatch.problem import AttentionProblem
+
+    launched = []
+
+    class Recorder:
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            return lambda *args, **kw: launched.append((self.name, kw))
+
+    for name in ("attn_bwd_preprocess", "attn_bwd_dkdv", "attn_bwd_dq"):
+        monkeypatch.setattr(kernels, name, Recorder(name))
+    B, H, Hkv, M, D = 1, 8, 2, 1024, 128
+    problem = AttentionProblem(B=B, H=H, Hkv=Hkv, Mq=M, Mkv=M, D=D, dtype=dtype, device=torch.device("cpu"),
+                               layout="bshd", causal=True, softmax_scale=1.0, requires_grad=True, dropout_p=dropout_p)
+    device = offline.TARGETS["sm_90"]
+    config = default_config(problem, device)
+    q, out, dout = (torch.zeros(B, M, H, D, dtype=dtype) for _ in range(3))
+    k, v = (torch.zeros(B, M, Hkv, D, dtype=dtype) for _ in range(2))
+    launch.backward(problem, dout, q, k, v, out, torch.zeros(B, H, M), None, config, device,
+                    features=FeatureArgs(seed=1))
+    expected = [(name, constexprs) for name, constexprs, backward in
+                offline.kernel_launches(problem, config, dict(DROPOUT=True) if dropout_p else None) if backward]
+    assert [name for name, _ in launched] == [name for name, _ in expected]
+    for (name, kw), (_, constexprs) in zip(launched, expected):
+        for key in ("DELTA_ONLY", "RENORM", "DROPOUT", "BLOCK_M", "BLOCK_N", "DOT_PRECISION"):
+            assert kw.get(key, False) == constexprs.get(key, False), f"{name}: {key}"
+    assert all(kw.get("RENORM", False) == (dtype == torch.float32) for _, kw in launched)
+
+
 # ------------------------------------------------------------------ 64-bit offsets
 
 _BIG_STRIDE = r"""
@@ -571,3 +708,34 @@ def test_strided_views_past_2_31_elements_on_gpu(case, backend):
                          ids=[c.id for c, _ in ONE_KEY] + ["bfloat16-q29k1d208"])
 def test_rows_that_see_one_key_get_zero_gradient_on_gpu(case, features):
     check_one_key(case, features, device="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("index", [501, 726])
+def test_float32_fuzz_cases_on_gpu(index):
+    """The fuzz's own calls behind FP32_CASES (same draw, same inputs) on the device's kernels:
+    #501 float32 B1 H4/2 q1 k1 d200, window (1, 1), softcap 30.256; #726 float32 B2 H16/4 q2413
+    k1 d208, causal top-left, bhsd strided, ALiBi (H,) and softcap 23.038."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    import fuzz
+
+    cfg = fuzz.draw_configs(1000, 0, "cuda", True, 64)[index]
+    assert cfg["dtype"] == "float32" and cfg["grad"] and cfg["Mkv"] == 1 and "softcap" in cfg["features"], cfg
+    result = fuzz.check_dense(cfg, "triton", "cuda")
+    assert result["status"] == "ok", result
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case,features", FP32_CASES, ids=FP32_IDS)
+def test_float32_softcap_and_large_lse_on_gpu(case, features):
+    features = {n: (x.cuda() if isinstance(x, torch.Tensor) else x) for n, x in features.items()}
+    check_feature_case(case, features, device="cuda", seed=0)
+
+
+@pytest.mark.gpu
+def test_precise_tanh_is_within_a_few_float32_ulps_on_gpu():
+    """The same sweep compiled for the GPU, whose exp2 (ex2.approx, ~2 ulps) adds to the exp2
+    form's error near the switch: at most 8 ulps."""
+    x, ulps = tanh_ulps("cuda", precise=True)
+    worst = int(np.argmax(ulps))
+    assert ulps.max() <= 8, f"{ulps.max():.2f} ulps at x = {x[worst]!r}"

@@ -29,6 +29,8 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
+from .kernels import _tanh
+
 LOG2E = tl.constexpr(1.4426950408889634)  # 1/ln(2)
 LN2 = tl.constexpr(0.6931471805599453)  # ln(2)
 
@@ -153,11 +155,8 @@ def decode_fwd(Q, Kc, Vc, Seqlens, BlockTable, Slopes, Out, Lse, OutPart, LsePar
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         if SOFTCAP or ALIBI:
             s = s * sm_scale
-            if SOFTCAP:
-                # tanh(x) = sign(x) (1 - e) / (1 + e), e = exp(-2|x|) in (0, 1]: no overflow anywhere
-                e = tl.math.exp2((-2.0 * LOG2E / softcap) * tl.abs(s))
-                t = (1.0 - e) / (1.0 + e)
-                s = softcap * tl.where(s < 0, -t, t)
+            if SOFTCAP:  # the prefill kernels' tanh: float32 takes its series for small arguments
+                s = softcap * _tanh(s / softcap, q.dtype == tl.float32)
             if ALIBI:
                 s = s - slope[:, None] * tl.abs(diag - offs_n[None, :]).to(tl.float32)
             s = s * LOG2E

@@ -7,7 +7,9 @@ Conventions:
 - Tensors are addressed as (batch z, head h, row m/n, dim d) through four strides each, so
   both layouts (bshd, bhsd) and non-contiguous inputs need no copy.
 - Scores live in base 2: ``qk_scale = softmax_scale * log2(e)`` is folded into one multiply
-  and ``exp2`` replaces ``exp``. LSE is stored in natural log, (B, H, Mq) float32.
+  and ``exp2`` replaces ``exp``. LSE is stored in natural log, (B, H, Mq) float32. The
+  float32 backward (RENORM) scales each row's recomputed P by 1 / sum_j P_ij, which cancels
+  what that natural-log round trip costs P (``attn_bwd_dkdv``).
 - Visibility follows ``fa2dispatch/features.py`` (the project's one rule): query i sees key j
   iff j <= i + diag (CAUSAL), i + diag - win_left <= j (HAS_LEFT), j <= i + diag + win_right
   (HAS_RIGHT), with diag = Mkv - Mq (bottom-right, FlashAttention-2) or 0 (TOP_LEFT). Each loop
@@ -15,7 +17,8 @@ Conventions:
   (``MASKED=True``) pay for a mask; the bulk runs mask-free, and blocks outside the band are
   never visited (a sliding window costs O(window), not O(Mkv)).
 - Features are constexpr-gated, so a plain call compiles to the plain kernel: SOFTCAP
-  (``softcap * tanh(s / softcap)``, tanh from exp2), ALIBI (``- slope * |i + diag - j|``),
+  (``softcap * tanh(s / softcap)``, tanh from exp2; float32 inputs add a series for small
+  arguments, ``_tanh``), ALIBI (``- slope * |i + diag - j|``),
   DROPOUT (Philox mask regenerated from (seed, offset) by ``dropout.py``, never stored),
   VARLEN (sequence b is rows ``cu_seqlens[b]:cu_seqlens[b+1]`` of a packed (total, H, D)
   tensor; lse then is (H, total_q)).
@@ -107,13 +110,38 @@ def _diag(seq_q, seq_k, TOP_LEFT: tl.constexpr):
         return seq_k - seq_q
 
 
+TANH_SERIES_BELOW = tl.constexpr(0.3)  # |x| where _tanh's PRECISE form switches to the exp2 form
+
+
 @triton.jit
-def _tanh(x):
+def _tanh(x, PRECISE: tl.constexpr):
     """tanh from exp2 (portable: NVIDIA, AMD and the interpreter): sign(x) (1 - e) / (1 + e),
-    e = exp(-2|x|); absolute error ~1 float32 ulp of 1."""
+    e = exp(-2|x|). Its absolute error is ~1 float32 ulp of 1, so for small |x|, where 1 - e
+    cancels, the relative error grows as ulp(1) / (2|x|); softcap * tanh(s / softcap) carries it
+    into the score and the lse (fuzz #501 on the H100: float32, softcap 30, |x| ~ 0.04, lse error
+    1.31e-6 against a bound of 1.18e-6; at softcap 1000 the error is 5x the bound).
+
+    PRECISE (float32 inputs): below |x| < 0.3 the odd Taylor series instead, x + x^3 q(x^2)
+    with q by Horner through the x^13 term; the first term left out (x^15) is < 1e-10 of tanh
+    there. From 0.3 up, 1 - e >= 0.45 no longer cancels. Measured against float64 tanh over a
+    dense sweep (tests/test_numerics.py::test_precise_tanh_is_within_a_few_float32_ulps, NumPy's
+    float32): at most 0.55 float32 ulps on the series, 3.25 on the exp2 form (x = 0.54), where
+    the exp2 form alone is off by up to millions of ulps at small |x|. 16-bit inputs keep the
+    exp2 form alone: their scores are rounded far coarser than this."""
     e = tl.math.exp2(tl.abs(x) * (-2.0 * LOG2E))
     t = (1.0 - e) / (1.0 + e)
-    return tl.where(x < 0, -t, t)
+    t = tl.where(x < 0, -t, t)
+    if PRECISE:
+        x2 = x * x
+        # tanh = x - x^3/3 + 2x^5/15 - 17x^7/315 + 62x^9/2835 - 1382x^11/155925 + 21844x^13/6081075
+        q = 21844.0 / 6081075.0
+        q = q * x2 - 1382.0 / 155925.0
+        q = q * x2 + 62.0 / 2835.0
+        q = q * x2 - 17.0 / 315.0
+        q = q * x2 + 2.0 / 15.0
+        q = q * x2 - 1.0 / 3.0
+        t = tl.where(tl.abs(x) < TANH_SERIES_BELOW, x + x * (x2 * q), t)
+    return t
 
 
 @triton.jit
@@ -189,10 +217,13 @@ def _scores(q, k, qk_scale, cap_a, cap_b, slope2, offs_m, offs_n, seq_q, seq_k, 
             SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Scores of a (rows x keys) tile in base 2, with softcap, ALiBi and (MASKED) the masks.
     Returns (s, t) where t = tanh(softmax_scale * q.k / softcap) for the softcap backward
-    (t = s when SOFTCAP is off)."""
+    (t = s when SOFTCAP is off). float32 operands take ``_tanh``'s PRECISE form (a compile-time
+    choice on the operands' dtype, so 16-bit kernels compile as before); the forward and both
+    backward kernels get their scores here or in ``_scores_t``, so P and the derivative
+    1 - t^2 of the backward use the same t as the forward."""
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
     if SOFTCAP:
-        t = _tanh(s * cap_a)  # cap_a = softmax_scale / softcap
+        t = _tanh(s * cap_a, q.dtype == tl.float32)  # cap_a = softmax_scale / softcap
         s = t * cap_b  # cap_b = softcap * log2(e)
     else:
         s = s * qk_scale
@@ -221,7 +252,7 @@ def _scores_t(k, q, qk_scale, cap_a, cap_b, slope2, offs_m, offs_n, seq_q, seq_k
     rows past the sequence."""
     s = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
     if SOFTCAP:
-        t = _tanh(s * cap_a)
+        t = _tanh(s * cap_a, q.dtype == tl.float32)
         s = t * cap_b
     else:
         s = s * qk_scale
@@ -402,16 +433,17 @@ def attn_bwd_preprocess(Out, DO, Delta,
 
 
 @triton.jit
-def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
+def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, corr_base,
                     stride_qm, stride_qd, stride_dom, stride_dod,
                     offs_n, offs_d, lo, hi, seq_q, seq_k, diag, qk_scale,
                     win_left, win_right, cap_a, cap_b, slope2, seed, offset, bh, Mq, Mkv, p_drop, rp_drop,
                     MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                     SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr,
                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                    INT64_ROWS: tl.constexpr):
+                    RENORM: tl.constexpr, INT64_ROWS: tl.constexpr):
     """Accumulate dK, dV of one key block over query blocks [lo, hi). Works on transposed
-    scores (keys x queries) so P^T and dS^T feed the dots without a transpose of the result."""
+    scores (keys x queries) so P^T and dS^T feed the dots without a transpose of the result.
+    RENORM: P times the row's 1 / sum_j P_ij from ``corr_base`` (attn_bwd_dkdv says why)."""
     offs_m0 = tl.arange(0, BLOCK_M)
     rt_zero = qk_scale * 0.0  # a run-time zero (_acc_dot)
     for start_m in range(lo, hi, BLOCK_M):
@@ -423,15 +455,21 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
         if MASKED:
             lse = tl.load(lse_base + offs_m, mask=offs_m < seq_q, other=0.0)
             delta = tl.load(delta_base + offs_m, mask=offs_m < seq_q, other=0.0)
+            if RENORM:
+                corr = tl.load(corr_base + offs_m, mask=offs_m < seq_q, other=0.0)
         else:
             lse = tl.load(lse_base + offs_m)
             delta = tl.load(delta_base + offs_m)
+            if RENORM:
+                corr = tl.load(corr_base + offs_m)
         s_t, t_t = _scores_t(k, q, qk_scale, cap_a, cap_b, slope2, offs_m, offs_n, seq_q, seq_k, diag, win_left,
                              win_right, MASKED, CAUSAL, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DOT_PRECISION)
         p_t = tl.math.exp2(s_t - lse[None, :] * LOG2E)
         if MASKED:
             # where(), not a multiply: p_t is NaN for rows whose lse is -inf (they see no key).
             p_t = tl.where(s_t == float("-inf"), 0.0, p_t)
+        if RENORM:
+            p_t = p_t * corr[None, :]
         if DROPOUT:  # dV takes the dropped weights; dP is masked and scaled the same way
             keep_t = attention_dropout_keep(seed, offset, bh, Mq, Mkv, offs_m, offs_n, p_drop, TRANSPOSED=True)
             pd_t = tl.where(keep_t, p_t * rp_drop, 0.0)
@@ -449,7 +487,7 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
 
 
 @triton.jit(do_not_specialize=["seed", "offset"])
-def attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV, qk_scale, softmax_scale,
+def attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, Corr, DK, DV, qk_scale, softmax_scale,
                   stride_qz, stride_qh, stride_qm, stride_qd,
                   stride_kz, stride_kh, stride_kn, stride_kd,
                   stride_vz, stride_vh, stride_vn, stride_vd,
@@ -464,10 +502,21 @@ def attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV, qk_scale, softmax_scale,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
                   TOP_LEFT: tl.constexpr = False, HAS_LEFT: tl.constexpr = False, HAS_RIGHT: tl.constexpr = False,
                   SOFTCAP: tl.constexpr = False, ALIBI: tl.constexpr = False, DROPOUT: tl.constexpr = False,
-                  VARLEN: tl.constexpr = False, INT64_ROWS: tl.constexpr = False):
+                  VARLEN: tl.constexpr = False, RENORM: tl.constexpr = False, INT64_ROWS: tl.constexpr = False):
     """One program per (key block, batch*kv head): K and V stay on chip while the program
     loops over every query head of its group and every query block, so dK and dV are summed
-    on chip (GQA included) with no atomics: deterministic."""
+    on chip (GQA included) with no atomics: deterministic.
+
+    RENORM (float32 inputs): P = exp2(s - lse2) * corr_i, corr_i = 1 / sum_j exp2(s_ij - lse2_i)
+    written by attn_bwd_dq's DELTA_ONLY pass. The lse comes back from its natural-log float32
+    store, read in base 2: the round trip leaves every row's P off by one factor
+    exp2(error of lse2), an error of ~1 ulp of |lse2| (1.2e-4 relative at |lse| ~ 1700,
+    which ALiBi reaches at long positions). Summed over thousands of rows into dV that missed
+    the bound ~9x (fuzz #726 on the H100: one key per row, exact P = 1, dv error 5.6e-3
+    against 6.3e-4), while PyTorch's float32 softmax subtracts the exact row max and divides
+    by its own row sum. Dividing by the row sum of the very P recomputed here cancels the
+    factor (to ~1 ulp), and delta = sum P dP / sum P is the same renormalized P's. 16-bit
+    inputs skip it: their P is rounded to 16 bits for the dots anyway."""
     start_n, off_bhkv = _block_and_head(Mkv, BLOCK_N)
     off_z = (off_bhkv // HKV).to(tl.int64)
     off_hkv = (off_bhkv % HKV).to(tl.int64)
@@ -498,24 +547,24 @@ def attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV, qk_scale, softmax_scale,
         slope2 = 0.0
         if ALIBI:
             slope2 = tl.load(Slopes + off_z * stride_sz + off_h * stride_sh) * LOG2E
-        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, Lse + row_base, Delta + row_base,
+        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, Lse + row_base, Delta + row_base, Corr + row_base,
                                  stride_qm, stride_qd, stride_dom, stride_dod, offs_n, offs_d,
                                  lo, a, seq_q, seq_k, diag, qk_scale,
                                  win_left, win_right, cap_a, cap_b, slope2, seed, offset, bh, Mq, Mkv, p_drop, rp_drop,
                                  True, CAUSAL, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DROPOUT,
-                                 HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PRECISION, INT64_ROWS)
-        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, Lse + row_base, Delta + row_base,
+                                 HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PRECISION, RENORM, INT64_ROWS)
+        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, Lse + row_base, Delta + row_base, Corr + row_base,
                                  stride_qm, stride_qd, stride_dom, stride_dod, offs_n, offs_d,
                                  a, b, seq_q, seq_k, diag, qk_scale,
                                  win_left, win_right, cap_a, cap_b, slope2, seed, offset, bh, Mq, Mkv, p_drop, rp_drop,
                                  False, CAUSAL, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DROPOUT,
-                                 HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PRECISION, INT64_ROWS)
-        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, Lse + row_base, Delta + row_base,
+                                 HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PRECISION, RENORM, INT64_ROWS)
+        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, Lse + row_base, Delta + row_base, Corr + row_base,
                                  stride_qm, stride_qd, stride_dom, stride_dod, offs_n, offs_d,
                                  b, hi, seq_q, seq_k, diag, qk_scale,
                                  win_left, win_right, cap_a, cap_b, slope2, seed, offset, bh, Mq, Mkv, p_drop, rp_drop,
                                  True, CAUSAL, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DROPOUT,
-                                 HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PRECISION, INT64_ROWS)
+                                 HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PRECISION, RENORM, INT64_ROWS)
 
     dk = dk * softmax_scale
     dk_base = DK + off_z * stride_dkz + off_hkv * stride_dkh + k_start * stride_dkn
@@ -527,13 +576,13 @@ def attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV, qk_scale, softmax_scale,
 
 
 @triton.jit
-def _bwd_dq_inner(dq, dsum, psum, q, do, lse2, delta, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+def _bwd_dq_inner(dq, dsum, psum, q, do, lse2, delta, corr, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
                   offs_m, offs_d, lo, hi, seq_q, seq_k, diag, qk_scale,
                   win_left, win_right, cap_a, cap_b, slope2, seed, offset, bh, Mq, Mkv, p_drop, rp_drop,
                   MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                   SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr,
                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                  DELTA_ONLY: tl.constexpr, INT64_ROWS: tl.constexpr):
+                  DELTA_ONLY: tl.constexpr, RENORM: tl.constexpr, INT64_ROWS: tl.constexpr):
     offs_n0 = tl.arange(0, BLOCK_N)
     rt_zero = qk_scale * 0.0  # a run-time zero (_acc_dot)
     for start_n in range(lo, hi, BLOCK_N):
@@ -555,6 +604,8 @@ def _bwd_dq_inner(dq, dsum, psum, q, do, lse2, delta, k_base, v_base, stride_kn,
             dsum += tl.sum(p * dp, 1)
             psum += tl.sum(p, 1)
         else:
+            if RENORM:  # the row's 1 / sum_j P_ij from the DELTA_ONLY pass (attn_bwd_dkdv says why)
+                p = p * corr[:, None]
             ds = p * (dp - delta[:, None])
             if SOFTCAP:
                 ds = ds * (1.0 - t * t)
@@ -563,7 +614,7 @@ def _bwd_dq_inner(dq, dsum, psum, q, do, lse2, delta, k_base, v_base, stride_kn,
 
 
 @triton.jit(do_not_specialize=["seed", "offset"])
-def attn_bwd_dq(Q, K, V, DO, Lse, Delta, DQ, qk_scale, softmax_scale,
+def attn_bwd_dq(Q, K, V, DO, Lse, Delta, Corr, DQ, qk_scale, softmax_scale,
                 stride_qz, stride_qh, stride_qm, stride_qd,
                 stride_kz, stride_kh, stride_kn, stride_kd,
                 stride_vz, stride_vh, stride_vn, stride_vd,
@@ -577,14 +628,20 @@ def attn_bwd_dq(Q, K, V, DO, Lse, Delta, DQ, qk_scale, softmax_scale,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
                 TOP_LEFT: tl.constexpr = False, HAS_LEFT: tl.constexpr = False, HAS_RIGHT: tl.constexpr = False,
                 SOFTCAP: tl.constexpr = False, ALIBI: tl.constexpr = False, DROPOUT: tl.constexpr = False,
-                VARLEN: tl.constexpr = False, DELTA_ONLY: tl.constexpr = False, INT64_ROWS: tl.constexpr = False):
+                VARLEN: tl.constexpr = False, DELTA_ONLY: tl.constexpr = False, RENORM: tl.constexpr = False,
+                INT64_ROWS: tl.constexpr = False):
     """One program per (query block, batch*head), parallel over queries like the forward;
     dQ is summed on chip over key blocks: no atomics, deterministic.
 
     DELTA_ONLY: the same loop writes delta_i = sum_j P_ij dP_ij / sum_j P_ij into Delta instead
     of dQ (a pass before the gradient kernels, for dropout: there dO . O would use the output
     rounded to its dtype, which is off from the dropped dP by that rounding, and a row that
-    sees one key would get dS = P (dP - delta) != 0 where the exact value is 0)."""
+    sees one key would get dS = P (dP - delta) != 0 where the exact value is 0).
+
+    RENORM (float32 inputs): the DELTA_ONLY pass also writes corr_i = 1 / sum_j P_ij into Corr
+    (0 for a row that sees no key), and the gradient pass, like attn_bwd_dkdv, takes
+    P = exp2(s - lse2) * corr_i: the P whose rows sum to 1, with the natural-log round trip of
+    the lse cancelled (attn_bwd_dkdv's docstring has the numbers)."""
     start_m, off_bh = _block_and_head(Mq, BLOCK_M)
     off_z = (off_bh // H).to(tl.int64)
     off_h = (off_bh % H).to(tl.int64)
@@ -604,6 +661,9 @@ def attn_bwd_dq(Q, K, V, DO, Lse, Delta, DQ, qk_scale, softmax_scale,
     row_base = off_z * stride_lz + off_h * stride_lh + q_start
     lse2 = tl.load(Lse + row_base + offs_m, mask=offs_m < seq_q, other=0.0) * LOG2E
     delta = tl.load(Delta + row_base + offs_m, mask=offs_m < seq_q, other=0.0)
+    corr = delta
+    if RENORM and not DELTA_ONLY:
+        corr = tl.load(Corr + row_base + offs_m, mask=offs_m < seq_q, other=0.0)
     k_base = K + off_z * stride_kz + off_hkv * stride_kh + k_start * stride_kn
     v_base = V + off_z * stride_vz + off_hkv * stride_vh + k_start * stride_vn
     slope2 = 0.0
@@ -617,30 +677,33 @@ def attn_bwd_dq(Q, K, V, DO, Lse, Delta, DQ, qk_scale, softmax_scale,
     lo, a, b, hi = _key_ranges(start_m, seq_k, diag, win_left, win_right, CAUSAL, HAS_LEFT, HAS_RIGHT,
                               BLOCK_M, BLOCK_N)
     if HAS_LEFT:
-        dq, dsum, psum = _bwd_dq_inner(dq, dsum, psum, q, do, lse2, delta, k_base, v_base,
+        dq, dsum, psum = _bwd_dq_inner(dq, dsum, psum, q, do, lse2, delta, corr, k_base, v_base,
                                        stride_kn, stride_kd, stride_vn, stride_vd,
                                        offs_m, offs_d, lo, a, seq_q, seq_k, diag, qk_scale,
                                        win_left, win_right, cap_a, cap_b, slope2, seed, offset, off_bh, Mq, Mkv, p_drop, rp_drop,
                                        True, CAUSAL, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DROPOUT,
-                                       HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION, DELTA_ONLY, INT64_ROWS)
-    dq, dsum, psum = _bwd_dq_inner(dq, dsum, psum, q, do, lse2, delta, k_base, v_base,
+                                       HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION, DELTA_ONLY, RENORM, INT64_ROWS)
+    dq, dsum, psum = _bwd_dq_inner(dq, dsum, psum, q, do, lse2, delta, corr, k_base, v_base,
                                    stride_kn, stride_kd, stride_vn, stride_vd,
                                    offs_m, offs_d, a, b, seq_q, seq_k, diag, qk_scale,
                                    win_left, win_right, cap_a, cap_b, slope2, seed, offset, off_bh, Mq, Mkv, p_drop, rp_drop,
                                    False, CAUSAL, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DROPOUT,
-                                   HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION, DELTA_ONLY, INT64_ROWS)
-    dq, dsum, psum = _bwd_dq_inner(dq, dsum, psum, q, do, lse2, delta, k_base, v_base,
+                                   HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION, DELTA_ONLY, RENORM, INT64_ROWS)
+    dq, dsum, psum = _bwd_dq_inner(dq, dsum, psum, q, do, lse2, delta, corr, k_base, v_base,
                                    stride_kn, stride_kd, stride_vn, stride_vd,
                                    offs_m, offs_d, b, hi, seq_q, seq_k, diag, qk_scale,
                                    win_left, win_right, cap_a, cap_b, slope2, seed, offset, off_bh, Mq, Mkv, p_drop, rp_drop,
                                    True, CAUSAL, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DROPOUT,
-                                   HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION, DELTA_ONLY, INT64_ROWS)
+                                   HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION, DELTA_ONLY, RENORM, INT64_ROWS)
     if DELTA_ONLY:
         # Divided by sum_j P_ij (1 up to rounding): P carries the rounding of the stored lse
         # (natural log, read back in base 2) as one factor per row, which this cancels, so a
         # row that sees one key gets delta = dP and dS = 0, as the softmax's algebra says.
         delta_exact = tl.where(psum > 0.0, dsum / tl.where(psum > 0.0, psum, 1.0), 0.0)
         tl.store(Delta + row_base + offs_m, delta_exact, mask=offs_m < seq_q)
+        if RENORM:  # 1 / sum_j P_ij for the gradient kernels' P; 0 where no key is visible
+            tl.store(Corr + row_base + offs_m, tl.where(psum > 0.0, 1.0 / tl.where(psum > 0.0, psum, 1.0), 0.0),
+                     mask=offs_m < seq_q)
         return
     dq = dq * softmax_scale
     dq_base = DQ + off_z * stride_dqz + off_h * stride_dqh + q_start * stride_dqm

@@ -128,6 +128,17 @@ def keys_per_row(problem: AttentionProblem) -> int:
     return problem.Mkv
 
 
+def renormalize_p(problem: AttentionProblem) -> bool:
+    """Whether the backward scales each row's recomputed P by 1 / sum_j P_ij (the kernels'
+    RENORM, the row sums written by the DELTA_ONLY pass): float32 inputs only. P comes back
+    from the lse stored in natural log, whose float32 rounding at |lse| ~ 1e3 (ALiBi at long
+    positions) leaves every row a factor ~1 + 1e-4; PyTorch's float32 softmax has no such
+    factor, and summed over thousands of rows into dV it missed the STYLE.md bound 9x (fuzz
+    case #726 on the H100, kernels.attn_bwd_dkdv). 16-bit inputs round P to 16 bits for the
+    dots anyway, and their kernels stay as they were."""
+    return problem.dtype == torch.float32
+
+
 def delta_from_dp(problem: AttentionProblem, config: TritonConfig) -> bool:
     """Whether the backward's delta comes from dP (the DELTA_ONLY pass) instead of dO . O.
 
@@ -136,8 +147,9 @@ def delta_from_dp(problem: AttentionProblem, config: TritonConfig) -> bool:
     against one key block, instead of O and dO), and a row that sees one key gets dS = 0
     exactly. With dO . O, the preprocess and the tensor-core dP sum the same products in
     different orders, which left such a row a few float32 ulps of gradient (fuzz case #223 on
-    the H100: dq 3.4e-6 where the exact value is 0, docs/PENDING_S5.md)."""
-    return bool(problem.dropout_p) or keys_per_row(problem) <= config.dq_block_n
+    the H100: dq 3.4e-6 where the exact value is 0, docs/PENDING_S5.md). Every float32
+    backward takes it as well: the same pass writes the row sums that ``renormalize_p`` needs."""
+    return bool(problem.dropout_p) or keys_per_row(problem) <= config.dq_block_n or renormalize_p(problem)
 
 
 def backward(problem: AttentionProblem, dout, q, k, v, out, lse, dlse, config: TritonConfig, device: DeviceInfo,
@@ -156,6 +168,9 @@ def backward(problem: AttentionProblem, dout, q, k, v, out, lse, dlse, config: T
     lse_strides = _lse_strides(problem, q.shape[0])
 
     delta = torch.empty(_lse_shape(problem, q.shape[0]), dtype=torch.float32, device=q.device)
+    renorm = renormalize_p(problem)
+    # 1 / sum_j P_ij per row, written by the DELTA_ONLY pass (float32 only; else never read)
+    corr = torch.empty_like(delta) if renorm else _dummy(q.device, torch.float32)
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if delta_from_dp(problem, config):
         # delta = rowsum(P * dP) from the (dropped) dP itself (one more pass over the keys: the
@@ -163,13 +178,13 @@ def backward(problem: AttentionProblem, dout, q, k, v, out, lse, dlse, config: T
         # sees one key would otherwise get a gradient of that rounding's size where the exact
         # one is 0.
         kernels.attn_bwd_dq[(triton.cdiv(Mq, config.dq_block_m) * B * H,)](
-            q, k, v, dout, lse, delta, dq, qk_scale, problem.softmax_scale,
+            q, k, v, dout, lse, delta, corr, dq, qk_scale, problem.softmax_scale,
             *_strides(q, layout), *_strides(k, layout), *_strides(v, layout), *_strides(dout, layout),
             *_strides(dq, layout), *lse_strides,
             H, problem.group, Mq, Mkv, *fargs,
             CAUSAL=problem.causal, HEAD_DIM=D, BLOCK_D=bd,
             BLOCK_M=config.dq_block_m, BLOCK_N=config.dq_block_n, DOT_PRECISION=precision, **fconst,
-            DELTA_ONLY=True, INT64_ROWS=int64_rows, **opts,
+            DELTA_ONLY=True, RENORM=renorm, INT64_ROWS=int64_rows, **opts,
         )
     else:
         kernels.attn_bwd_preprocess[(triton.cdiv(Mq, config.dq_block_m) * B * H,)](
@@ -183,22 +198,22 @@ def backward(problem: AttentionProblem, dout, q, k, v, out, lse, dlse, config: T
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     kernels.attn_bwd_dkdv[(triton.cdiv(Mkv, config.dkdv_block_n) * B * Hkv,)](
-        q, k, v, dout, lse, delta, dk, dv, qk_scale, problem.softmax_scale,
+        q, k, v, dout, lse, delta, corr, dk, dv, qk_scale, problem.softmax_scale,
         *_strides(q, layout), *_strides(k, layout), *_strides(v, layout), *_strides(dout, layout),
         *_strides(dk, layout), *_strides(dv, layout), *lse_strides,
         H, Hkv, problem.group, Mq, Mkv, *fargs,
         CAUSAL=problem.causal, HEAD_DIM=D, BLOCK_D=bd,
         BLOCK_M=config.dkdv_block_m, BLOCK_N=config.dkdv_block_n, DOT_PRECISION=precision, **fconst,
-        INT64_ROWS=int64_rows, **config.launch_options(device.vendor, backward=True, dkdv=True),
+        RENORM=renorm, INT64_ROWS=int64_rows, **config.launch_options(device.vendor, backward=True, dkdv=True),
     )
     kernels.attn_bwd_dq[(triton.cdiv(Mq, config.dq_block_m) * B * H,)](
-        q, k, v, dout, lse, delta, dq, qk_scale, problem.softmax_scale,
+        q, k, v, dout, lse, delta, corr, dq, qk_scale, problem.softmax_scale,
         *_strides(q, layout), *_strides(k, layout), *_strides(v, layout), *_strides(dout, layout),
         *_strides(dq, layout), *lse_strides,
         H, problem.group, Mq, Mkv, *fargs,
         CAUSAL=problem.causal, HEAD_DIM=D, BLOCK_D=bd,
         BLOCK_M=config.dq_block_m, BLOCK_N=config.dq_block_n, DOT_PRECISION=precision, **fconst,
-        INT64_ROWS=int64_rows, **opts,
+        RENORM=renorm, INT64_ROWS=int64_rows, **opts,
     )
     return dq, dk, dv
 

@@ -27,7 +27,7 @@ TARGETS = {
     "gfx942": DeviceInfo("amd", "MI300X (offline)", "gfx942", None, 304, 64 * 1024, 64),
 }
 _POINTERS = {"Q", "K", "V", "Out", "DO", "DK", "DV", "DQ"}
-_FP32_POINTERS = {"Lse", "Delta", "Slopes"}
+_FP32_POINTERS = {"Lse", "Delta", "Corr", "Slopes"}
 _I32_POINTERS = {"CuQ", "CuK"}
 _FLOATS = {"qk_scale", "softmax_scale", "cap_a", "cap_b", "p_drop", "rp_drop"}
 _I64 = {"seed", "offset"}  # the dropout RNG state: 64-bit values
@@ -72,12 +72,17 @@ FEATURE_SETS = {
 def kernel_launches(problem: AttentionProblem, config: TritonConfig,
                     features: dict | None = None) -> list[tuple[str, dict, bool]]:
     """(kernel name, constexprs, is_backward) of every kernel a forward+backward call launches;
-    ``features``: the feature constexprs (FEATURE_SETS) on top of the plain kernel's."""
+    ``features``: the feature constexprs (FEATURE_SETS) on top of the plain kernel's. The
+    backward's choices are launch.backward's own (``delta_from_dp``, ``renormalize_p``)."""
+    from .launch import delta_from_dp, renormalize_p
+
     common = dict(CAUSAL=problem.causal, HEAD_DIM=problem.D, BLOCK_D=block_d(problem.D), **(features or {}))
     pre = dict(VARLEN=True) if features and features.get("VARLEN") else {}
     precision = "ieee" if problem.dtype == torch.float32 else "tf32"
-    dq = dict(common, BLOCK_M=config.dq_block_m, BLOCK_N=config.dq_block_n, DOT_PRECISION=precision)
-    if features and features.get("DROPOUT"):  # launch.backward: delta from dP, the dQ kernel's DELTA_ONLY pass
+    renorm = dict(RENORM=True) if renormalize_p(problem) else {}
+    dq = dict(common, BLOCK_M=config.dq_block_m, BLOCK_N=config.dq_block_n, DOT_PRECISION=precision, **renorm)
+    if (features and features.get("DROPOUT")) or delta_from_dp(problem, config):
+        # launch.backward: delta from dP, the dQ kernel's DELTA_ONLY pass (float32: and the row sums)
         delta = ("attn_bwd_dq", dict(dq, DELTA_ONLY=True), True)
     else:
         delta = ("attn_bwd_preprocess", dict(HEAD_DIM=problem.D, BLOCK_D=block_d(problem.D),
@@ -86,7 +91,7 @@ def kernel_launches(problem: AttentionProblem, config: TritonConfig,
         ("attn_fwd", dict(common, BLOCK_M=config.block_m, BLOCK_N=config.block_n, DOT_PRECISION=precision), False),
         delta,
         ("attn_bwd_dkdv", dict(common, BLOCK_M=config.dkdv_block_m, BLOCK_N=config.dkdv_block_n,
-                               DOT_PRECISION=precision), True),
+                               DOT_PRECISION=precision, **renorm), True),
         ("attn_bwd_dq", dq, True),
     ]
 

@@ -25,9 +25,10 @@ context) is reported, not fatal.
 On a GPU the random configs share ``--pool`` (64) kernel specialisations (dtype, head dim,
 causal, layout, which features are on: the Triton kernels compile one variant per combination,
 seconds each) while shapes, lengths and feature values vary per config; they run in
-``--workers`` processes (one per core up to 16), each specialisation in one worker, so each
-compiles once. A worker that dies, or whose CUDA context an error poisoned, is reported with
-the config it was running and restarted after it. Exit code 1 on any mismatch, error or crash;
+``--workers`` processes (one per core up to 16) that take work from one queue, costliest first
+(``queue_order``: runs of configs of one specialisation, so a worker compiles a variant once).
+A worker that dies, or whose CUDA context an error poisoned, is reported with the config it was
+running; the rest of its work item goes back on the queue and a fresh worker takes its place. Exit code 1 on any mismatch, error or crash;
 the summary tables (by kind, dtype, feature, backend) go to stdout and, with every result, to
 ``--json``.
 """
@@ -806,72 +807,143 @@ STICKY_CUDA_ERRORS = ("illegal memory access", "illegal address", "device-side a
                       "misaligned address", "CUDA error")
 
 
+def config_cost(cfg: dict) -> float:
+    """A rough relative cost of one config on a GPU, for ordering the queue (longest first): the
+    Triton compiles dominate, and float32 (FMA-chain dots, several times longer to compile) and
+    wide head dims cost most (session 6's run: float32 took 71% of the worker time)."""
+    cost = 1.0 + cfg["D"] / 128
+    if cfg["dtype"] == "float32":
+        cost *= 4
+    if cfg["grad"]:
+        cost *= 2
+    return cost
+
+
+def queue_order(configs: list[dict], chunk: int = 4) -> list[list[int]]:
+    """Work items for the workers' shared queue: runs of up to ``chunk`` configs of one kernel
+    specialisation (a worker compiles a variant once and reuses it for the rest of the run),
+    the costliest items first, so that no worker is left with a long tail while the others idle
+    (the static spec % W split of session 6 left the busiest worker 1.6x the mean)."""
+    by_spec: dict[int, list[dict]] = defaultdict(list)
+    for cfg in configs:
+        by_spec[cfg["spec"]].append(cfg)
+    items = []
+    for group in by_spec.values():
+        group.sort(key=lambda c: c["index"])
+        for i in range(0, len(group), chunk):
+            run = group[i:i + chunk]
+            items.append((sum(config_cost(c) for c in run), run[0]["index"], [c["index"] for c in run]))
+    items.sort(key=lambda t: (-t[0], t[1]))
+    return [ids for _, _, ids in items]
+
+
+def _claim(queue: Path) -> list[int] | None:
+    """The next work item of the shared queue (a JSON list of items and a cursor), under a file
+    lock; None when it is empty."""
+    from filelock import FileLock
+
+    with FileLock(str(queue) + ".lock"):
+        state = json.loads(queue.read_text())
+        if state["next"] >= len(state["items"]):
+            return None
+        item = state["items"][state["next"]]
+        state["next"] += 1
+        queue.write_text(json.dumps(state))
+    return item
+
+
 def worker(args) -> None:
-    """Run the configs whose specialisation s has s % W == w (skipping indices <= --skip-through),
-    one JSON line each."""
+    """Claim work items from the shared queue (--queue) until it is empty; one JSON line per
+    config started and per result."""
     setup(args.device)
-    w, n_workers = (int(x) for x in args.worker.split("/"))
-    configs = json.loads(Path(args.configs).read_text())
+    w = int(args.worker)
+    by_index = {c["index"]: c for c in json.loads(Path(args.configs).read_text())}
+    queue = Path(args.queue)
     with open(args.out, "a") as f:
-        for cfg in configs:
-            # by specialisation: each kernel variant compiles in one worker only
-            if cfg["spec"] % n_workers != w or cfg["index"] <= args.skip_through:
-                continue
-            f.write(json.dumps(dict(start=cfg["index"])) + "\n")
-            f.flush()
-            result = run_config(cfg, args.device)
-            f.write(json.dumps(result) + "\n")
-            f.flush()
-            sticky = any(any(m in r.get("error", "") for m in STICKY_CUDA_ERRORS) for r in result["runs"].values())
-            for backend, r in result["runs"].items():
-                if r.get("same_as"):
-                    continue
-                tag = r["status"].upper() if r["status"] != "ok" else "ok"
-                print(f"[w{w}] {tag:8s} {backend:10s} ran={r.get('ran', {}).get('out', '-'):22s} "
-                      f"{r['time_s']:6.2f}s {describe(cfg)} {_fmt_errors(r)} {r.get('error', '')[:300]}",
-                      flush=True)
-            if sticky:  # this process's CUDA context is lost: the parent restarts the worker after cfg
-                print(f"[w{w}] CUDA context lost; restarting the worker", flush=True)
-                os._exit(3)
+        while (item := _claim(queue)) is not None:
+            f.write(json.dumps(dict(item=item)) + "\n")
+            for index in item:
+                cfg = by_index[index]
+                f.write(json.dumps(dict(start=cfg["index"])) + "\n")
+                f.flush()
+                result = run_config(cfg, args.device)
+                f.write(json.dumps(result) + "\n")
+                f.flush()
+                sticky = any(any(m in r.get("error", "") for m in STICKY_CUDA_ERRORS) for r in result["runs"].values())
+                for backend, r in result["runs"].items():
+                    if r.get("same_as"):
+                        continue
+                    tag = r["status"].upper() if r["status"] != "ok" else "ok"
+                    print(f"[w{w}] {tag:8s} {backend:10s} ran={r.get('ran', {}).get('out', '-'):22s} "
+                          f"{r['time_s']:6.2f}s {describe(cfg)} {_fmt_errors(r)} {r.get('error', '')[:300]}",
+                          flush=True)
+                if sticky:  # this process's CUDA context is lost: the parent starts a fresh worker
+                    print(f"[w{w}] CUDA context lost; restarting the worker", flush=True)
+                    os._exit(3)
+
+
+def _requeue(queue: Path, indices: list[int]) -> None:
+    """Put the rest of a dead worker's item back at the head of the queue."""
+    if not indices:
+        return
+    from filelock import FileLock
+
+    with FileLock(str(queue) + ".lock"):
+        state = json.loads(queue.read_text())
+        state["items"].insert(state["next"], indices)
+        queue.write_text(json.dumps(state))
+
+
+def read_worker_log(path: Path, results: dict[int, dict]) -> tuple[int | None, list[int]]:
+    """Add a worker's finished results to ``results``; (the config it started and did not
+    finish or None, its last work item)."""
+    started, item = None, []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        d = json.loads(line)
+        if "item" in d:
+            item = d["item"]
+        elif "start" in d:
+            started = d["start"]
+        else:
+            results[d["config"]["index"]] = d
+            started = None
+    return started, item
 
 
 def run_workers(configs: list[dict], args, tmp: Path) -> list[dict]:
-    """The configs over ``args.workers`` processes; a dead worker's config is reported as a
-    crash and the worker restarts after it."""
+    """The configs over ``args.workers`` processes that share one queue (``queue_order``); a
+    dead worker's config is reported as a crash, the rest of its item goes back on the queue and
+    a fresh worker takes its place while the queue has work."""
     cfg_file = tmp / "configs.json"
     cfg_file.write_text(json.dumps(configs))
+    queue = tmp / "queue.json"
+    queue.write_text(json.dumps(dict(items=queue_order(configs), next=0)))
     by_index = {c["index"]: c for c in configs}
     results: dict[int, dict] = {}
     procs = {}
-    skip = {w: -1 for w in range(args.workers)}
+    generation = 0
 
     def launch(w):
-        out = tmp / f"w{w}.jsonl"
-        cmd = [sys.executable, __file__, "--device", args.device, "--worker", f"{w}/{args.workers}",
-               "--configs", str(cfg_file), "--out", str(out), "--skip-through", str(skip[w])]
-        procs[w] = subprocess.Popen(cmd)
+        nonlocal generation
+        generation += 1
+        out = tmp / f"w{w}.{generation}.jsonl"
+        cmd = [sys.executable, __file__, "--device", args.device, "--worker", str(w),
+               "--configs", str(cfg_file), "--queue", str(queue), "--out", str(out)]
+        procs[w] = (subprocess.Popen(cmd), out)
 
     for w in range(args.workers):
         launch(w)
     deadline = time.time() + args.time_limit if args.time_limit else None
     while procs:
         time.sleep(0.5)
-        for w, p in list(procs.items()):
+        for w, (p, path) in list(procs.items()):
             if deadline and time.time() > deadline:
                 p.kill()
             rc = p.poll()
             if rc is None:
                 continue
             del procs[w]
-            started, last = None, skip[w]
-            path = tmp / f"w{w}.jsonl"
-            for line in path.read_text().splitlines() if path.exists() else []:
-                d = json.loads(line)
-                if "start" in d:
-                    started, last = d["start"], max(last, d["start"])
-                else:
-                    results[d["config"]["index"]] = d
-                    started = None
+            started, item = read_worker_log(path, results)
             timed_out = deadline and time.time() > deadline
             if rc == 0 or timed_out:
                 if timed_out and started is not None and started not in results:
@@ -881,8 +953,9 @@ def run_workers(configs: list[dict], args, tmp: Path) -> list[dict]:
                 print(f"[w{w}] CRASH (exit {rc}) while running {describe(by_index[started])}", flush=True)
                 results[started] = dict(config=by_index[started], runs={"?": dict(
                     status="crash", error=f"worker exited with {rc} during this config", time_s=0.0)})
-            if any(c["spec"] % args.workers == w and c["index"] > last for c in configs):
-                skip[w] = last  # a fresh process (and CUDA context) goes on after it
+            _requeue(queue, [i for i in item if i not in results])  # after the crashed one
+            state = json.loads(queue.read_text())
+            if state["next"] < len(state["items"]):
                 launch(w)
     return [results[i] for i in sorted(results)]
 
@@ -973,8 +1046,8 @@ def main(argv=None) -> int:
     # internal: one worker / one >2^31 call
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--configs", help=argparse.SUPPRESS)
+    p.add_argument("--queue", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
-    p.add_argument("--skip-through", type=int, default=-1, help=argparse.SUPPRESS)
     p.add_argument("--big-one", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.device is None:

@@ -1,0 +1,80 @@
+"""tools/fuzz.py's own machinery: the shared work queue (every config exactly once, costliest
+first, one kernel specialisation per item), a crashed worker's unfinished work going back on the
+queue, and an end-to-end CPU run over two workers resumed from its own report."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools"))
+import fuzz  # noqa: E402
+
+
+def test_queue_holds_every_config_once_costliest_first():
+    configs = fuzz.draw_configs(300, 0, "cuda", True, 64)
+    items = fuzz.queue_order(configs, chunk=4)
+    flat = [i for item in items for i in item]
+    assert sorted(flat) == [c["index"] for c in configs]
+    by_index = {c["index"]: c for c in configs}
+    costs = [sum(fuzz.config_cost(by_index[i]) for i in item) for item in items]
+    assert costs == sorted(costs, reverse=True)
+    for item in items:
+        assert 1 <= len(item) <= 4
+        assert len({by_index[i]["spec"] for i in item}) == 1
+        assert item == sorted(item)
+    # float32 and wide heads are the costly ones: they lead the queue
+    first = [by_index[i] for i in items[0]]
+    assert all(c["dtype"] == "float32" for c in first)
+
+
+def test_claim_and_requeue(tmp_path):
+    queue = tmp_path / "queue.json"
+    queue.write_text(json.dumps(dict(items=[[1, 2], [3], [4, 5]], next=0)))
+    assert fuzz._claim(queue) == [1, 2]
+    fuzz._requeue(queue, [2])  # the worker died on 1: 2 goes back first
+    assert fuzz._claim(queue) == [2]
+    assert fuzz._claim(queue) == [3]
+    fuzz._requeue(queue, [])
+    assert fuzz._claim(queue) == [4, 5]
+    assert fuzz._claim(queue) is None
+
+
+def test_worker_log_gives_the_unfinished_config_and_item(tmp_path):
+    log = tmp_path / "w0.1.jsonl"
+    done = dict(config=dict(index=7), runs={})
+    log.write_text("\n".join(json.dumps(x) for x in (
+        dict(item=[3]), dict(start=3), dict(config=dict(index=3), runs={}),
+        dict(item=[7, 8, 9]), dict(start=7), done, dict(start=8))) + "\n")
+    results: dict = {}
+    started, item = fuzz.read_worker_log(log, results)
+    assert (started, item) == (8, [7, 8, 9])
+    assert sorted(results) == [3, 7]
+    assert fuzz.read_worker_log(tmp_path / "missing.jsonl", results) == (None, [])
+
+
+@pytest.mark.interpreter
+def test_cpu_run_over_two_workers_and_its_resume(tmp_path):
+    """Six configs over two worker processes: each reported once, all checks pass; a resume of
+    that report runs nothing more and reports the same configs."""
+    out = tmp_path / "fuzz.json"
+    cmd = [sys.executable, str(ROOT / "tools" / "fuzz.py"), "--device", "cpu", "--n", "6", "--workers", "2",
+           "--no-long", "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    first = json.loads(out.read_text())
+    assert sorted(r["config"]["index"] for r in first["results"]) == list(range(6))
+    assert first["summary"]["mismatches"] == 0 and first["summary"]["errors"] == 0
+    assert "[w0]" in proc.stdout and "[w1]" in proc.stdout  # both workers took work
+    resumed = tmp_path / "resumed.json"
+    proc = subprocess.run(cmd[:-1] + [str(resumed), "--resume", str(out)], capture_output=True, text=True,
+                          timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "6 configs done" in proc.stdout and "0 left" in proc.stdout
+    again = json.loads(resumed.read_text())
+    assert [r["config"]["index"] for r in again["results"]] == [r["config"]["index"] for r in first["results"]]

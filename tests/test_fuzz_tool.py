@@ -41,7 +41,9 @@ def test_claim_and_requeue(tmp_path):
     assert fuzz._claim(queue) == [2]
     assert fuzz._claim(queue) == [3]
     fuzz._requeue(queue, [])
+    assert fuzz._has_work(queue)
     assert fuzz._claim(queue) == [4, 5]
+    assert not fuzz._has_work(queue)
     assert fuzz._claim(queue) is None
 
 
@@ -78,3 +80,26 @@ def test_cpu_run_over_two_workers_and_its_resume(tmp_path):
     assert "6 configs done" in proc.stdout and "0 left" in proc.stdout
     again = json.loads(resumed.read_text())
     assert [r["config"]["index"] for r in again["results"]] == [r["config"]["index"] for r in first["results"]]
+
+
+@pytest.mark.interpreter
+def test_a_worker_that_dies_is_reported_and_its_item_finished(tmp_path):
+    """A worker that exits in the middle of config 2 (FUZZ_TEST_EXIT_AT): config 2 is reported
+    as a crash (exit code 1), and config 3, the rest of its work item (one specialisation,
+    ``--pool 1``: the item is [0, 1, 2, 3]), runs in a fresh worker."""
+    import os
+
+    assert fuzz.queue_order(fuzz.draw_configs(4, 0, "cpu", False, 1)) == [[0, 1, 2, 3]]
+    out = tmp_path / "fuzz.json"
+    cmd = [sys.executable, str(ROOT / "tools" / "fuzz.py"), "--device", "cpu", "--n", "4", "--pool", "1",
+           "--workers", "1", "--no-long", "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT,
+                          env=dict(os.environ, FUZZ_TEST_EXIT_AT="2"))
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "CRASH (exit 7)" in proc.stdout
+    report = json.loads(out.read_text())
+    status = {r["config"]["index"]: {x["status"] for x in r["runs"].values()} for r in report["results"]}
+    assert sorted(status) == [0, 1, 2, 3]
+    assert status[2] == {"crash"}
+    assert all("crash" not in s and "mismatch" not in s for i, s in status.items() if i != 2), status
+    assert report["summary"]["errors"] == 1

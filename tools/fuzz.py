@@ -28,9 +28,9 @@ seconds each) while shapes, lengths and feature values vary per config; they run
 ``--workers`` processes (one per core up to 16) that take work from one queue, costliest first
 (``queue_order``: runs of configs of one specialisation, so a worker compiles a variant once).
 A worker that dies, or whose CUDA context an error poisoned, is reported with the config it was
-running; the rest of its work item goes back on the queue and a fresh worker takes its place. Exit code 1 on any mismatch, error or crash;
-the summary tables (by kind, dtype, feature, backend) go to stdout and, with every result, to
-``--json``.
+running; the rest of its work item goes back on the queue and a fresh worker takes its place.
+Exit code 1 on any mismatch, error or crash; the summary tables (by kind, dtype, feature,
+backend) go to stdout and, with every result, to ``--json``.
 """
 
 from __future__ import annotations
@@ -866,6 +866,8 @@ def worker(args) -> None:
                 cfg = by_index[index]
                 f.write(json.dumps(dict(start=cfg["index"])) + "\n")
                 f.flush()
+                if os.environ.get("FUZZ_TEST_EXIT_AT") == str(index):  # tests: a worker dying mid-config
+                    os._exit(7)
                 result = run_config(cfg, args.device)
                 f.write(json.dumps(result) + "\n")
                 f.flush()
@@ -892,6 +894,16 @@ def _requeue(queue: Path, indices: list[int]) -> None:
         state = json.loads(queue.read_text())
         state["items"].insert(state["next"], indices)
         queue.write_text(json.dumps(state))
+
+
+def _has_work(queue: Path) -> bool:
+    """Whether the shared queue still holds an item (read under its lock: a worker may be
+    rewriting the file)."""
+    from filelock import FileLock
+
+    with FileLock(str(queue) + ".lock"):
+        state = json.loads(queue.read_text())
+    return state["next"] < len(state["items"])
 
 
 def read_worker_log(path: Path, results: dict[int, dict]) -> tuple[int | None, list[int]]:
@@ -954,8 +966,7 @@ def run_workers(configs: list[dict], args, tmp: Path) -> list[dict]:
                 results[started] = dict(config=by_index[started], runs={"?": dict(
                     status="crash", error=f"worker exited with {rc} during this config", time_s=0.0)})
             _requeue(queue, [i for i in item if i not in results])  # after the crashed one
-            state = json.loads(queue.read_text())
-            if state["next"] < len(state["items"]):
+            if _has_work(queue):
                 launch(w)
     return [results[i] for i in sorted(results)]
 

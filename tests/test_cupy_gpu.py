@@ -138,6 +138,26 @@ def test_causal_work_order_and_warp_skip_are_bitwise_the_plain_forward(D):
                 assert torch.equal(lse, ref[1]), f"lse differs: {case} {tile} {kw}"
 
 
+def test_refuses_nonpositive_softmax_scale_and_runs_large_ones(nan_poison):
+    """A positive scale large enough that every key block moves the row max by a lot (2.0) is
+    exact; a negative or zero scale is refused naming softmax_scale (fa2_fwd.cu takes maxima of
+    the raw scores; before the refusal, masked keys of a negative scale gave 2^+inf and scale 0
+    gave NaN), and auto runs those calls elsewhere (tests/test_gpu.py checks their values)."""
+    case = Case(2, 4, 2, 700, 300, 128, torch.float16, True)
+    q, k, v, dout = make_inputs(case, device="cuda", seed=13)
+    truth = math_with_grads(q, k, v, dout, case, torch.float64, scale=2.0)
+    low = math_with_grads(q, k, v, dout, case, case.dtype, scale=2.0)
+    magnitude = max_magnitude(truth[0], *truth[2:])
+    out = fa2dispatch.attention(q, k, v, causal=True, softmax_scale=2.0, backend="cupy")
+    check_close("out", out, truth[0], low[0], magnitude)
+    for name, ours, t, lp in zip(("dq", "dk", "dv"), torch.autograd.grad(out, (q, k, v), dout), truth[2:], low[2:]):
+        check_close(name, ours, t, lp, magnitude)
+    for scale in (-0.3, 0.0):
+        with pytest.raises(Exception, match="softmax_scale"):
+            fa2dispatch.attention(q, k, v, causal=True, softmax_scale=scale, backend="cupy")
+        assert fa2dispatch.explain(q, k, v, causal=True, softmax_scale=scale).backend.name != "cupy"
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
 def test_backward_is_bitwise_repeatable(dtype):
     case = Case(2, 16, 4, 1024, 1024, 128, dtype, causal=True)

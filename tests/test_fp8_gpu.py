@@ -79,6 +79,69 @@ def test_pretransposed_v_fp16_output_and_per_head_q_descale(tma, nan_poison):
     check_fp8(out2, None, q8, k8, v8, qd, kd, vd, causal=True, out_dtype=torch.float16)
 
 
+GLUON_CASES = [
+    Case(2, 4, 4, 1024, 1024, 128, FP8, causal=False),
+    Case(1, 8, 2, 640, 1025, 128, FP8, causal=True),  # GQA, Mq < Mkv, ragged last key block
+    Case(1, 8, 1, 320, 97, 64, FP8, causal=True),  # MQA, Mq > Mkv: rows with no key
+    Case(2, 4, 2, 512, 700, 64, FP8, causal=False, layout="bhsd"),
+    Case(1, 4, 4, 384, 384, 128, FP8, causal=True, layout="bhsd"),
+]
+
+
+@pytest.mark.parametrize("case", GLUON_CASES, ids=lambda c: c.id)
+def test_gluon_kernel_with_every_gluon_config(case, nan_poison):
+    """The Gluon fp8 kernel (triton_fa2/kernels_gluon.py) under each of its tuner configs: the
+    STYLE.md rule for out and lse, natural and pre-transposed V, both output dtypes; and it is
+    the kernel that ran (gluon_reasons empty), not the Triton fallback."""
+    from fa2dispatch.backends import BACKENDS
+    from fa2dispatch.backends.triton_fp8.launch import gluon_reasons, transpose_v
+
+    from fa2dispatch.fp8 import FP8Args
+    from fa2dispatch.hardware import device_info
+    from fa2dispatch.problem import make_problem
+
+    device = device_info(torch.device("cuda"))
+    if not (9, 0) <= device.capability < (10, 0):
+        pytest.skip(f"the Gluon kernel is sm_90 only (device {device.arch})")
+    q8, k8, v8, qd, kd, vd = make_fp8_inputs(case, device="cuda")
+    vt = transpose_v(v8, case.layout)
+    backend = BACKENDS["triton-fp8"]
+    for out_dtype in (torch.bfloat16, torch.float16):
+        problem = make_problem(q8, k8, vt, causal=case.causal, layout=case.layout, out_dtype=out_dtype,
+                               v_layout="transposed")
+        configs = [c for c in backend.config_space(problem, device) if c.kernel == "gluon"]
+        assert len(configs) >= 2
+        for config in configs:
+            assert gluon_reasons(problem, q8, k8, vt, config, device) == [], config
+            out, lse = backend.forward(problem, q8, k8, vt, config, fp8_args=FP8Args(qd, kd, vd))
+            check_fp8(out, lse, q8, k8, v8, qd, kd, vd, causal=case.causal, layout=case.layout, out_dtype=out_dtype)
+        natural = make_problem(q8, k8, v8, causal=case.causal, layout=case.layout, out_dtype=out_dtype)
+        out2, _ = backend.forward(natural, q8, k8, v8, configs[0], fp8_args=FP8Args(qd, kd, vd))
+        assert torch.equal(out2, backend.forward(problem, q8, k8, vt, configs[0], fp8_args=FP8Args(qd, kd, vd))[0])
+
+
+def test_gluon_config_falls_back_to_the_triton_kernel_where_it_cannot_run(nan_poison):
+    """A gluon config on a call the Gluon kernel refuses (Mq not a multiple of block_m, strided
+    q) runs the Triton kernel with the same fields and is still right."""
+    from fa2dispatch.backends import BACKENDS
+    from fa2dispatch.backends.triton_fp8.config import FP8Config
+    from fa2dispatch.backends.triton_fp8.launch import gluon_reasons, transpose_v
+
+    from fa2dispatch.fp8 import FP8Args
+    from fa2dispatch.hardware import device_info
+    from fa2dispatch.problem import make_problem
+
+    case = Case(1, 4, 2, 1000, 777, 128, FP8, causal=True)
+    q8, k8, v8, qd, kd, vd = make_fp8_inputs(case, device="cuda")
+    vt = transpose_v(v8, case.layout)
+    problem = make_problem(q8, k8, vt, causal=True, layout=case.layout, v_layout="transposed")
+    config = FP8Config(block_m=64, block_n=128, num_warps=4, num_stages=2, kernel="gluon", v_stages=1)
+    device = device_info(torch.device("cuda"))
+    assert any("Mq=1000" in r for r in gluon_reasons(problem, q8, k8, vt, config, device))
+    out, lse = BACKENDS["triton-fp8"].forward(problem, q8, k8, vt, config, fp8_args=FP8Args(qd, kd, vd))
+    check_fp8(out, lse, q8, k8, v8, qd, kd, vd, causal=True, layout=case.layout)
+
+
 @pytest.mark.parametrize("use_hadamard", [False, True], ids=["plain", "hadamard"])
 def test_fp8_true_and_hadamard(use_hadamard):
     case = Case(2, 8, 4, 1024, 1024, 128, torch.bfloat16, causal=True)

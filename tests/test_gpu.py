@@ -74,6 +74,28 @@ SDPA_CASES = [(name, case) for name in SDPA for case in MATRIX
               if not BACKENDS[name].not_supported_reasons(_problem(case), _device())]
 
 
+@pytest.mark.parametrize("backend", ["auto", "triton"])
+@pytest.mark.parametrize("scale", [-0.3, 0.0, 2.0])
+def test_any_finite_softmax_scale(backend, scale, nan_poison):
+    """softmax_scale is any finite number: negative (the largest scaled score is the smallest
+    raw one), zero (uniform weights over the visible keys) and large; causal with Mq > Mkv has
+    rows that see no key. Forward, lse and backward against float64."""
+    from helpers import check_close, check_lse, math_with_grads, max_magnitude
+
+    case = Case(2, 4, 2, 700, 300, 128, torch.float16, True)
+    q, k, v, dout = make_inputs(case, device="cuda", seed=17)
+    truth = math_with_grads(q, k, v, dout, case, torch.float64, scale=scale)
+    low = math_with_grads(q, k, v, dout, case, case.dtype, scale=scale)
+    magnitude = max_magnitude(truth[0], *truth[2:])
+    with torch.no_grad():
+        _, lse = fa2dispatch.attention(q, k, v, causal=True, softmax_scale=scale, return_lse=True, backend=backend)
+    check_lse(lse, truth[1], low[1])
+    out = fa2dispatch.attention(q, k, v, causal=True, softmax_scale=scale, backend=backend)
+    check_close("out", out, truth[0], low[0], magnitude)
+    for name, ours, t, lp in zip(("dq", "dk", "dv"), torch.autograd.grad(out, (q, k, v), dout), truth[2:], low[2:]):
+        check_close(name, ours, t, lp, magnitude)
+
+
 def test_every_sdpa_adapter_has_cases():
     assert {name for name, _ in SDPA_CASES} == set(SDPA)
 

@@ -159,6 +159,10 @@ def test_fp8_inputs_run_on_sm89_sm90_and_are_refused_elsewhere_naming_the_arch(p
         ("h100", "triton-fp8", {"dtype": torch.float8_e4m3fn, "requires_grad": True},
          "backward (gradients requested) is not implemented"),
         ("h100", "cupy", {}, "cupy not installed"),
+        ("h100", "cupy", {"softmax_scale": -0.3}, ("softmax_scale=-0.3 (supported: > 0; the CuPy forward takes row "
+         "maxima of the raw scores, which order like the scaled ones only for a positive scale)")),
+        ("h100", "cupy", {"softmax_scale": 0.0}, ("softmax_scale=0 (supported: > 0; the CuPy forward takes row "
+         "maxima of the raw scores, which order like the scaled ones only for a positive scale)")),
         ("h100", "triton", {"D": 264}, "head_dim=264 (supported: 8..256, multiple of 8)"),
         ("a100", "triton-fp8", {"dtype": torch.float8_e4m3fn}, "requires sm_89+ but device is sm_80"),
         ("mi300x", "torch-sdpa-cudnn", {}, "runs on nvidia devices, not amd"),

@@ -36,6 +36,7 @@ before each run, median between device events.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import sys
@@ -49,6 +50,7 @@ BATCHES = (1, 2, 4, 8, 16, 32, 64)
 SWEEP_CONFIGS = ((32, 4, 4), (32, 6, 4), (64, 2, 4), (64, 3, 4), (64, 4, 4), (64, 5, 4), (64, 3, 8),
                  (64, 4, 8), (128, 2, 4), (128, 3, 4), (128, 2, 8), (128, 3, 8))
 SDPA = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "MATH")
+STEPS_PER_GRAPH = 8  # --floor: calls per graph in the "N per graph" rows
 
 
 def bind(fn, *args, **kwargs):
@@ -455,6 +457,91 @@ def varlen_rows(timer, dtype) -> list[dict]:
     return rows
 
 
+def _read_kernel():
+    """A Triton kernel that reads a buffer once (each program a contiguous part) and writes one
+    float per program: the plain streaming read that decode at B=1 is measured against."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def stream_read(X, Out, n_per_prog, BLOCK: tl.constexpr):
+        base = X + tl.program_id(0).to(tl.int64) * n_per_prog
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for i in tl.range(0, n_per_prog, BLOCK, num_stages=3):
+            acc += tl.load(base + i + tl.arange(0, BLOCK)).to(tl.float32)
+        tl.store(Out + tl.program_id(0), tl.sum(acc))
+
+    return stream_read
+
+
+def floor_rows(timer, copy_gbps: float, nbytes: int = 64 << 20) -> list[dict]:
+    """What a CUDA graph replay of B=1's size can reach on this timer (clean L2, as the decode
+    table's "clean" column): an empty graph (one tiny kernel: the timer's own floor), then
+    reads of ``nbytes`` (B=1's K and V) by torch's sum and by a streaming Triton kernel at a
+    few grid sizes (128 programs is decode's grid at B=1); then, per call, STEPS_PER_GRAPH calls
+    over as many distinct 64 MiB buffers / caches in one graph (the read, our decode, SDPA's cuDNN):
+    what a call costs inside a model step's graph, where the timer's floor is paid once. Time
+    and %copy per row."""
+    import torch
+
+    from fa2dispatch.autotune.timer import CudaTimer
+
+    clean = CudaTimer(timer.runs, clean_l2=True)
+    x = torch.ones(nbytes // 2, dtype=torch.float16, device="cuda")
+    tiny = torch.zeros(1, device="cuda")
+    kernel = _read_kernel()
+    cases = [("empty graph (tiny kernel)", 0, bind(tiny.add_, 1)), ("torch sum", nbytes, bind(x.sum))]
+    for programs, block, warps in ((128, 8192, 8), (128, 16384, 8), (256, 8192, 8), (512, 4096, 4),
+                                   (1024, 4096, 4), (4096, 4096, 4)):  # each divides the buffer evenly
+        out = torch.empty(programs, device="cuda")
+        cases.append((f"triton read: {programs} programs x {block} x {warps} warps", nbytes,
+                      bind(kernel[(programs,)], x, out, x.numel() // programs, BLOCK=block, num_warps=warps)))
+    # The same work as steps of one graph, the way a model's decode step runs its layers: N
+    # calls over N distinct caches (no L2 reuse between them), timed once per replay; per call =
+    # time / N, so the timer's own floor (the first row) is paid once per N calls.
+    n = STEPS_PER_GRAPH
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    import fa2dispatch.kvcache as kvc
+
+    kvc.CHECK_VALUES = False
+    sets = [make_decode(1, torch.float16, seed=i) for i in range(n)]
+    xs = [torch.ones(nbytes // 2, dtype=torch.float16, device="cuda") for _ in range(n)]
+    outs = [torch.empty(256, device="cuda") for _ in range(n)]
+
+    def steps(one):
+        return lambda: [one(i) for i in range(n)]
+
+    def sdpa_cudnn(i):
+        q, kc, vc, _ = sets[i]
+        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+            return F.scaled_dot_product_attention(q.transpose(1, 2), kc.transpose(1, 2), vc.transpose(1, 2),
+                                                  enable_gqa=True)
+
+    multi = [(f"triton read 256 x 8192 x 8, {n} per graph", nbytes,
+              steps(lambda i: kernel[(256,)](xs[i], outs[i], xs[i].numel() // 256, BLOCK=8192, num_warps=8))),
+             (f"decode B=1 (ours), {n} per graph", nbytes,
+              steps(lambda i: kvc.attention_with_kvcache(sets[i][0], sets[i][1], sets[i][2],
+                                                         cache_seqlens=sets[i][3]))),
+             (f"decode B=1 (SDPA cuDNN), {n} per graph", nbytes, steps(sdpa_cudnn))]
+    rows = []
+    for name, size, fn, per in [(*c, 1) for c in cases] + [(*m, n) for m in multi]:
+        try:
+            t = clean(graph_of(fn).replay)
+        except Exception as exc:  # noqa: BLE001 - a case that cannot run is a row with its reason
+            rows.append({"case": name, "error": _first_line(exc)})
+            print(f"floor  {name:<44} failed: {_first_line(exc)}", flush=True)
+            continue
+        t = dataclasses.replace(t, ms=t.ms / per, spread=t.spread / per)
+        row = {"case": name, "bytes": size, "calls_per_graph": per, "graph_clean_ms": t.ms,
+               "frac_copy": (size / (t.ms * 1e-3) / 1e9 / copy_gbps) if size else None}
+        rows.append(row)
+        frac = f"{100 * row['frac_copy']:5.1f}%" if size else "     -"
+        print(f"floor  {name:<48} {t.ms * 1e3:8.2f} us  {frac}", flush=True)
+    return rows
+
+
 def environment() -> dict:
     import torch
     import triton
@@ -477,6 +564,8 @@ def main(argv=None) -> int:
     ap.add_argument("--sweep-configs", default=None,
                     help="block_n:stages:warps,... instead of SWEEP_CONFIGS (e.g. 64:3:4,64:2:4)")
     ap.add_argument("--varlen", action="store_true", help="also time attention_varlen against dense attention")
+    ap.add_argument("--floor", action="store_true",
+                    help="also time an empty graph and plain 64 MiB reads (what B=1 can reach on this timer)")
     ap.add_argument("--host-cpu", action="store_true",
                     help="only the Python side of a decode call on the CPU, kernels mocked (no GPU needed)")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
@@ -499,6 +588,8 @@ def main(argv=None) -> int:
     result["copy"] = copy_bandwidth(timer)
     print(f"{result['env']}\ncopy bandwidth: {result['copy']['GBps']:.0f} GB/s (2 GiB dst.copy_(src), read + write)",
           flush=True)
+    if args.floor:
+        result["floor"] = floor_rows(timer, result["copy"]["GBps"])
     if not args.no_decode:
         print(f"decode: H={H} Hkv={HKV} D={D} {args.dtype} context {CONTEXT}, Mq=1\n{HEADER}", flush=True)
         result["decode"] = decode_rows([int(b) for b in args.batches.split(",")], dtype, timer,

@@ -34,6 +34,14 @@ def _nvrtc_problem() -> str | None:
     return None if major_minor else "NVRTC missing"
 
 
+# fa2_fwd.cu takes each row's max over the raw scores and scales it once; that is the max of the
+# scaled scores only for a positive scale. Found 2026-11-25 (session 8): with a negative scale the
+# masked keys (-inf raw) turned into p = 2^+inf, and at scale 0 the first rescale computed
+# -inf * 0 = NaN. Refused rather than compiled in: every other backend takes any finite scale.
+_SCALE_REASON = ("softmax_scale={:g} (supported: > 0; the CuPy forward takes row maxima of the raw scores, "
+                 "which order like the scaled ones only for a positive scale)")
+
+
 class CupyBackend(Backend):
     name = "cupy"
     description = "FlashAttention-2 in CUDA C++ compiled at run time by NVRTC through cupy.RawModule"
@@ -56,6 +64,12 @@ class CupyBackend(Backend):
             problem = _nvrtc_problem()
             if problem:
                 reasons.append(problem)
+        return reasons
+
+    def feature_reasons(self, problem: AttentionProblem) -> list[str]:
+        reasons = super().feature_reasons(problem)
+        if not problem.softmax_scale > 0:
+            reasons.append(_SCALE_REASON.format(problem.softmax_scale))
         return reasons
 
     def not_supported_reasons(self, problem: AttentionProblem, device: DeviceInfo) -> list[str]:
@@ -84,6 +98,9 @@ class CupyBackend(Backend):
 
     def forward(self, problem, q, k, v, config):
         from .launch import forward  # lazily: launching imports cupy
+
+        if not problem.softmax_scale > 0:  # the dispatcher never sends these; direct callers get the reason
+            raise ValueError("the CuPy forward cannot run this call: " + _SCALE_REASON.format(problem.softmax_scale))
 
         return forward(problem, q, k, v, config or default_config(problem.D, _device(q)))
 

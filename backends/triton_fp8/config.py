@@ -23,9 +23,17 @@ class FP8Config(Config):
     num_warps: int = 8
     num_stages: int = 3
     tma: bool = True  # tensor descriptors (TMA) where the inputs allow it (sm_90+, see launch.py)
+    # "gluon": triton_fa2/kernels_gluon.py (sm_90: explicit async wgmma, P V overlapping the next
+    # block's softmax; num_stages K buffers and v_stages V buffers, num_warps = block_m / 16);
+    # calls it cannot take run the Triton kernel with these fields (launch.py, gluon_reasons)
+    kernel: str = "triton"
+    v_stages: int = 2
 
     def launch_options(self) -> dict:
         return {"num_warps": self.num_warps, "num_stages": self.num_stages}
+
+
+GLUON_MIN_FLOPS = 6.4e10  # FA2-convention FLOPs from which the sm_90 default is the Gluon kernel
 
 
 def block_d(head_dim: int) -> int:
@@ -52,6 +60,15 @@ def default_config(problem: AttentionProblem, device: DeviceInfo) -> FP8Config:
         # Fastest of config_space at D=256, S=16k (tools/bench_fp8.py --sweep, H100): 902 TFLOP/s
         # against 860 with TMA and 730 for 2 stages. 8 warps: two warpgroups of 64 rows.
         return FP8Config(block_m=128, block_n=64, num_warps=8, num_stages=3, tma=False)
+    flops = 4.0 * problem.B * problem.H * problem.Mq * problem.Mkv * problem.D / (2 if problem.causal else 1)
+    if bd == 128 and device.capability < (10, 0) and flops >= GLUON_MIN_FLOPS:
+        # The Gluon kernel (kernels_gluon.py): 64 x 128 blocks, one warpgroup, two K buffers and
+        # one V buffer (66 KB: three programs per SM). H100, 2026-11-25 (tools/sweep_gluon.py
+        # --fp8, docs/HOPPER_ATTEMPTS.md attempt 6): D=128 S=16k 796 TFLOP/s non-causal and 781
+        # causal against 766 / 645 for the Triton kernel below; S=4k 809 / 715 against 763 / 664.
+        # Smaller calls keep the Triton kernel: at S=1k (34 GFLOP) the Gluon call measured 339 TFLOP/s,
+        # bound by its host side (then ~100 us per call, mostly descriptor layouts, now cached).
+        return FP8Config(block_m=64, block_n=128, num_warps=4, num_stages=2, tma=True, kernel="gluon", v_stages=1)
     # D <= 128: one warpgroup per program and ~105 KB of shared memory, so two programs share an
     # SM and one's softmax can overlap the other's MMAs (Triton 3.6 waits for each Q K^T wgmma
     # before the softmax: a lone program leaves the tensor cores idle during its exp2s).
@@ -77,4 +94,8 @@ def config_space(problem: AttentionProblem, device: DeviceInfo) -> list[FP8Confi
                     for num_warps in (4, 8) if block_m == 64 and hopper else (4 if block_m == 64 else 8,):
                         space.append(FP8Config(block_m=block_m, block_n=block_n, num_warps=num_warps,
                                                num_stages=num_stages, tma=tma))
+    if hopper and bd in (64, 128) and device.capability < (10, 0):
+        for block_m, block_n, k_stages, v_stages in ((64, 128, 2, 1), (64, 128, 2, 2), (64, 64, 2, 2), (64, 64, 2, 1)):
+            space.append(FP8Config(block_m=block_m, block_n=block_n, num_warps=block_m // 16, num_stages=k_stages,
+                                   tma=True, kernel="gluon", v_stages=v_stages))
     return [default] + [c for c in space if c != default]

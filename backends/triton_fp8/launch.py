@@ -82,6 +82,35 @@ def _tma_plan(problem: AttentionProblem, q, k, vt, config: FP8Config, device: De
     return q_desc, k_desc, vt_desc, qv[2:], kv[2:]
 
 
+def gluon_reasons(problem: AttentionProblem, q, k, vt, config: FP8Config, device: DeviceInfo) -> list[str]:
+    """Why the Gluon kernel (triton_fa2/kernels_gluon.py) cannot run this call with ``config``
+    (empty: it can). Those calls run the Triton kernel instead, with the same config fields."""
+    out = []
+    if not (device.vendor == "nvidia" and device.capability is not None and (9, 0) <= device.capability < (10, 0)):
+        out.append("needs sm_90 (wgmma, TMA; Gluon kernels do not run under the interpreter)")
+    if problem.D not in (64, 128):
+        out.append(f"head dim {problem.D} (supported: 64, 128)")
+    if not problem.softmax_scale > 0:
+        out.append(f"softmax_scale={problem.softmax_scale} (supported: > 0)")
+    if config.block_m not in (64, 128) or config.num_warps != config.block_m // 16 or config.block_n not in (64, 128):
+        out.append(f"block_m={config.block_m} block_n={config.block_n} num_warps={config.num_warps} (supported: "
+                   "block_m 64 or 128 with block_m / 16 warps, block_n 64 or 128)")
+    if problem.Mq % config.block_m:
+        out.append(f"Mq={problem.Mq} (supported: a multiple of block_m={config.block_m}; the output goes back through "
+                   "TMA over rows shared with the next head)")
+    if problem.output_dtype not in (torch.bfloat16, torch.float16):
+        out.append(f"output dtype {problem.output_dtype}")
+    if out or device.vendor == "cpu":
+        return out
+    if _tma_view(q, problem.layout) is None or _tma_view(k, problem.layout) is None:
+        out.append("q, k: a tensor descriptor needs contiguous rows of (B, S, H, D) or (B, H, S, D)")
+    _, Hkv, D, _ = vt.shape
+    if not (vt.stride(3) == 1 and vt.stride(2) % TMA_ALIGN == 0 and vt.stride(1) == D * vt.stride(2)
+            and vt.stride(0) == Hkv * vt.stride(1) and vt.data_ptr() % TMA_ALIGN == 0):
+        out.append("V^T: rows of Mkv with a 16-byte aligned stride")
+    return out
+
+
 def forward(problem: AttentionProblem, q, k, v, config: FP8Config, device: DeviceInfo,
             fp8_args: FP8Args | None = None, force_pointers: bool = False):
     """(out in the problem's output dtype and q's layout, lse (B, H, Mq) float32)."""
@@ -89,9 +118,15 @@ def forward(problem: AttentionProblem, q, k, v, config: FP8Config, device: Devic
 
     B, H, Mq, Mkv, D = problem.B, problem.H, problem.Mq, problem.Mkv, problem.D
     vt = v if problem.v_layout == "transposed" else transpose_v(v, problem.layout)
+    args = fp8_args or FP8Args()
+    if config.kernel == "gluon" and not force_pointers and not gluon_reasons(problem, q, k, vt, config, device):
+        from ..triton_fa2.launch_gluon import forward_fp8
+
+        return forward_fp8(q, k, None, args.q_descale, args.k_descale, args.v_descale, problem.causal,
+                           problem.softmax_scale, problem.layout, vt, config.block_m, config.block_n,
+                           config.num_stages, config.v_stages, config.num_warps, problem.output_dtype)
     out = torch.empty(q.shape, dtype=problem.output_dtype, device=q.device)
     lse = torch.empty((B, H, Mq), dtype=torch.float32, device=q.device)
-    args = fp8_args or FP8Args()
     qd, kd, vd = (_descale(t, q.device) for t in (args.q_descale, args.k_descale, args.v_descale))
     qd_group = 1 if args.q_descale is None or args.q_descale.shape[1] == H else problem.group
 

@@ -59,7 +59,7 @@ KERNEL_SOURCES = {
     "triton": ("triton_fa2/kernels.py", "triton_fa2/launch.py", "triton_fa2/dropout.py",
                "triton_fa2/kernels_hopper.py", "triton_fa2/launch_hopper.py"),
     "cupy": ("cupy_cuda/*.cu", "cupy_cuda/*.cuh", "cupy_cuda/launch.py"),
-    "triton-fp8": ("triton_fp8/*.py",),
+    "triton-fp8": ("triton_fp8/*.py", "triton_fa2/kernels_gluon.py", "triton_fa2/launch_gluon.py"),
 }
 
 

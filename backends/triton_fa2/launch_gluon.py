@@ -1,0 +1,176 @@
+"""Launcher of the experimental Gluon forward (``kernels_gluon.attn_fwd_gluon``); not dispatched.
+
+``forward(q, k, v, causal, softmax_scale, layout, ...)`` returns (out, lse) as ``launch_hopper``
+does, for the calls the experiment covers (``reasons`` says which do not): float16/bfloat16,
+head dim a power of two in 64..128, softmax_scale > 0, Mq a multiple of block_m, inputs a
+descriptor can address (``launch_hopper._tma_view``). ``compile_sm90`` compiles it offline for
+the resource report (no GPU needed).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+
+from .launch_hopper import LOG2E, _tma_view
+
+DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def reasons(q, k, v, causal: bool, softmax_scale: float, layout: str, block_m: int, block_n: int) -> list[str]:
+    out = []
+    if q.dtype not in DTYPES:
+        out.append(f"dtype={q.dtype} (supported: float16, bfloat16)")
+    D = q.shape[-1]
+    if D not in (64, 128):
+        out.append(f"head dim {D} (supported: 64, 128)")
+    if not softmax_scale > 0:
+        out.append(f"softmax_scale={softmax_scale} (supported: > 0)")
+    Mq = q.shape[1] if layout == "bshd" else q.shape[2]
+    if block_m not in (64, 128):
+        out.append(f"block_m={block_m} (supported: 64 with 4 warps, 128 with 8)")
+    if Mq % block_m:
+        out.append(f"Mq={Mq} (supported: a multiple of block_m={block_m})")
+    if any(_tma_view(t, layout) is None for t in (q, k, v)):
+        out.append("q, k, v: a tensor descriptor needs contiguous (B, S, H, D) or (B, H, S, D) rows")
+    return out
+
+
+def _gl_dtype(dtype: torch.dtype):
+    from triton.experimental.gluon import language as gl
+
+    return {torch.float16: gl.float16, torch.bfloat16: gl.bfloat16, torch.float8_e4m3fn: gl.float8e4nv}[dtype]
+
+
+@functools.lru_cache(maxsize=64)
+def _smem_layout(block: tuple, dtype: torch.dtype):
+    """The swizzled shared-memory layout of a TMA block: Gluon computes it in ~15 us (a
+    constexpr function call), four times per launch, so it is computed once per block."""
+    from triton.experimental.gluon import language as gl
+
+    return gl.NVMMASharedLayout.get_default_for(list(block), _gl_dtype(dtype))
+
+
+def _gl_desc(t: torch.Tensor, shape, strides, block):
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    return TensorDescriptor(t, list(shape), list(strides), list(block), _smem_layout(tuple(block), t.dtype))
+
+
+def _desc(t: torch.Tensor, layout: str, block_rows: int):
+    (shape, strides, rows_z, rows_h, cols_h) = _tma_view(t, layout)
+    return _gl_desc(t, shape, strides, [block_rows, t.shape[-1]]), (rows_z, rows_h, cols_h)
+
+
+def forward(q, k, v, causal: bool = False, softmax_scale: float | None = None, layout: str = "bhsd",
+            block_m: int = 64, block_n: int = 64, k_stages: int = 2, v_stages: int = 2, num_warps: int = 4,
+            q_regs: bool = False, maxnreg: int = 0):
+    from . import kernels_gluon
+
+    D = q.shape[-1]
+    scale = D**-0.5 if softmax_scale is None else softmax_scale
+    why = reasons(q, k, v, causal, scale, layout, block_m, block_n)
+    if num_warps != block_m // 16:
+        why.append(f"num_warps={num_warps} (block_m={block_m} takes {block_m // 16}: 16 rows per warp)")
+    if why:
+        raise ValueError("the Gluon forward cannot run this call: " + "; ".join(why))
+    if layout == "bshd":
+        B, Mq, H, _ = q.shape
+        Mkv, Hkv = k.shape[1], k.shape[2]
+    else:
+        B, H, Mq, _ = q.shape
+        Hkv, Mkv = k.shape[1], k.shape[2]
+    out = torch.empty_like(q)
+    lse = torch.empty((B, H, Mq), dtype=torch.float32, device=q.device)
+    qd, (qz, qh, qc) = _desc(q, layout, block_m)
+    kd, (kz, kh, kc) = _desc(k, layout, block_n)
+    vd, _ = _desc(v, layout, block_n)
+    od, _ = _desc(out, layout, block_m)
+    grid = (triton.cdiv(Mq, block_m) * B * H,)
+    one = torch.ones(1, dtype=torch.float32, device=q.device)  # descales of a 16-bit call: never read
+    kernels_gluon.attn_fwd_gluon[grid](qd, kd, vd, od, lse, scale * LOG2E, H, H // Hkv, Mq, Mkv,
+                                       qz, qh, qc, kz, kh, kc, one, one, one, 0, 0, 0, 0, 0, 0, 1, Hkv,
+                                       CAUSAL=causal, K_STAGES=k_stages, V_STAGES=v_stages, FP8=False,
+                                       Q_REGS=q_regs, num_warps=num_warps,
+                                       **({"maxnreg": maxnreg} if maxnreg else {}))
+    return out, lse
+
+
+def forward_fp8(q8, k8, v8, q_descale=None, k_descale=None, v_descale=None, causal: bool = False,
+                softmax_scale: float | None = None, layout: str = "bhsd", v_transposed=None,
+                block_m: int = 64, block_n: int = 128, k_stages: int = 2, v_stages: int = 2, num_warps: int = 4,
+                out_dtype: torch.dtype = torch.bfloat16):
+    """The same kernel on e4m3 q, k, v with float32 descales (B, H or Hkv) / (B, Hkv), as the
+    ``triton-fp8`` backend takes them; output ``out_dtype``. ``v_transposed``: V^T (B, Hkv, D,
+    Mkv) with Mkv contiguous and a 16-byte row stride, else made from ``v8`` (one copy)."""
+    from ..triton_fp8.launch import transpose_v
+    from . import kernels_gluon
+
+    D = q8.shape[-1]
+    scale = D**-0.5 if softmax_scale is None else softmax_scale
+    if layout == "bshd":
+        B, Mq, H, _ = q8.shape
+        Mkv, Hkv = k8.shape[1], k8.shape[2]
+    else:
+        B, H, Mq, _ = q8.shape
+        Hkv, Mkv = k8.shape[1], k8.shape[2]
+    if Mq % block_m or D not in (64, 128) or not scale > 0 or num_warps != block_m // 16:
+        raise ValueError("the Gluon fp8 forward takes Mq % block_m == 0, D in (64, 128), softmax_scale > 0, "
+                         "num_warps = block_m / 16 (triton_fp8.launch.gluon_reasons)")
+    vt = v_transposed if v_transposed is not None else transpose_v(v8, layout)
+    out = torch.empty(q8.shape, dtype=out_dtype, device=q8.device)
+    lse = torch.empty((B, H, Mq), dtype=torch.float32, device=q8.device)
+    qd, (qz, qh, qc) = _desc(q8, layout, block_m)
+    kd, (kz, kh, kc) = _desc(k8, layout, block_n)
+    vd = _gl_desc(vt, [B * Hkv * D, Mkv], [vt.stride(2), 1], [D, block_n])
+    od, _ = _desc(out, layout, block_m)
+    one = torch.ones(1, 1, dtype=torch.float32, device=q8.device)
+    qs, ks, vs = (t if t is not None else one for t in (q_descale, k_descale, v_descale))
+    strides = [x for t, given in ((qs, q_descale), (ks, k_descale), (vs, v_descale))
+               for x in ((t.stride(0), t.stride(1)) if given is not None else (0, 0))]
+    qd_group = 1 if q_descale is None or q_descale.shape[1] == H else H // Hkv
+    grid = (triton.cdiv(Mq, block_m) * B * H,)
+    kernels_gluon.attn_fwd_gluon[grid](qd, kd, vd, od, lse, scale * LOG2E, H, H // Hkv, Mq, Mkv,
+                                       qz, qh, qc, kz, kh, kc, qs, ks, vs, *strides, qd_group, Hkv,
+                                       CAUSAL=causal, K_STAGES=k_stages, V_STAGES=v_stages, FP8=True,
+                                       Q_REGS=False, num_warps=num_warps)
+    return out, lse
+
+
+def compile_sm90(dtype: torch.dtype, head_dim: int, causal: bool, block_m: int = 64, block_n: int = 64,
+                 k_stages: int = 2, v_stages: int = 2, q_regs: bool = False) -> dict:
+    """Compile the kernel for sm_90 without a GPU (Gluon's AST source, Triton's own ptxas) and
+    report its resources (``launch_hopper._cubin_usage``: registers, stack, local-memory
+    instructions) plus shared memory and the PTX's wgmma count. ``dtype`` float8_e4m3fn compiles
+    the fp8 variant (bf16 output, V^T blocks)."""
+    import triton.language
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+    from triton.runtime.jit import mangle_type
+
+    from . import kernels_gluon
+    from .launch_hopper import _cubin_usage
+
+    fp8 = dtype == torch.float8_e4m3fn
+    warps = block_m // 16
+
+    def desc(t_dtype, cols, block):
+        t = torch.zeros((256, cols), dtype=t_dtype)  # metadata only: never read
+        return mangle_type(_gl_desc(t, [256, cols], [cols, 1], block))
+
+    sig = {"q_desc": desc(dtype, head_dim, [block_m, head_dim]), "k_desc": desc(dtype, head_dim, [block_n, head_dim]),
+           "v_desc": desc(dtype, 256, [head_dim, block_n]) if fp8 else desc(dtype, head_dim, [block_n, head_dim]),
+           "o_desc": desc(torch.bfloat16 if fp8 else dtype, head_dim, [block_m, head_dim]),
+           "Lse": "*fp32", "qk_scale": "fp32", "QDs": "*fp32", "KDs": "*fp32", "VDs": "*fp32"}
+    for name in kernels_gluon.attn_fwd_gluon.arg_names:
+        sig.setdefault(name, "i32")
+    constexprs = {"CAUSAL": causal, "K_STAGES": k_stages, "V_STAGES": v_stages, "Q_REGS": q_regs, "FP8": fp8,
+                  "num_warps": warps}
+    sig.update({name: "constexpr" for name in constexprs})
+    src = GluonASTSource(kernels_gluon.attn_fwd_gluon, sig, constexprs)
+    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+    usage = _cubin_usage(kernel.asm["cubin"])
+    usage.update(smem=kernel.metadata.shared, wgmma=kernel.asm["ptx"].count("wgmma.mma_async"))
+    return usage

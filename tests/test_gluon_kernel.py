@@ -1,0 +1,91 @@
+"""The Gluon forward (backends/triton_fa2/kernels_gluon.py): offline sm_90 compiles of the
+configs the fp8 backend may run and the 16-bit ones tools/sweep_gluon.py times (no GPU needed:
+Gluon kernels do not run under the interpreter, so this is what CI can check), and the fp8
+backend's routing rules. The kernel's values are checked on the H100 in tests/test_fp8_gpu.py
+(the fp8 backend's default on sm_90 at D=128) and by tools/sweep_gluon.py (16-bit)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fa2dispatch.hardware import simulated_device
+
+_COMPILE = r"""
+import json, sys, torch
+from fa2dispatch.backends.triton_fa2.launch_gluon import compile_sm90
+rows = []
+for dtype, d, causal, bm, bn, ks, vs in json.loads(sys.argv[1]):
+    r = compile_sm90(getattr(torch, dtype), d, causal, bm, bn, ks, vs)
+    rows.append(dict(r, dtype=dtype, d=d, causal=causal, bm=bm, bn=bn, ks=ks, vs=vs))
+print(json.dumps(rows))
+"""
+
+
+@pytest.mark.compile
+def test_compiles_for_sm90_with_wgmma_and_no_local_memory():
+    """fp8 tuner configs (the default 64 x 128 with one V buffer: under 75 KB of shared memory
+    and 170 registers, three programs per SM) and the 16-bit configs of the session-8 sweep."""
+    jobs = [("float8_e4m3fn", 128, False, 64, 128, 2, 1), ("float8_e4m3fn", 128, True, 64, 128, 2, 2),
+            ("float8_e4m3fn", 64, True, 64, 64, 2, 1), ("float8_e4m3fn", 64, False, 64, 128, 2, 2),
+            ("float16", 128, True, 64, 64, 2, 2), ("bfloat16", 64, False, 64, 128, 2, 2),
+            ("float16", 128, False, 128, 128, 2, 2)]
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    proc = subprocess.run([sys.executable, "-c", _COMPILE, json.dumps(jobs)], capture_output=True, text=True,
+                          env=env, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(rows) == len(jobs)
+    for r in rows:
+        print(r)
+        where = f"{r['dtype']} D={r['d']} causal={r['causal']} {r['bm']}x{r['bn']} k{r['ks']} v{r['vs']}"
+        assert r["wgmma"] >= 2, f"{where}: no wgmma"
+        if r["dtype"] != "float8_e4m3fn":
+            assert r["hgmma"] > 0, f"{where}: no HGMMA in the SASS"
+        assert r["stack"] == 0 and r["ldl_stl"] == 0, f"{where}: local memory ({r['stack']} B stack)"
+        assert r["smem"] <= 227 * 1024, f"{where}: {r['smem']} B of shared memory"
+    default = rows[0]
+    assert default["smem"] <= 75 * 1024 and default["registers"] <= 170, f"fp8 default: not 3 per SM: {default}"
+
+
+def test_fp8_default_on_the_h100_is_the_gluon_kernel_at_d128_only():
+    from fa2dispatch.backends.triton_fp8.config import config_space, default_config
+
+    from fa2dispatch.problem import AttentionProblem
+
+    h100, a100 = simulated_device("h100"), simulated_device("a100")
+
+    def problem(D):
+        return AttentionProblem(B=4, H=8, Hkv=8, Mq=4096, Mkv=4096, D=D, dtype=torch.float8_e4m3fn,
+                                device=torch.device("cpu"), layout="bhsd", causal=False, softmax_scale=D**-0.5)
+
+    assert default_config(problem(128), h100).kernel == "gluon"  # 4 x 8 x 4096^2 x 128 = 69 GFLOP
+    small = AttentionProblem(B=1, H=8, Hkv=8, Mq=1024, Mkv=1024, D=128, dtype=torch.float8_e4m3fn,
+                             device=torch.device("cpu"), layout="bhsd", causal=False, softmax_scale=0.1)
+    assert default_config(small, h100).kernel == "triton"  # 4 GFLOP: host-bound, the Triton kernel
+    assert default_config(problem(64), h100).kernel == "triton"  # not measured at D=64 as the default
+    assert default_config(problem(256), h100).kernel == "triton"
+    assert any(c.kernel == "gluon" for c in config_space(problem(64), h100))
+    assert all(c.kernel == "triton" for c in config_space(problem(128), a100))
+
+
+def test_gluon_reasons_name_what_the_kernel_cannot_take():
+    from fa2dispatch.backends.triton_fp8.config import FP8Config
+    from fa2dispatch.backends.triton_fp8.launch import gluon_reasons
+
+    from fa2dispatch.problem import AttentionProblem
+
+    cfg = FP8Config(block_m=64, block_n=128, num_warps=4, num_stages=2, kernel="gluon", v_stages=1)
+    p = AttentionProblem(B=1, H=2, Hkv=2, Mq=1000, Mkv=512, D=96, dtype=torch.float8_e4m3fn,
+                         device=torch.device("cpu"), layout="bhsd", causal=False, softmax_scale=-0.1)
+    q = torch.empty(1, 2, 1000, 96, dtype=torch.float8_e4m3fn)
+    vt = torch.empty(1, 2, 96, 512, dtype=torch.float8_e4m3fn)
+    why = " | ".join(gluon_reasons(p, q, q, vt, cfg, simulated_device("h100")))
+    for part in ("head dim 96", "softmax_scale=-0.1", "Mq=1000"):
+        assert part in why, why
+    assert "needs sm_90" in " | ".join(gluon_reasons(p, q, q, vt, cfg, simulated_device("a100")))

@@ -432,7 +432,8 @@ def test_default_grid_adds_gqa_and_decode_buckets_and_named_grids_are_exact():
 
 def test_backward_buckets_on_a_tuned_forward_base_still_time_the_default():
     p = problem(requires_grad=True)
-    base = replace(space.BACKENDS["triton"].default_config(p, H100), block_m=64, block_n=64, num_warps=4)
+    base = replace(space.BACKENDS["triton"].default_config(p, H100), block_m=64, block_n=32, num_warps=4)
+    assert base != space.BACKENDS["triton"].default_config(p, H100)
     keep, _ = space.candidates(p, H100, ["triton"], "default", triton_base=base)
     configs = [c.config for c in keep]
     assert configs[0] == space.BACKENDS["triton"].default_config(p, H100) and configs[1] == base

@@ -89,3 +89,44 @@ def test_gluon_reasons_name_what_the_kernel_cannot_take():
     for part in ("head dim 96", "softmax_scale=-0.1", "Mq=1000"):
         assert part in why, why
     assert "needs sm_90" in " | ".join(gluon_reasons(p, q, q, vt, cfg, simulated_device("a100")))
+
+
+def test_16bit_default_on_the_h100_is_the_gluon_kernel_for_plain_calls_at_d64_and_d128():
+    from fa2dispatch.backends.triton_fa2.config import default_config
+
+    from fa2dispatch.problem import AttentionProblem
+
+    h100 = simulated_device("h100")
+
+    def problem(D, **kw):
+        return AttentionProblem(B=2, H=8, Hkv=8, Mq=2048, Mkv=2048, D=D, dtype=torch.float16, device=torch.device("cpu"),
+                                layout="bshd", causal=True, softmax_scale=D**-0.5, **kw)
+
+    for D in (64, 128):
+        cfg = default_config(problem(D), h100)
+        assert cfg.fwd_kernel == "gluon" and cfg.num_warps == cfg.block_m // 16, cfg
+    assert default_config(problem(96), h100).fwd_kernel == "hopper"
+    assert default_config(problem(128), simulated_device("a100")).fwd_kernel == ""
+    assert default_config(problem(128, softcap=30.0), h100).fwd_kernel == ""  # features: the plain kernel
+
+
+def test_gluon_problem_reasons_and_the_hopper_fallback():
+    from dataclasses import replace
+
+    from fa2dispatch.backends.triton_fa2 import _hopper_fallback, launch_gluon
+    from fa2dispatch.backends.triton_fa2.config import default_config
+
+    from fa2dispatch.problem import AttentionProblem
+
+    h100 = simulated_device("h100")
+    p = AttentionProblem(B=1, H=4, Hkv=4, Mq=1000, Mkv=1000, D=128, dtype=torch.bfloat16, device=torch.device("cpu"),
+                         layout="bshd", causal=False, softmax_scale=0.1)
+    cfg = default_config(replace(p, Mq=1024, Mkv=1024), h100)
+    assert launch_gluon.problem_reasons(replace(p, Mq=1024, Mkv=1024), cfg, h100) == []
+    assert any("Mq=1000" in r for r in launch_gluon.problem_reasons(p, cfg, h100))
+    assert any("device sm_80" in r for r in launch_gluon.problem_reasons(p, cfg, simulated_device("a100")))
+    fallback = _hopper_fallback(p, cfg)
+    assert fallback.fwd_kernel == "hopper" and fallback.fwd_v_stages == 0
+    q = torch.empty(1, 1000, 4, 128, dtype=torch.bfloat16)
+    assert launch_gluon.tensor_reasons(q, q, q, "bshd") == []
+    assert launch_gluon.tensor_reasons(q[:, :, :, ::2], q, q, "bshd") != []

@@ -253,3 +253,69 @@ def test_compiles_for_sm90_with_wgmma_tma_and_no_local_memory():
             assert r["stack"] == 0 and r["ldl_stl"] == 0, f"{where}: local memory ({r['stack']} B stack)"
             if r["warps"] == 8 and r["shared_bytes"] <= 110 * 1024:  # the register-capped 2-per-SM configs
                 assert r["registers"] <= 128, f"{where}: {r['registers']} registers: one program per SM"
+
+
+# ------------------------------------------------------------------ the Gluon forward (sm_90)
+
+GLUON_GPU = [Case(2, 4, 4, 1024, 1024, 128, torch.float16, True),
+             Case(1, 8, 2, 640, 1025, 128, torch.bfloat16, True),  # GQA, Mq < Mkv, ragged last key block
+             Case(1, 8, 1, 320, 97, 64, torch.float16, True, "bhsd"),  # MQA, Mq > Mkv: rows with no key
+             Case(2, 4, 2, 512, 700, 64, torch.bfloat16, False),
+             Case(1, 4, 4, 384, 384, 128, torch.bfloat16, False, "bhsd")]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", GLUON_GPU, ids=[c.id for c in GLUON_GPU])
+def test_gpu_gluon_forward_with_every_tuner_config(case, nan_poison):
+    """Every gluon config the tuner may pick, through the backend (out, lse), against float64;
+    the Gluon kernel is what ran (its reasons are empty). Then the backward on its output."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from fa2dispatch.backends import BACKENDS
+    from fa2dispatch.backends.triton_fa2 import launch_gluon
+
+    from fa2dispatch.autotune import space
+
+    device = device_info(torch.device("cuda"))
+    if not (9, 0) <= device.capability < (10, 0):
+        pytest.skip(f"the Gluon kernel is sm_90 only (device {device.arch})")
+    q, k, v, dout = make_inputs(case, device="cuda", seed=3)
+    truth = math_with_grads(q, k, v, dout, case, torch.float64)
+    low = math_with_grads(q, k, v, dout, case, case.dtype)
+    magnitude = max_magnitude(truth[0], *truth[2:])
+    problem = make_problem(q.detach(), k.detach(), v.detach(), causal=case.causal, layout=case.layout)
+    assert not problem.requires_grad  # forward buckets vary the forward fields
+    backend = BACKENDS["triton"]
+    configs = [c.config for c in space.candidates(problem, device, ["triton"], "full")[0]
+               if c.config.fwd_kernel == "gluon"]
+    assert len(configs) >= 4
+    for cfg in configs:
+        assert launch_gluon.problem_reasons(problem, cfg, device) == [], cfg
+        out, lse = backend.forward(problem, q.detach(), k.detach(), v.detach(), cfg)
+        check_close(f"out [{cfg.short()}]", out, truth[0], low[0], magnitude)
+        check_lse(lse, truth[1], low[1])
+    grad_problem = make_problem(q, k, v, causal=case.causal, layout=case.layout)
+    grads = backend.backward(grad_problem, dout, q.detach(), k.detach(), v.detach(), out, lse, configs[0])
+    for name, ours, t, lp in zip(("dq", "dk", "dv"), grads, truth[2:], low[2:]):
+        check_close(name, ours, t, lp, magnitude)
+
+
+@pytest.mark.gpu
+def test_gpu_gluon_config_falls_back_to_the_hopper_kernel(nan_poison):
+    """A gluon config on a call the kernel cannot take (Mq not a multiple of 64; strided q)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from fa2dispatch.backends import BACKENDS
+    from fa2dispatch.backends.triton_fa2.config import GLUON_DEFAULTS
+
+    for case in (Case(1, 4, 2, 1000, 777, 128, torch.float16, True),
+                 Case(1, 4, 4, 256, 256, 64, torch.float16, False, contiguous=False)):
+        q, k, v, _ = make_inputs(case, device="cuda", seed=4, requires_grad=False)
+        truth = math_with_grads(q, k, v, torch.zeros_like(q), case, torch.float64)
+        low = math_with_grads(q, k, v, torch.zeros_like(q), case, case.dtype)
+        problem = make_problem(q, k, v, causal=case.causal, layout=case.layout)
+        m, n, ks, vs = GLUON_DEFAULTS[case.D]
+        cfg = TritonConfig(block_m=m, block_n=n, num_warps=m // 16, num_stages=ks, fwd_v_stages=vs, fwd_kernel="gluon")
+        out, lse = BACKENDS["triton"].forward(problem, q, k, v, cfg)
+        check_close("out", out, truth[0], low[0])
+        check_lse(lse, truth[1], low[1])

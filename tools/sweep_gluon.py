@@ -17,6 +17,21 @@ import json
 import sys
 
 
+def _first_run(call, row: dict, name: str, D: int, S: int, causal: bool):
+    """(out, lse) of a config's first call (compile included), or None with its error recorded
+    in the row and printed: a config that fails is a row with its reason, not the end of the sweep."""
+    import torch
+
+    try:
+        result = call()
+        torch.cuda.synchronize()
+    except Exception as exc:  # noqa: BLE001
+        row["err"][name] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+        print(f"  {name} D={D} S={S} causal={int(causal)}: {row['err'][name]}", flush=True)
+        return None
+    return result
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--head-dims", default="128")
@@ -78,13 +93,11 @@ def main(argv=None) -> int:
                 providers = {"cudnn": cudnn, "flash": flash, "triton": ours}
                 for bm, bn, ks, vs, w, qr in configs:
                     name = f"g{bm}x{bn}k{ks}v{vs}w{w}" + ("q" if qr else "")
-                    try:
-                        out, lse = launch_gluon.forward(q, k, v, causal, None, "bhsd", bm, bn, ks, vs, w, bool(qr))
-                        torch.cuda.synchronize()
-                    except Exception as exc:  # noqa: BLE001 - a config that fails is a row with its reason
-                        row["err"][name] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
-                        print(f"  {name} D={D} S={S} causal={int(causal)}: {row['err'][name]}", flush=True)
+                    result = _first_run(lambda bm=bm, bn=bn, ks=ks, vs=vs, w=w, qr=qr: launch_gluon.forward(
+                        q, k, v, causal, None, "bhsd", bm, bn, ks, vs, w, bool(qr)), row, name, D, S, causal)
+                    if result is None:
                         continue
+                    out, lse = result
                     err = (out[:1].float() - ref).abs().max().item()
                     lerr = (lse[:1] - ref_lse).abs().max().item() if ref_lse is not None else None
                     nan = bool(torch.isnan(out).any() or torch.isnan(lse).any())
@@ -156,13 +169,10 @@ def fp8_sweep(args, configs) -> int:
                     name = f"g{bm}x{bn}k{ks}v{vs}w{w}"
                     call = (lambda bm=bm, bn=bn, ks=ks, vs=vs, w=w: launch_gluon.forward_fp8(
                         q8, k8, v8, qd, kd, vd, causal, None, "bhsd", vt, bm, bn, ks, vs, w))
-                    try:
-                        out, lse = call()
-                        torch.cuda.synchronize()
-                    except Exception as exc:  # noqa: BLE001 - a config that fails is a row with its reason
-                        row["err"][name] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
-                        print(f"  {name} D={D} S={S} causal={int(causal)}: {row['err'][name]}", flush=True)
+                    result = _first_run(call, row, name, D, S, causal)
+                    if result is None:
                         continue
+                    out, lse = result
                     err = (out[:1].float() - ref).abs().max().item()
                     row["err"][name] = err
                     bad = bool(torch.isnan(out).any() or torch.isnan(lse).any()) or not err <= 2 * base_err + 1e-3

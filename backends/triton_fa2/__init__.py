@@ -113,6 +113,7 @@ def needs_int64_rows(problem: AttentionProblem, **tensors) -> bool:
 
 
 _HOPPER_OK: dict = {}
+_GLUON_OK: dict = {}  # (problem, config) -> whether the Gluon forward takes it (tensors aside)
 _STRIDES_CHECKED: dict = {}  # (problem, strides of the tensors) -> (stride_reasons, needs_int64_rows)
 _MEMO_LIMIT = 4096  # as the dispatcher's memo: past that these start over
 _THREAD = threading.local()
@@ -149,6 +150,20 @@ def ensure_cuda_context(device: torch.device) -> None:
     if device.index not in done:
         torch.cuda.current_stream(device).query()
         done.add(device.index)  # (problem, config) -> whether the Hopper forward takes it
+
+
+def _hopper_fallback(problem: AttentionProblem, config: TritonConfig) -> TritonConfig:
+    """For a gluon config on a call the Gluon kernel cannot take: the Hopper kernel's measured
+    choice of blocks (launch_hopper.measured_choice), else the plain kernel with these fields."""
+    from dataclasses import replace
+
+    from .launch_hopper import measured_choice
+
+    choice = measured_choice(problem, config)
+    if choice is None:
+        return replace(config, fwd_kernel="", fwd_v_stages=0)
+    hopper, options = choice
+    return replace(hopper, fwd_kernel="hopper", fwd_order=options.order, fwd_maxnreg=options.maxnreg, fwd_v_stages=0)
 
 
 class TritonBackend(Backend):
@@ -199,6 +214,20 @@ class TritonBackend(Backend):
 
         int64_rows = _check_strides(problem, q=q, k=k, v=v)
         device = device_info(q.device)
+        if config.fwd_kernel == "gluon" and features is None:
+            from . import launch_gluon
+
+            ok = _GLUON_OK.get((problem, config))
+            if ok is None:
+                if len(_GLUON_OK) >= _MEMO_LIMIT:
+                    _GLUON_OK.clear()
+                ok = _GLUON_OK[(problem, config)] = not launch_gluon.problem_reasons(problem, config, device)
+            if ok and not launch_gluon.tensor_reasons(q, k, v, problem.layout):
+                ensure_cuda_context(q.device)
+                return launch_gluon.forward(q, k, v, problem.causal, problem.softmax_scale, problem.layout,
+                                            config.block_m, config.block_n, config.num_stages,
+                                            config.fwd_v_stages or config.num_stages, config.num_warps)
+            config = _hopper_fallback(problem, config)  # ragged Mq, strided tensors, ...
         if config.fwd_kernel == "hopper" and features is None:
             from . import launch_hopper
 

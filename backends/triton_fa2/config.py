@@ -53,6 +53,10 @@ class TritonConfig(Config):
     fwd_kernel: str = ""
     fwd_order: int = 0
     fwd_maxnreg: int = 0
+    # fwd_kernel "gluon" (sm_90, kernels_gluon.py; fp16/bf16 plain calls, D 64 or 128, Mq a
+    # multiple of block_m, else the "hopper" kernel): block_m = 16 x num_warps query rows,
+    # num_stages K buffers and fwd_v_stages V buffers (0: num_stages)
+    fwd_v_stages: int = 0
 
     def launch_options(self, vendor: str, backward: bool = False, dkdv: bool = False) -> dict:
         """Keyword arguments for a kernel launch on this vendor (``dkdv``: the dK/dV kernel's)."""
@@ -68,6 +72,11 @@ class TritonConfig(Config):
                 if getattr(self, key):
                     opts[key] = getattr(self, key)
         return opts
+
+
+# Gluon forward defaults per head dim: (block_m, block_n, K buffers, V buffers). D=128: 64 x 64
+# with one V buffer is 66 KB (three programs per SM); D=64: 64 x 128 with two of each.
+GLUON_DEFAULTS = {128: (64, 64, 2, 1), 64: (64, 128, 2, 2)}
 
 
 def block_d(head_dim: int) -> int:
@@ -132,6 +141,14 @@ def _hopper_default(problem: AttentionProblem, device: DeviceInfo, base: TritonC
     hopper = device.vendor == "nvidia" and device.capability is not None and device.capability >= (9, 0)
     if not hopper or problem.feature_names or problem.dtype not in (torch.float16, torch.bfloat16):
         return None
+    if device.capability < (10, 0) and problem.D in GLUON_DEFAULTS:
+        # The Gluon forward (kernels_gluon.py): faster than the tuned Hopper kernel in every
+        # BENCH_PROTOCOL cell at D=128 (+4-20%) and D=64 (+1-7%) on the H100 (2026-11-25,
+        # tools/sweep_gluon.py, docs/HOPPER_ATTEMPTS.md attempt 6); calls it cannot take
+        # (Mq not a multiple of 64, strided tensors) run the Hopper kernel (__init__.py).
+        m, n, k_stages, v_stages = GLUON_DEFAULTS[problem.D]
+        return replace(base, block_m=m, block_n=n, num_warps=m // 16, num_stages=k_stages, fwd_v_stages=v_stages,
+                       fwd_kernel="gluon")
     try:
         from .launch_hopper import measured_choice
     except ImportError:  # no triton: nothing runs here anyway (the backend says why)

@@ -1,10 +1,13 @@
-"""Launcher of the experimental Gluon forward (``kernels_gluon.attn_fwd_gluon``); not dispatched.
+"""Launchers of the Gluon forward (``kernels_gluon.attn_fwd_gluon``) for sm_90.
 
-``forward(q, k, v, causal, softmax_scale, layout, ...)`` returns (out, lse) as ``launch_hopper``
-does, for the calls the experiment covers (``reasons`` says which do not): float16/bfloat16,
-head dim a power of two in 64..128, softmax_scale > 0, Mq a multiple of block_m, inputs a
-descriptor can address (``launch_hopper._tma_view``). ``compile_sm90`` compiles it offline for
-the resource report (no GPU needed).
+- 16-bit: ``TritonConfig.fwd_kernel == "gluon"`` routes plain fp16/bf16 calls here
+  (``triton_fa2.TritonBackend.forward``) when ``problem_reasons`` and ``tensor_reasons`` are
+  empty: head dim 64 or 128, softmax_scale > 0, Mq a multiple of block_m (the output goes back
+  through TMA over rows the next head shares), inputs a descriptor can address
+  (``launch_hopper._tma_view``); other calls take the Hopper kernel. ``forward`` is also the
+  entry point of ``tools/sweep_gluon.py``.
+- fp8: ``forward_fp8``, from the ``triton-fp8`` backend (``triton_fp8.launch.gluon_reasons``).
+- ``compile_sm90`` compiles it offline for the resource report (no GPU needed).
 """
 
 from __future__ import annotations
@@ -19,13 +22,43 @@ from .launch_hopper import LOG2E, _tma_view
 DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
+def problem_reasons(problem, config, device) -> list[str]:
+    """Why the 16-bit Gluon forward cannot run ``problem`` with ``config`` (a TritonConfig) on
+    ``device`` (empty: it can, given addressable tensors)."""
+    out = []
+    if not (device.vendor == "nvidia" and device.capability is not None and (9, 0) <= device.capability < (10, 0)):
+        out.append(f"device {device.arch} (supported: sm_90; Gluon kernels do not run under the interpreter)")
+    if problem.dtype not in DTYPES:
+        out.append(f"dtype={problem.dtype} (supported: float16, bfloat16)")
+    if problem.D not in (64, 128):
+        out.append(f"head dim {problem.D} (supported: 64, 128)")
+    if not problem.softmax_scale > 0:
+        out.append(f"softmax_scale={problem.softmax_scale} (supported: > 0)")
+    if problem.feature_names or problem.varlen or problem.kvcache:
+        out.append("features, varlen and KV caches are not implemented in the Gluon forward")
+    if problem.causal and problem.causal_alignment != "bottom_right":
+        out.append(f"causal_alignment={problem.causal_alignment!r}")
+    if config.block_m not in (64, 128) or config.num_warps != config.block_m // 16 or config.block_n not in (64, 128):
+        out.append(f"block_m={config.block_m} block_n={config.block_n} num_warps={config.num_warps} (supported: "
+                   "block_m 64 or 128 with block_m / 16 warps, block_n 64 or 128)")
+    if problem.Mq % config.block_m:
+        out.append(f"Mq={problem.Mq} (supported: a multiple of block_m={config.block_m})")
+    return out
+
+
+def tensor_reasons(q, k, v, layout: str) -> list[str]:
+    if any(_tma_view(t, layout) is None for t in (q, k, v)):
+        return ["q, k, v: a tensor descriptor needs contiguous (B, S, H, D) or (B, H, S, D) rows"]
+    return []
+
+
 def reasons(q, k, v, causal: bool, softmax_scale: float, layout: str, block_m: int, block_n: int) -> list[str]:
+    """The checks of ``forward``'s direct callers (the sweep tool), from the tensors alone."""
     out = []
     if q.dtype not in DTYPES:
         out.append(f"dtype={q.dtype} (supported: float16, bfloat16)")
-    D = q.shape[-1]
-    if D not in (64, 128):
-        out.append(f"head dim {D} (supported: 64, 128)")
+    if q.shape[-1] not in (64, 128):
+        out.append(f"head dim {q.shape[-1]} (supported: 64, 128)")
     if not softmax_scale > 0:
         out.append(f"softmax_scale={softmax_scale} (supported: > 0)")
     Mq = q.shape[1] if layout == "bshd" else q.shape[2]
@@ -33,9 +66,7 @@ def reasons(q, k, v, causal: bool, softmax_scale: float, layout: str, block_m: i
         out.append(f"block_m={block_m} (supported: 64 with 4 warps, 128 with 8)")
     if Mq % block_m:
         out.append(f"Mq={Mq} (supported: a multiple of block_m={block_m})")
-    if any(_tma_view(t, layout) is None for t in (q, k, v)):
-        out.append("q, k, v: a tensor descriptor needs contiguous (B, S, H, D) or (B, H, S, D) rows")
-    return out
+    return out + tensor_reasons(q, k, v, layout)
 
 
 def _gl_dtype(dtype: torch.dtype):

@@ -57,7 +57,8 @@ SOFT_FIELDS = ("driver", "toolkit", "torch", "triton", "cupy")
 # that backend's tuned results: kernels and launchers, which decide what a config means.
 KERNEL_SOURCES = {
     "triton": ("triton_fa2/kernels.py", "triton_fa2/launch.py", "triton_fa2/dropout.py",
-               "triton_fa2/kernels_hopper.py", "triton_fa2/launch_hopper.py"),
+               "triton_fa2/kernels_hopper.py", "triton_fa2/launch_hopper.py",
+               "triton_fa2/kernels_gluon.py", "triton_fa2/launch_gluon.py"),
     "cupy": ("cupy_cuda/*.cu", "cupy_cuda/*.cuh", "cupy_cuda/launch.py"),
     "triton-fp8": ("triton_fp8/*.py", "triton_fa2/kernels_gluon.py", "triton_fa2/launch_gluon.py"),
 }

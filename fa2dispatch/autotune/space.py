@@ -48,6 +48,13 @@ _NV_HOPPER_FWD = {
                 (128, 64, 4, 3, 168, 0), (128, 128, 8, 2, 0, 0)],
     "full": list(itertools.product((64, 128), (64, 128), (4, 8), (2, 3), (0, 128, 168), (0, 1))),
 }
+# The sm_90 Gluon forward (kernels_gluon.py): (block_m, block_n, K buffers, V buffers), 4 warps
+# (one warpgroup of 64 rows); fp16/bf16 with D 64 or 128 only (tools/sweep_gluon.py's points).
+_NV_GLUON_FWD = {
+    "quick": [(64, 64, 2, 1), (64, 128, 2, 2)],
+    "default": [(64, 64, 2, 1), (64, 64, 2, 2), (64, 128, 2, 1), (64, 128, 2, 2)],
+    "full": [(64, n, k, v) for n in (64, 128) for k in (2, 3) for v in (1, 2)],
+}
 # Backward (dkdv_block_m, dkdv_block_n, bwd_num_warps, bwd_num_stages[, dkdv_num_warps]); the
 # dQ kernel takes the transposed blocks (dq_block_m = dkdv_block_n, dq_block_n = dkdv_block_m),
 # as in FA2. (64, 64, 4, 2, 8): dK/dV with 8 warps, spill-free at D=128, dQ with 4
@@ -139,6 +146,10 @@ def _triton_configs(problem: AttentionProblem, device: DeviceInfo, level: str,
         for m, n, w, s, reg, order in (_NV_HOPPER_FWD[level] if hopper else ()):
             out.append(replace(plain, block_m=m, block_n=n, num_warps=w, num_stages=s, fwd_kernel="hopper",
                                fwd_maxnreg=reg, fwd_order=order))
+        gluon = hopper and device.capability < (10, 0) and problem.D in (64, 128)
+        for m, n, k_stages, v_stages in (_NV_GLUON_FWD[level] if gluon else ()):
+            out.append(replace(plain, block_m=m, block_n=n, num_warps=m // 16, num_stages=k_stages,
+                               fwd_v_stages=v_stages, fwd_kernel="gluon"))
     else:
         for m, n, w, s, *dkdv_w in (_AMD_BWD if amd else _NV_BWD)[level]:
             if dkdv_w and dkdv_w[0] == w:

@@ -103,3 +103,31 @@ def test_a_worker_that_dies_is_reported_and_its_item_finished(tmp_path):
     assert status[2] == {"crash"}
     assert all("crash" not in s and "mismatch" not in s for i, s in status.items() if i != 2), status
     assert report["summary"]["errors"] == 1
+
+
+def test_scales_are_drawn_from_their_own_stream_and_reach_call_and_reference():
+    """--scales adds a softmax_scale per config (positive, negative and zero all occur) and
+    leaves everything else of every config as without it; the call's keywords carry it."""
+    plain = fuzz.draw_configs(200, 0, "cuda", True, 64)
+    scaled = fuzz.draw_configs(200, 0, "cuda", True, 64, scales=True)
+    assert [{k: v for k, v in c.items() if k != "softmax_scale"} for c in scaled] == plain
+    values = [c["softmax_scale"] for c in scaled]
+    assert any(s > 0 for s in values) and any(s < 0 for s in values) and 0.0 in values
+    assert all(fuzz.scale_of(c) == c["D"] ** -0.5 for c in plain)
+    cfg = next(c for c in scaled if c["softmax_scale"] < 0 and c["kind"] == "dense")
+    assert fuzz.call_kwargs(cfg, "cpu")["softmax_scale"] == cfg["softmax_scale"]
+    assert "softmax_scale" not in fuzz._math_kwargs(cfg, fuzz.call_kwargs(cfg, "cpu"))
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("scale", [-0.4, 0.0, 3.0])
+def test_dense_check_with_a_drawn_scale_runs_the_call_and_the_reference_at_it(scale):
+    """A dense config at a non-default scale through the Triton interpreter: the verdict compares
+    the call and the float64 reference at the same scale (a reference left at 1/sqrt(D) would
+    make every such check a mismatch)."""
+    import torch
+
+    cfg = dict(fuzz.draw_configs(1, 3, "cpu", False, 0)[0], softmax_scale=scale, dtype="float32",
+               features={}, kind="dense", grad=True)
+    result = fuzz.check_dense(cfg, "triton", torch.device("cpu"))
+    assert result["status"] == "ok", result

@@ -174,10 +174,25 @@ def draw_config(r: random.Random, index: int, device: str, spec: dict, spec_id: 
     return cfg
 
 
-def draw_configs(n: int, seed: int, device: str, fp8_ok: bool, pool: int) -> list[dict]:
+def draw_scale(seed: int, index: int, D: int) -> float:
+    """A softmax_scale for config ``index`` (``--scales``), from a stream of its own so the rest
+    of every config is what it is without the option: the default 1/sqrt(D) times a log-uniform
+    factor in [1/4, 8] (60%), a negative scale (25%: the largest scaled score is the smallest
+    raw one), or 0 (15%: uniform weights over the visible keys)."""
+    r = random.Random(seed * 1_000_003 + index)
+    kind = r.choices(["positive", "negative", "zero"], weights=[60, 25, 15])[0]
+    if kind == "zero":
+        return 0.0
+    value = round(D**-0.5 * 2 ** r.uniform(-2, 3), 6)
+    return value if kind == "positive" else -value
+
+
+def draw_configs(n: int, seed: int, device: str, fp8_ok: bool, pool: int, scales: bool = False) -> list[dict]:
     """n configs. With ``pool`` > 0 they share ``pool`` kernel specialisations (drawn first),
     so that compilation (seconds per specialisation and kernel, the bulk of a GPU run) stays
-    bounded while shapes and feature values vary per config; 0: every config its own."""
+    bounded while shapes and feature values vary per config; 0: every config its own.
+    ``scales``: each config also gets a drawn ``softmax_scale`` (``draw_scale``); without it
+    every call takes the default 1/sqrt(D), as the session 6-7 runs did."""
     r = random.Random(seed)
     specs = [draw_spec(r, device, fp8_ok) for _ in range(pool)]
     out = []
@@ -187,6 +202,8 @@ def draw_configs(n: int, seed: int, device: str, fp8_ok: bool, pool: int) -> lis
             out.append(draw_config(r, i, device, specs[sid], sid))
         else:
             out.append(draw_config(r, i, device, draw_spec(r, device, fp8_ok), i))
+        if scales:
+            out[-1]["softmax_scale"] = draw_scale(seed, i, out[-1]["D"])
     return out
 
 
@@ -246,6 +263,8 @@ def call_kwargs(cfg: dict, device) -> dict:
 
     feats = cfg["features"]
     kw = {}
+    if "softmax_scale" in cfg:
+        kw["softmax_scale"] = cfg["softmax_scale"]
     if "window_size" in feats:
         kw["window_size"] = tuple(feats["window_size"])
     for name in ("softcap", "dropout_p", "causal_alignment", "deterministic"):
@@ -256,6 +275,11 @@ def call_kwargs(cfg: dict, device) -> dict:
     if "dropout_p" in feats:
         kw["generator"] = torch.Generator().manual_seed(cfg["seed"] + 1)
     return kw
+
+
+def scale_of(cfg: dict) -> float:
+    """The call's softmax_scale: the drawn one (``--scales``), else 1/sqrt(D)."""
+    return cfg.get("softmax_scale", cfg["D"] ** -0.5)
 
 
 def dropout_draw(cfg: dict) -> tuple[int, int] | None:
@@ -269,7 +293,8 @@ def dropout_draw(cfg: dict) -> tuple[int, int] | None:
 
 
 def _math_kwargs(cfg: dict, kw: dict) -> dict:
-    out = {k: v for k, v in kw.items() if k not in ("generator", "deterministic", "causal", "layout")}
+    out = {k: v for k, v in kw.items()
+           if k not in ("generator", "deterministic", "causal", "layout", "softmax_scale")}
     if "window_size" in out:
         out["window"] = tuple(out.pop("window_size"))
     return out
@@ -283,7 +308,7 @@ def dense_reference(q, k, v, dout, cfg: dict, kw: dict, keep, compute_dtype):
 
     leaves = [t.detach().to(compute_dtype).requires_grad_(dout is not None) for t in (q, k, v)]
     with torch.enable_grad():
-        out, lse = attention_math(*leaves, causal=cfg["causal"], softmax_scale=cfg["D"] ** -0.5, layout=cfg["layout"],
+        out, lse = attention_math(*leaves, causal=cfg["causal"], softmax_scale=scale_of(cfg), layout=cfg["layout"],
                                   compute_dtype=compute_dtype, dropout_keep=keep, **_math_kwargs(cfg, kw))
         grads = torch.autograd.grad(out, leaves, dout.to(compute_dtype)) if dout is not None else (None,) * 3
     return (out.detach(), lse.detach(), *grads)
@@ -559,7 +584,7 @@ def check_varlen(cfg: dict, backend: str, device) -> dict:
                     lses.append(torch.full((H, n_q), float("-inf"), dtype=compute_dtype, device=device))
                     continue
                 sl = None if slopes is None else (slopes if slopes.dim() == 1 else slopes[b:b + 1])
-                o, ls = attention_math(qs, ks, vs, causal=cfg["causal"], softmax_scale=D**-0.5,
+                o, ls = attention_math(qs, ks, vs, causal=cfg["causal"], softmax_scale=scale_of(cfg),
                                        compute_dtype=compute_dtype, alibi_slopes=sl,
                                        dropout_keep=None if keep is None else keep[b:b + 1, :, :n_q, :n_k], **mkw)
                 outs.append(o[0])
@@ -583,7 +608,8 @@ def check_fp8(cfg: dict, backend: str, device) -> dict:
 
     case = _case(dict(cfg, dtype="float16"))
     q8, k8, v8, qd, kd, vd = make_fp8_inputs(case, device, cfg["seed"])
-    kw = dict(causal=cfg["causal"], layout=cfg["layout"], q_descale=qd, k_descale=kd, v_descale=vd)
+    kw = dict(causal=cfg["causal"], layout=cfg["layout"], q_descale=qd, k_descale=kd, v_descale=vd,
+              softmax_scale=scale_of(cfg))
     why = can_run(cfg, backend, q8, k8, v8, kw)
     if why:
         return dict(status="refused", reason=why)
@@ -592,7 +618,8 @@ def check_fp8(cfg: dict, backend: str, device) -> dict:
     with torch.no_grad():
         out, lse = fa2dispatch.attention(q8, k8, v8, backend=backend, return_lse=True, **kw)
     try:
-        helpers_check_fp8(out, lse, q8, k8, v8, qd, kd, vd, causal=cfg["causal"], layout=cfg["layout"])
+        helpers_check_fp8(out, lse, q8, k8, v8, qd, kd, vd, causal=cfg["causal"], layout=cfg["layout"],
+                          softmax_scale=scale_of(cfg))
     except AssertionError as e:
         return dict(status="mismatch", ran=ran, errors={"fp8": [str(e), 0.0]})
     return dict(status="ok", ran=ran, errors={})
@@ -1045,6 +1072,8 @@ def main(argv=None) -> int:
     p.add_argument("--pool", type=int, default=None,
                    help="kernel specialisations the configs share (default 64 on a GPU, 0 = none on CPU)")
     p.add_argument("--json", default=None, help="write every result and the summary here")
+    p.add_argument("--scales", action="store_true",
+                   help="draw each config's softmax_scale (positive, negative, zero; draw_scale) instead of 1/sqrt(D)")
     p.add_argument("--no-long", action="store_true", help="skip the 16k/32k/64k sequences")
     p.add_argument("--no-big", action="store_true", help="skip the >2^31-element calls")
     p.add_argument("--big-backends", default="auto,triton", help="backends of the >2^31 calls (add cupy, ...)")
@@ -1084,7 +1113,7 @@ def main(argv=None) -> int:
     fp8_ok = fp8_supported(args.device)
     if args.pool is None:
         args.pool = 64 if args.device != "cpu" else 0
-    configs = draw_configs(args.n, args.seed, args.device, fp8_ok, args.pool)
+    configs = draw_configs(args.n, args.seed, args.device, fp8_ok, args.pool, args.scales)
     if args.only:
         wanted = {int(x) for x in args.only.split(",")}
         configs = [c for c in configs if c["index"] in wanted]

@@ -280,3 +280,17 @@ def test_a_forced_backend_takes_its_tuned_config(dirs):
     untuned = dispatch.select(problem(D=64), "triton", device=device)
     assert untuned.config == BACKENDS["triton"].default_config(problem(D=64), device) and untuned.tuned_from is None
     assert "tuned   fwd/float16/d128/causal" in str(forced)
+
+
+def test_kernel_hashes_ignore_documentation_but_not_code():
+    """A docstring or comment edit leaves a kernel source's hashed text alone (tuned results
+    stand); any code edit, a string constant that is a value included, changes it."""
+    base = '"""Module doc."""\n\nimport x  # why\n\n\ndef f(a):\n    """Doc of f."""\n    # note\n    return a + 1\n'
+    redoc = '"""Another module doc,\non two lines."""\nimport x  # why\n\ndef f(a):\n    """Other."""\n    return a + 1\n'
+    assert cache.code_text(base) == cache.code_text(redoc)
+    assert "Doc of f" not in cache.code_text(base) and "import x  # why" in cache.code_text(base)
+    for edit in (base.replace("a + 1", "a + 2"), base.replace("import x", "import y"),
+                 base + 'MSG = "value, not a docstring"\n'):
+        assert cache.code_text(edit) != cache.code_text(base), edit
+    one_line = 'def g(): """doc"""; return 1\n'  # a docstring sharing its line with code stays
+    assert "return 1" in cache.code_text(one_line)

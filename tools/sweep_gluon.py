@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""The experimental Gluon forward (backends/triton_fa2/kernels_gluon.py) on a Hopper GPU: each
+"""The Gluon forward (backends/triton_fa2/kernels_gluon.py) on a Hopper GPU: each
 config checked against float32 attention (next to FlashAttention-2's own error), then timed
 with cuDNN, FlashAttention-2 and our dispatched Triton forward in the same process.
 

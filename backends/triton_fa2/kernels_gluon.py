@@ -1,7 +1,9 @@
-"""Experimental FlashAttention-2 forward for Hopper in Gluon (Triton 3.6's explicit-layout dialect).
+"""FlashAttention-2 forward for Hopper in Gluon (Triton 3.6's explicit-layout dialect).
 
-Not dispatched: ``tools/sweep_gluon.py`` checks it against PyTorch and times it next to cuDNN,
-FlashAttention-2 and our Triton Hopper forward (docs/HOPPER_ATTEMPTS.md, attempt 6). What
+The sm_90 default for plain fp16/bf16 forwards at D 64 and 128 (``TritonConfig.fwd_kernel =
+"gluon"``, launched by ``launch_gluon.forward``) and for fp8 at D=128 (``FP8Config.kernel``,
+``launch_gluon.forward_fp8``); ``tools/sweep_gluon.py`` times its configs next to cuDNN,
+FlashAttention-2 and our other forwards (docs/HOPPER_ATTEMPTS.md, attempt 6). What
 plain Triton could not express (attempts 1-5 there): Triton 3.6 waits on every Q K^T wgmma
 (``wait_group 0``) before the softmax, so one program's exp2s never overlap its own MMAs. Here
 the waits are ours to place:

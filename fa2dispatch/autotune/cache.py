@@ -13,7 +13,8 @@ whole device key, and every entry carries the hash of its backend's kernel sourc
                                                           "ms": 0.39, ...}}}}}
 
 Kernel hashes are per backend (``KERNEL_SOURCES``): changing the CuPy sources leaves the
-tuned Triton and cuDNN results standing. A result whose backend's sources changed since it
+tuned Triton and cuDNN results standing. Python sources are hashed without docstrings and
+comment lines (``code_text``): documentation edits do not retire tuned results. A result whose backend's sources changed since it
 was measured is dropped at load (with one warning); when that was the winner, the fastest
 remaining verified runner-up of the entry serves until the next ``fa2dispatch autotune``,
 which re-tunes the bucket. Backends without sources of ours (PyTorch SDPA) have no hash:
@@ -110,7 +111,9 @@ def locations() -> list[tuple[Path, str]]:
 @functools.cache
 def kernel_hash(backend: str) -> str | None:
     """SHA-256 (first 16 hex digits) over ``backend``'s kernel sources in a fixed order; None for
-    a backend with no sources of ours (its kernels come with torch)."""
+    a backend with no sources of ours (its kernels come with torch). Python sources are hashed
+    without their documentation (``code_text``), so a docstring or comment edit does not retire
+    the backend's tuned results; other files (.cu, .cuh) byte for byte."""
     from fa2dispatch import backends
 
     patterns = KERNEL_SOURCES.get(backend)
@@ -121,8 +124,29 @@ def kernel_hash(backend: str) -> str | None:
     for pattern in patterns:
         for path in sorted(root.glob(pattern)):
             digest.update(path.relative_to(root).as_posix().encode())
-            digest.update(path.read_bytes())
+            digest.update(code_text(path.read_text(encoding="utf-8")).encode() if path.suffix == ".py"
+                          else path.read_bytes())
     return digest.hexdigest()[:16]
+
+
+def code_text(source: str) -> str:
+    """``source`` without what does not run: docstrings (module, class, function) that stand on
+    lines of their own, and lines that are only a comment. Line numbers come from ``ast``, which
+    every Python version reports alike, so the text (and the hash) is the same on every machine."""
+    import ast
+
+    lines = source.splitlines()
+    drop = {i for i, line in enumerate(lines) if line.lstrip().startswith("#")}
+    for node in ast.walk(ast.parse(source)):
+        if not isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) or not node.body:
+            continue
+        first = node.body[0]
+        if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(first.value.value, str):
+            start, end = first.lineno - 1, first.end_lineno - 1
+            head = lines[start].lstrip()
+            if head[:1] in "\"'rRuUbB" and lines[end].rstrip()[-1:] in "\"'":  # the docstring owns its lines
+                drop.update(range(start, end + 1))
+    return "\n".join(line.rstrip() for i, line in enumerate(lines) if i not in drop and line.strip())
 
 
 def kernel_hashes() -> dict[str, str | None]:

@@ -1,7 +1,8 @@
 """The CuPy kernels compile with NVRTC (the compiler CuPy uses at run time, not nvcc) for
 sm_80, sm_89 and sm_90 at every instantiation of the default configs: both dtypes, causal or
 not, every head dim the backend accepts (8..256, multiple of 8), with zero register spills and
-within each target's shared memory. No GPU and no cupy
+within each target's shared memory. The sm_90 defaults at head dims 64 and 128 are the wgmma
+forward, compiled for sm_90a as at run time. No GPU and no cupy
 needed: NVRTC is loaded through ctypes (backends/cupy_cuda/nvrtc_check.py). Registers and
 spills per kernel are printed (pytest -rP)."""
 
@@ -67,6 +68,66 @@ def test_sources_are_package_data_and_inline_the_header():
     for name in ("fa2_fwd.cu", "fa2_bwd.cu"):
         text = source(name)
         assert '#include "common.cuh"' not in text and "mma.sync.aligned.m16n8k16" in text
+    text = source("fa2_fwd_sm90.cu")
+    assert '#include "common.cuh"' not in text and "wgmma.mma_async.sync.aligned" in text
+
+
+@needs_nvrtc
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("D", [64, 128])
+def test_every_sm90_forward_candidate_compiles_without_spills(D, dtype):
+    """Every forward config the tuner may time on an H100 (the wgmma kernel's tiles and ring
+    depths for sm_90a, the mma.sync kernel's for sm_90), causal or not, compiles and fits the
+    H100's shared memory; the wgmma ones without spills and without ptxas serialising their
+    MMAs. (Of the mma.sync candidates, 256-row blocks at D=128 spill 12 bytes with NVRTC 13.5:
+    slower, still exact; the tuner times them like any other.)"""
+    from fa2dispatch.backends.cupy_cuda.config import config_space
+    from fa2dispatch.problem import AttentionProblem
+
+    device = nvrtc_check.TARGETS["sm_90"]
+    seen = set()
+    print(f"\nNVRTC {nvrtc_check.nvrtc_version(NVRTC)}  sm_90 D={D} {dtype}")
+    for causal in (False, True):
+        problem = AttentionProblem(2, 8, 8, 2048, 2048, D, getattr(torch, dtype), torch.device("cpu"), "bshd", causal,
+                                   D**-0.5)
+        configs = config_space(problem, device)
+        assert sum(c.fwd_kernel == "wgmma" for c in configs) >= 3, [c.short() for c in configs]
+        for cfg in configs:
+            spec = forward_spec(problem.dtype, D, causal, cfg)
+            if (spec.file, spec.options()) in seen:
+                continue
+            seen.add((spec.file, spec.options()))
+            options = spec.options() + (f"--gpu-architecture={spec.arch or 'sm_90'}", "--ptxas-options=-v")
+            _, log = nvrtc_check.compile_cubin(NVRTC, source(spec.file), options)
+            info = nvrtc_check.parse_ptxas_log(log)[spec.kernel]
+            print(f"  {spec.kernel:12} {spec.arch or 'sm_90':6} causal={int(causal)} {cfg.short()}: {info}")
+            assert spec.smem <= device.smem_per_block, (cfg.short(), spec.smem)
+            if cfg.fwd_kernel == "wgmma":
+                assert info["spill_stores"] == 0 and info["spill_loads"] == 0, (cfg.short(), info)
+            assert "(C7515)" not in log, f"ptxas serialised the wgmma pipeline: {log}"
+
+
+@needs_nvrtc
+def test_cubins_of_a_named_target_are_compiled_once_and_kept_on_disk(tmp_path, monkeypatch):
+    """compile.cubin_path: NVRTC runs on the first request only; the file lands in the cache dir
+    under a name that changes with the options (and source, arch, NVRTC version)."""
+    from fa2dispatch.backends.cupy_cuda import compile as cc
+    from fa2dispatch.backends.cupy_cuda.config import CupyConfig
+
+    monkeypatch.setenv("FA2DISPATCH_CACHE_DIR", str(tmp_path))
+    calls = []
+    real = nvrtc_check.compile_cubin
+    monkeypatch.setattr(nvrtc_check, "compile_cubin", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
+    cfg = CupyConfig(fwd_kernel="wgmma", block_m=64, num_warps=4, block_n=64)
+    spec = forward_spec(torch.float16, 64, False, cfg)
+    assert spec.arch == "sm_90a" and spec.threads == 128
+    first = cc.cubin_path(spec)
+    assert first.parent == tmp_path / "cubin" and first.stat().st_size > 0 and len(calls) == 1
+    assert "--gpu-architecture=sm_90a" in calls[0]
+    assert cc.cubin_path(spec) == first and len(calls) == 1  # from disk
+    other = cc.cubin_path(forward_spec(torch.float16, 64, True, cfg))
+    assert other != first and len(calls) == 2
+    assert not list((tmp_path / "cubin").glob("*.tmp"))
 
 
 def test_specs_specialise_by_dtype_head_dim_causal_and_tiles():

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 from fa2dispatch.backends import BACKENDS
-from helpers import Case, check_case, check_close, make_inputs, math_with_grads, max_magnitude
+from helpers import Case, check_case, check_close, check_lse, make_inputs, math_with_grads, max_magnitude
 from test_gpu import MATRIX
 
 import fa2dispatch
@@ -82,6 +82,48 @@ def test_every_tuner_candidate_matches_reference(D, nan_poison):
                 grads = backend.backward(problem, dout, q, k, v, out, lse, cfg)
                 for name, ours, t, lp in zip(("dq", "dk", "dv"), grads, truth[2:], low[2:]):
                     check_close(f"{name} [{cfg.short()}]", ours, t, lp, magnitude)
+
+
+WGMMA_CASES = [Case(2, 6, 2, 700, 300, 128, torch.float16, True, "bhsd"),  # Mq > Mkv: rows see no key
+               Case(1, 4, 2, 333, 517, 128, torch.bfloat16, True),  # ragged on both sides, GQA
+               Case(2, 4, 1, 129, 1100, 64, torch.float16, True, "bhsd"),  # MQA, few rows, long keys
+               Case(1, 8, 8, 1000, 1000, 64, torch.bfloat16, False),
+               Case(2, 4, 4, 255, 77, 128, torch.float16, False, "bhsd"),  # fewer keys than one block
+               Case(1, 4, 2, 512, 640, 128, torch.bfloat16, False)]  # whole blocks
+
+
+@pytest.mark.parametrize("case", WGMMA_CASES, ids=[c.id for c in WGMMA_CASES])
+def test_wgmma_forward_every_config_matches_reference(case, nan_poison):
+    """The sm_90 forward (fwd_kernel="wgmma", fa2_fwd_sm90.cu) at every tile shape and ring
+    depth it accepts: out against float64 with the tolerance of the same math in the input
+    precision, lse likewise, rows with no visible key (out 0, lse -inf), ragged blocks, GQA/MQA,
+    both layouts. Outputs are NaN-poisoned before the kernel runs."""
+    from dataclasses import replace
+
+    from fa2dispatch.backends.cupy_cuda.config import default_config
+
+    backend, device = BACKENDS["cupy"], device_info(torch.device("cuda"))
+    if device.capability != (9, 0):
+        pytest.skip(f"the wgmma forward is sm_90 code (this GPU: {device.arch})")
+    q, k, v, dout = make_inputs(case, device="cuda", seed=21, requires_grad=False)
+    truth = math_with_grads(q, k, v, dout, case, torch.float64)
+    low = math_with_grads(q, k, v, dout, case, case.dtype)
+    magnitude = max_magnitude(truth[0])
+    problem = AttentionProblem(case.B, case.H, case.Hkv, case.Mq, case.Mkv, case.D, case.dtype, q.device, case.layout,
+                               case.causal, case.D**-0.5)
+    base = replace(default_config(case.D, device), fwd_kernel="wgmma")
+    ran = 0
+    for block_m in (64, 128):
+        for block_n in (64, 128):
+            for stages in (3, 4):
+                cfg = replace(base, block_m=block_m, num_warps=block_m // 16, block_n=block_n, fwd_stages=stages)
+                if backend.config_reasons(problem, device, cfg):
+                    continue
+                out, lse = backend.forward(problem, q, k, v, cfg)
+                check_close(f"out [{cfg.short()}]", out, truth[0], low[0], magnitude)
+                check_lse(lse, truth[1], low[1])
+                ran += 1
+    assert ran >= 6, f"only {ran} wgmma configs fit"
 
 
 @pytest.mark.parametrize("D", [8, 64, 72, 128, 200])

@@ -14,6 +14,8 @@
 #   DECODE_BENCH_ARGS="--varlen" ...                                    # also run tools/bench_decode.py
 #   FUZZ_ARGS="--n 1000" ...                                            # also run tools/fuzz.py
 #   HOPPER_SWEEP_ARGS="--head-dims 128" ...                             # also run tools/sweep_hopper.py
+#   CUPY_SWEEP_ARGS="--seqlens 2048 --variants 'a:;b:fwd_stages=4'" ... # also run tools/sweep_cupy.py
+#   RETUNE_DEADLINE=300 ...                                             # last: tools/retune_shipped.sh
 #
 # Everything worth keeping lands in $OUT/results.tar.gz (the device tool returns at most 8
 # files): gpu_tests.log, report.txt, report.json, overhead.*, bench*.log/json/md, autotune files.
@@ -140,6 +142,19 @@ if [ -n "${HOPPER_SWEEP_ARGS:-}" ]; then
     read -r -a sweep_args <<< "$HOPPER_SWEEP_ARGS"
     PYTHONUNBUFFERED=1 python3 tools/sweep_hopper.py "${sweep_args[@]}" 2>&1 | tee "$OUT/sweep_hopper.log"
     echo "hopper sweep exit ${PIPESTATUS[0]}"
+fi
+if [ -n "${CUPY_SWEEP_ARGS:-}" ]; then
+    echo "== CuPy forward sweep"
+    eval "cupy_sweep_args=(${CUPY_SWEEP_ARGS})"   # variants carry ';' and quotes
+    PYTHONUNBUFFERED=1 timeout 300 python3 tools/sweep_cupy.py --json "$OUT/sweep_cupy.json" "${cupy_sweep_args[@]}" 2>&1 \
+        | tee "$OUT/sweep_cupy.log"
+    echo "cupy sweep exit ${PIPESTATUS[0]}"
+fi
+if [ -n "${RETUNE_DEADLINE:-}" ]; then
+    echo "== re-tune the shipped cache (${RETUNE_DEADLINE} s)"
+    OUT="$OUT" DEADLINE="$RETUNE_DEADLINE" bash tools/retune_shipped.sh
+    echo "retune exit $?"
+    tail -n 5 "$OUT/retune.log"
 fi
 set -e
 

@@ -4,7 +4,9 @@ triton's do_bench (warmup 25 ms, rep 200 ms, median, L2 cleared before each call
 tools/bench.py. Per cell the flash measurement is taken before and after the variants, and the
 whole sequence repeats ``--reps`` times, so the spread of flash against itself shows the
 run-to-run noise next to the differences between variants. Each variant's output is compared
-bit for bit with the first variant's (the variants only reorder work or skip exact zeros).
+bit for bit with the first variant of the same forward kernel (the mma.sync variants only
+reorder work or skip exact zeros; wgmma variants with one key block size differ only in rows per
+CTA and ring depth), and the first of each with FlashAttention-2's.
 
     python tools/sweep_cupy.py --seqlens 2048,4096 --dtypes fp16,bf16 --json out.json \\
         --variants "base:;ws1:warp_skip=1;hg:head_group=0" [--noncausal-variants base]
@@ -31,7 +33,7 @@ def parse_variants(text: str, base):
         kw = {}
         for f in filter(None, fields.split(",")):
             k, v = f.split("=")
-            kw[k] = bool(int(v)) if k == "o_smem" else int(v)
+            kw[k] = bool(int(v)) if k == "o_smem" else int(v) if v.lstrip("-").isdigit() else v
         out.append((name, replace(base, **kw)))
     return out
 
@@ -83,12 +85,14 @@ def main(argv=None) -> int:
                 flops = 4 * B * H * S * S * D / (2 if causal else 1)
                 todo = [(n, c) for n, c in variants if causal or n in nc_names]
                 prob = AttentionProblem(B, H, H, S, S, D, dtype, q.device, "bhsd", causal, D**-0.5)
-                ref = None
+                refs = {}
                 for name, cfg in todo:  # compile, warm up, and check against the first variant
                     out, lse = backend.forward(prob, q, k, v, cfg)
                     torch.cuda.synchronize()
+                    kind = (cfg.fwd_kernel, cfg.block_n) if cfg.fwd_kernel == "wgmma" else cfg.fwd_kernel
+                    ref = refs.get(kind)
                     if ref is None:
-                        ref = (out, lse)
+                        refs[kind] = (out, lse)
                         with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.FLASH_ATTENTION):
                             fo = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
                         err = (out.float() - fo.float()).abs().max().item()
@@ -96,7 +100,7 @@ def main(argv=None) -> int:
                     elif not (torch.equal(out, ref[0]) and torch.equal(lse, ref[1])):
                         err = (out.float() - ref[0].float()).abs().max().item()
                         print(f"  MISMATCH {dname} S={S} causal={int(causal)} {name}: max diff {err:.2e}", flush=True)
-                del ref
+                del refs
                 times = {"flash": []}
                 times.update({n: [] for n, _ in todo})
 
@@ -120,7 +124,7 @@ def main(argv=None) -> int:
                              "ratio": {n: statistics.median(tf[n]) / fl for n, _ in todo}})
     print(f"# sweep {time.time() - t_start:.0f} s", flush=True)
     for (spec, _), fn in cc._functions.items():
-        if spec.kernel == "fa2_fwd":
+        if spec.kernel.startswith("fa2_fwd"):
             print(f"#  {dict(spec.defines)}: regs {getattr(fn, 'num_regs', '?')} "
                   f"local {getattr(fn, 'local_size_bytes', '?')} B", flush=True)
     if args.json:

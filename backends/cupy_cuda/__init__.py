@@ -80,7 +80,7 @@ class CupyBackend(Backend):
 
         cfg = default_config(problem.D, device)
         return grid_reasons(problem, cfg) + config_reasons(problem.D, cfg, device.smem_per_block or None,
-                                                           problem.requires_grad)
+                                                           problem.requires_grad, device.capability or None)
 
     def default_config(self, problem: AttentionProblem, device: DeviceInfo) -> CupyConfig:
         return default_config(problem.D, device)
@@ -91,7 +91,7 @@ class CupyBackend(Backend):
         if not isinstance(config, CupyConfig):
             return [f"config {config!r} is not a CupyConfig"]
         return grid_reasons(problem, config) + config_reasons(problem.D, config, device.smem_per_block or None,
-                                                              problem.requires_grad)
+                                                              problem.requires_grad, device.capability or None)
 
     def config_space(self, problem: AttentionProblem, device: DeviceInfo) -> list[CupyConfig]:
         return config_space(problem, device)

@@ -9,7 +9,13 @@ specialised by ``-D`` defines (dtype, head dim, padded head dim, causal, tile si
 Caches, two levels:
 - in memory: one ``cupy.RawModule`` per (source file, options, device index), and one function
   object per kernel name with its dynamic shared-memory limit already raised;
-- on disk: CuPy's own kernel cache (``CUPY_CACHE_DIR``, default ``~/.cupy/kernel_cache``). Its
+- on disk, for modules that name their own target (``KernelSpec.arch``: the wgmma forward is
+  sm_90a code, which CuPy's compiler never targets): we compile with NVRTC ourselves
+  (nvrtc_check.py's loader) and keep the cubin in ``cubin/`` of fa2dispatch's user cache dir,
+  named by a hash of the source text, the options, the arch and the NVRTC version; written
+  atomically under a file lock, so concurrent processes compile once and never read a partial
+  file;
+- on disk, for the others: CuPy's own kernel cache (``CUPY_CACHE_DIR``, default ``~/.cupy/kernel_cache``). Its
   file name is a hash of the full source text, the options, the target arch (``sm_XX`` when
   NVRTC can emit a cubin for it) and the NVRTC version, so an edited ``.cu`` file or another GPU
   kind compiles afresh and nothing stale is ever loaded. We rely on it rather than keep a second
@@ -19,8 +25,11 @@ Caches, two levels:
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib.resources
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -54,6 +63,7 @@ class KernelSpec:
     defines: tuple[tuple[str, int], ...]
     threads: int
     smem: int  # dynamic shared memory in bytes
+    arch: str = ""  # "": CuPy's target for the device; else this NVRTC target (e.g. "sm_90a")
 
     def options(self) -> tuple[str, ...]:
         return BASE_OPTIONS + tuple(f"-D{k}={v}" for k, v in self.defines)
@@ -62,6 +72,12 @@ class KernelSpec:
 def forward_spec(dtype: torch.dtype, head_dim: int, causal: bool, cfg: CupyConfig) -> KernelSpec:
     from .config import default_o_smem, smem_forward
 
+    if cfg.fwd_kernel == "wgmma":
+        defines = (("FA2_BF16", int(dtype == torch.bfloat16)), ("HEAD_DIM", head_dim), ("D_PAD", d_pad(head_dim)),
+                   ("CAUSAL", int(causal)), ("BLOCK_N", cfg.block_n), ("WG", cfg.block_m // 64),
+                   ("STAGES", cfg.fwd_stages))
+        return KernelSpec("fa2_fwd_sm90.cu", "fa2_fwd_sm90", defines, 2 * cfg.block_m, smem_forward(head_dim, cfg),
+                          "sm_90a")
     defines = (("FA2_BF16", int(dtype == torch.bfloat16)), ("HEAD_DIM", head_dim), ("D_PAD", d_pad(head_dim)),
                ("CAUSAL", int(causal)), ("BLOCK_M", cfg.block_m), ("BLOCK_N", cfg.block_n),
                ("NUM_WARPS", cfg.num_warps), ("O_SMEM", int(default_o_smem(cfg, causal))),
@@ -104,13 +120,53 @@ def function(spec: KernelSpec, device_index: int):
         return fn
     import cupy
 
-    mkey = (spec.file, spec.options(), device_index)
+    mkey = (spec.file, spec.options(), spec.arch, device_index)
     with cupy.cuda.Device(device_index):
         module = _modules.get(mkey)
         if module is None:
-            module = _modules[mkey] = cupy.RawModule(code=source(spec.file), options=spec.options())
+            if spec.arch:
+                module = cupy.RawModule(path=str(cubin_path(spec)))
+            else:
+                module = cupy.RawModule(code=source(spec.file), options=spec.options())
+            _modules[mkey] = module
         fn = module.get_function(spec.kernel)
         if spec.smem > 48 * 1024:  # above 48 KiB, dynamic shared memory must be opted into
             fn.max_dynamic_shared_size_bytes = spec.smem
     _functions[key] = fn
     return fn
+
+
+def cubin_dir() -> Path:
+    """``cubin/`` beside the autotune cache: ``$FA2DISPATCH_CACHE_DIR/cubin``, else the platform's
+    user cache dir (platformdirs)."""
+    env = os.environ.get("FA2DISPATCH_CACHE_DIR")
+    if env:
+        return Path(env).expanduser() / "cubin"
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("fa2dispatch", appauthor=False)) / "cubin"
+
+
+def cubin_path(spec: KernelSpec) -> Path:
+    """The cubin of ``spec`` (which names its arch) on disk, compiled with NVRTC on first use."""
+    from filelock import FileLock
+
+    from .nvrtc_check import compile_cubin, load_nvrtc, nvrtc_version
+
+    lib = load_nvrtc()
+    if lib is None:
+        raise RuntimeError(f"{spec.file} for {spec.arch}: libnvrtc not found (the nvidia-cuda-nvrtc wheel, "
+                           "$CUDA_HOME/lib64 or the loader's path)")
+    text, options = source(spec.file), spec.options() + (f"--gpu-architecture={spec.arch}",)
+    key = hashlib.sha256("\0".join((text, *options, nvrtc_version(lib))).encode()).hexdigest()[:24]
+    directory = cubin_dir()
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{spec.file.removesuffix('.cu')}-{spec.arch}-{key}.cubin"
+    if not path.is_file():
+        with FileLock(str(path) + ".lock"):
+            if not path.is_file():
+                cubin, _ = compile_cubin(lib, text, options, spec.file)
+                tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+                tmp.write_bytes(cubin)
+                os.replace(tmp, path)
+    return path

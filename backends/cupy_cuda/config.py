@@ -43,6 +43,13 @@ class CupyConfig(Config):
     dq_block_n: int = 64
     # backward pipeline depth: 2 = next Q/dO (dK/dV) or K/V (dQ) block in flight during compute
     bwd_stages: int = 2
+    # forward kernel: "mma" (fa2_fwd.cu: mma.sync, every NVIDIA GPU from sm_80) or "wgmma"
+    # (fa2_fwd_sm90.cu: warpgroup MMAs, sm_90 only, head dims 64 and 128; block_m = 64 per
+    # warpgroup, num_warps = block_m / 16; o_smem, warp_skip and head_group do not apply)
+    fwd_kernel: str = "mma"
+    # wgmma forward: key blocks of K and V in the shared-memory ring (>= 3: block j - 1 is read by
+    # P V while block j + 1 loads)
+    fwd_stages: int = 3
 
 
 def d_pad(head_dim: int, multiple: int = 16) -> int:
@@ -65,7 +72,41 @@ def _row_bytes(dp: int) -> int:
 
 
 def smem_forward(head_dim: int, cfg: CupyConfig) -> int:
+    if cfg.fwd_kernel == "wgmma":  # swizzled tiles without padding, plus 1 KiB to align them to 1024 bytes
+        return (cfg.block_m + 2 * cfg.fwd_stages * cfg.block_n) * d_pad(head_dim) * 2 + 1024
     return (cfg.block_m + 2 * cfg.block_n) * _row_bytes(d_pad(head_dim))
+
+
+FWD_KERNELS = ("mma", "wgmma")
+# The sm_90 forward default at head dims 64 and 128 (one warpgroup of 64 rows, 64-key blocks, a
+# ring of 3). H100, 2026-11-25 (tools/sweep_cupy.py, docs/CUPY_BACKEND.md "Session 9"): D=128
+# 1.23-1.39x FlashAttention-2 at S 2k-16k, causal and not, where the mma.sync kernel was
+# 0.99-1.10x; 128-key blocks and two warpgroups per CTA measured slower.
+WGMMA_DEFAULT = {"fwd_kernel": "wgmma", "block_m": 64, "block_n": 64, "num_warps": 4, "fwd_stages": 3,
+                 "o_smem": None, "warp_skip": 0, "head_group": 1}  # the last three: mma.sync kernel only
+WGMMA_CAPABILITY = (9, 0)  # sm_90a code: wgmma is not in the forward-compatible sm_90 subset
+
+
+def wgmma_reasons(head_dim: int, cfg: CupyConfig, capability: tuple[int, int] | None) -> list[str]:
+    """Why the wgmma forward (fa2_fwd_sm90.cu) cannot run this config (None: it can)."""
+    reasons = []
+    if capability is not None and tuple(capability) != WGMMA_CAPABILITY:
+        reasons.append(f"fwd_kernel='wgmma' needs an sm_90 GPU (this one: sm_{capability[0]}{capability[1]})")
+    if head_dim not in (64, 128):
+        reasons.append(f"fwd_kernel='wgmma' at head_dim={head_dim} (supported: 64 and 128)")
+    if cfg.block_m not in (64, 128) or cfg.num_warps != cfg.block_m // 16:
+        reasons.append(f"fwd_kernel='wgmma' with block_m={cfg.block_m} num_warps={cfg.num_warps} "
+                       "(supported: block_m 64 or 128, one warpgroup of 4 warps per 64 rows)")
+    if cfg.block_n not in (64, 128):
+        reasons.append(f"fwd_kernel='wgmma' with block_n={cfg.block_n} (supported: 64 or 128)")
+    if not 3 <= cfg.fwd_stages <= 4:
+        reasons.append(f"fwd_stages={cfg.fwd_stages} (supported: 3 or 4)")
+    for name, value, default in (("o_smem", cfg.o_smem, None), ("warp_skip", cfg.warp_skip, 0),
+                                 ("head_group", cfg.head_group, 1)):
+        if value != default:
+            reasons.append(f"{name}={value} with fwd_kernel='wgmma' (a setting of the mma.sync forward only; "
+                           f"leave it at {default})")
+    return reasons
 
 
 def smem_dkdv(head_dim: int, cfg: CupyConfig) -> int:
@@ -97,17 +138,22 @@ def default_o_smem(cfg: CupyConfig, causal: bool) -> bool:
     return causal if cfg.o_smem is None else cfg.o_smem
 
 
-def config_reasons(head_dim: int, cfg: CupyConfig, smem_limit: int | None, backward: bool) -> list[str]:
+def config_reasons(head_dim: int, cfg: CupyConfig, smem_limit: int | None, backward: bool,
+                   capability: tuple[int, int] | None = None) -> list[str]:
     """Why this config cannot run a problem of this head dim on a device with ``smem_limit``
-    bytes of shared memory per block (None: unknown, not checked)."""
+    bytes of shared memory per block and this compute capability (None: unknown, not checked)."""
     reasons = []
     dp = d_pad(head_dim)
     mt, rem = divmod(cfg.block_m, 16 * cfg.num_warps) if cfg.num_warps > 0 else (0, 1)
+    if cfg.fwd_kernel not in FWD_KERNELS:
+        reasons.append(f"fwd_kernel={cfg.fwd_kernel!r} (supported: {', '.join(map(repr, FWD_KERNELS))})")
+    elif cfg.fwd_kernel == "wgmma":
+        reasons += wgmma_reasons(head_dim, cfg, capability)
     if rem or mt not in (1, 2):
         reasons.append(f"block_m={cfg.block_m} (supported: 16 or 32 rows per warp x num_warps={cfg.num_warps})")
     if cfg.block_n % 16 or cfg.block_n <= 0:
         reasons.append(f"block_n={cfg.block_n} (supported: a multiple of 16)")
-    elif mt in (1, 2) and forward_acc_regs(head_dim, cfg) > MAX_ACC_REGS:
+    elif cfg.fwd_kernel == "mma" and mt in (1, 2) and forward_acc_regs(head_dim, cfg) > MAX_ACC_REGS:
         reasons.append(f"block_m={cfg.block_m} block_n={cfg.block_n} at head_dim={head_dim} needs "
                        f"{forward_acc_regs(head_dim, cfg)} accumulator registers per thread (max {MAX_ACC_REGS})")
     if cfg.warp_skip not in (0, 1, 2, 3):
@@ -140,11 +186,14 @@ def config_reasons(head_dim: int, cfg: CupyConfig, smem_limit: int | None, backw
     return reasons
 
 
-def default_config(head_dim: int, device: DeviceInfo) -> CupyConfig:
-    """Per-device default. The large-smem parts (sm_80, sm_90: 163/227 KiB per block) take
-    FA2's sm80 tiles; the ~99 KiB parts (sm_86, sm_89) take smaller key / query steps."""
+def default_config(head_dim: int, device: DeviceInfo, wgmma: bool = True) -> CupyConfig:
+    """Per-device default. sm_90 at head dims 64 and 128: the wgmma forward (``WGMMA_DEFAULT``;
+    ``wgmma=False``: the mma.sync kernel's default there). Otherwise the large-smem parts (sm_80,
+    sm_90: 163/227 KiB per block) take FA2's sm80 tiles; the ~99 KiB parts (sm_86, sm_89) take
+    smaller key / query steps. The backward's fields are the same either way."""
     small = 0 < device.smem_per_block < 160 * 1024
     dp = d_pad(head_dim)
+    wgmma = WGMMA_DEFAULT if wgmma and head_dim in (64, 128) and device.capability == WGMMA_CAPABILITY else {}
     if dp <= 64:
         fwd = {"block_m": 128, "block_n": 64, "num_warps": 4}
         bwd = {"dkdv_block_m": 64, "dkdv_block_n": 64, "dq_block_m": 64, "dq_block_n": 64, "bwd_stages": 2}
@@ -178,7 +227,7 @@ def default_config(head_dim: int, device: DeviceInfo) -> CupyConfig:
             bwd = {"dkdv_block_m": 16, "dkdv_block_n": 32, "dq_block_m": 32, "dq_block_n": 16, "bwd_stages": 2}
         else:
             bwd = {"dkdv_block_m": 32, "dkdv_block_n": 64, "dq_block_m": 64, "dq_block_n": 32, "bwd_stages": 2}
-    return CupyConfig(**fwd, **bwd)
+    return CupyConfig(**{**fwd, **wgmma}, **bwd)
 
 
 def config_space(problem: AttentionProblem, device: DeviceInfo) -> list[CupyConfig]:
@@ -187,6 +236,7 @@ def config_space(problem: AttentionProblem, device: DeviceInfo) -> list[CupyConf
     from dataclasses import replace
 
     base = default_config(problem.D, device)
+    mma = default_config(problem.D, device, wgmma=False)  # the mma.sync forward's points start here
     if problem.requires_grad:
         points = [{"dkdv_block_m": m, "dkdv_block_n": n, "dq_block_m": n, "dq_block_n": m, "bwd_stages": s}
                   for m, n, s in ((64, 64, 2), (32, 64, 2), (64, 128, 2), (32, 128, 2), (64, 64, 1), (16, 64, 2))]
@@ -201,10 +251,16 @@ def config_space(problem: AttentionProblem, device: DeviceInfo) -> list[CupyConf
         points += [{"block_m": m, "block_n": n, "num_warps": w}
                    for m, n, w in ((128, 64, 4), (128, 128, 4), (128, 32, 4), (64, 64, 4), (64, 128, 4),
                                    (128, 64, 8), (256, 64, 8))]
+        if base.fwd_kernel == "wgmma":  # the sm_90 forward's other tiles and ring depth
+            points = [{}, *points]  # the mma.sync default itself
+            points += [{**WGMMA_DEFAULT, "block_m": m, "block_n": n, "num_warps": m // 16, "fwd_stages": st}
+                       for m, n, st in ((64, 64, 4), (64, 128, 3), (128, 64, 3))]
     out = [base]
     limit = device.smem_per_block or None
     for point in points:
-        cfg = replace(base, **point)
-        if cfg not in out and not config_reasons(problem.D, cfg, limit, problem.requires_grad):
+        # backward points keep the default forward; forward points start from the mma.sync default
+        # (the wgmma ones name all their fields)
+        cfg = replace(base if problem.requires_grad else mma, **point)
+        if cfg not in out and not config_reasons(problem.D, cfg, limit, problem.requires_grad, device.capability):
             out.append(cfg)
     return out

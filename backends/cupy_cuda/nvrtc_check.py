@@ -137,9 +137,9 @@ def check(arch: str, dtype: torch.dtype, head_dim: int, causal: bool, cfg: CupyC
     cfg = cfg or default_config(head_dim, device)
     rows, compiled = [], {}
     for spec in specs_for(dtype, head_dim, causal, cfg):
-        key = (spec.file, spec.options())
-        if key not in compiled:
-            options = spec.options() + (f"--gpu-architecture={arch}", "--ptxas-options=-v")
+        key = (spec.file, spec.options(), spec.arch)
+        if key not in compiled:  # a spec that names its target (sm_90a) is compiled for it
+            options = spec.options() + (f"--gpu-architecture={spec.arch or arch}", "--ptxas-options=-v")
             _, log = compile_cubin(lib, source(spec.file), options)
             compiled[key] = parse_ptxas_log(log)
         info = compiled[key].get(spec.kernel)

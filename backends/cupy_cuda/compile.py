@@ -154,19 +154,40 @@ def cubin_path(spec: KernelSpec) -> Path:
     from .nvrtc_check import compile_cubin, load_nvrtc, nvrtc_version
 
     lib = load_nvrtc()
-    if lib is None:
-        raise RuntimeError(f"{spec.file} for {spec.arch}: libnvrtc not found (the nvidia-cuda-nvrtc wheel, "
-                           "$CUDA_HOME/lib64 or the loader's path)")
     text, options = source(spec.file), spec.options() + (f"--gpu-architecture={spec.arch}",)
-    key = hashlib.sha256("\0".join((text, *options, nvrtc_version(lib))).encode()).hexdigest()[:24]
+    if lib is None:  # no libnvrtc of our own to load: the one CuPy loaded
+        version, compile_ = _cupy_nvrtc()
+    else:
+        version, compile_ = nvrtc_version(lib), functools.partial(compile_cubin, lib)
+    key = hashlib.sha256("\0".join((text, *options, version)).encode()).hexdigest()[:24]
     directory = cubin_dir()
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"{spec.file.removesuffix('.cu')}-{spec.arch}-{key}.cubin"
     if not path.is_file():
         with FileLock(str(path) + ".lock"):
             if not path.is_file():
-                cubin, _ = compile_cubin(lib, text, options, spec.file)
+                cubin, _ = compile_(text, options, spec.file)
                 tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
                 tmp.write_bytes(cubin)
                 os.replace(tmp, path)
     return path
+
+
+def _cupy_nvrtc():
+    """(version, compile function) through CuPy's own NVRTC bindings, for when nvrtc_check's
+    loader finds no libnvrtc (CuPy may have found one elsewhere)."""
+    from cupy.cuda import nvrtc
+
+    def compile_(text: str, options: tuple[str, ...], name: str) -> tuple[bytes, str]:
+        prog = nvrtc.createProgram(text, name, (), ())
+        try:
+            try:
+                nvrtc.compileProgram(prog, list(options))
+            except nvrtc.NVRTCError as exc:
+                raise RuntimeError(f"NVRTC failed ({exc}):\n{nvrtc.getProgramLog(prog)}") from exc
+            return nvrtc.getCUBIN(prog), nvrtc.getProgramLog(prog)
+        finally:
+            nvrtc.destroyProgram(prog)
+
+    major, minor = nvrtc.getVersion()
+    return f"{major}.{minor}", compile_

@@ -131,3 +131,25 @@ def test_dense_check_with_a_drawn_scale_runs_the_call_and_the_reference_at_it(sc
                features={}, kind="dense", grad=True)
     result = fuzz.check_dense(cfg, "triton", torch.device("cpu"))
     assert result["status"] == "ok", result
+
+
+def test_also_forces_dense_configs_onto_more_backends_and_counts_refusals(tmp_path):
+    """--also: each dense config also runs forced onto the named backends (the worker processes
+    get the list through the environment); a backend that cannot run a call is counted as a
+    refusal (cupy on a CPU), not a failure; an unknown name is a usage error."""
+    out = tmp_path / "fuzz.json"
+    cmd = [sys.executable, str(ROOT / "tools" / "fuzz.py"), "--device", "cpu", "--n", "4", "--workers", "1",
+           "--no-long", "--json", str(out), "--also", "reference,cupy"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads(out.read_text())["results"]
+    dense = [r for r in results if r["config"]["kind"] == "dense"]
+    assert dense, "no dense config drawn"
+    for r in dense:
+        assert r["runs"]["reference"]["status"] == "ok", r["runs"]["reference"]
+        assert r["runs"]["cupy"]["status"] == "refused", r["runs"]["cupy"]
+    for r in results:
+        if r["config"]["kind"] != "dense":
+            assert "cupy" not in r["runs"]
+    bad = subprocess.run(cmd[:-1] + ["nosuch"], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert bad.returncode == 2 and "--also: unknown backend(s) nosuch" in bad.stderr

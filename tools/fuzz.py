@@ -676,12 +676,25 @@ def check_long(cfg: dict, backend: str, device) -> dict:
 CHECKS = dict(dense=check_dense, varlen=check_varlen, fp8=check_fp8, long=check_long)
 
 
+ALSO_ENV = "FA2DISPATCH_FUZZ_ALSO"  # --also, handed to the worker processes
+
+
+def also_backends(cfg: dict) -> tuple[str, ...]:
+    """The --also backends a config is forced onto besides Triton: dense configs only (varlen
+    calls are Triton's or the reference's; long and fp8 ones have their own paths)."""
+    names = tuple(b for b in os.environ.get(ALSO_ENV, "").split(",") if b)
+    return names if cfg["kind"] == "dense" else ()
+
+
 def run_config(cfg: dict, device: str) -> dict:
-    """Every backend of one config: the dispatcher's choice and the forced Triton kernel."""
+    """Every backend of one config: the dispatcher's choice, the forced Triton kernel, and the
+    --also backends (refused where they cannot run the call)."""
     import torch
 
     result = dict(config=cfg, runs={})
-    for backend in ("auto", forced_backend(cfg)):
+    for backend in ("auto", forced_backend(cfg), *also_backends(cfg)):
+        if backend in result["runs"]:
+            continue
         t0 = time.perf_counter()
         try:
             r = CHECKS[cfg["kind"]](cfg, backend, device)
@@ -694,7 +707,6 @@ def run_config(cfg: dict, device: str) -> dict:
         if backend == "auto" and r.get("ran", {}).get("out") == forced_backend(cfg) \
                 and r.get("ran", {}).get("lse") == forced_backend(cfg):
             result["runs"][forced_backend(cfg)] = dict(r, same_as="auto")  # the dispatcher chose it: same call
-            break
     return result
 
 
@@ -1076,6 +1088,8 @@ def main(argv=None) -> int:
                    help="draw each config's softmax_scale (positive, negative, zero; draw_scale) instead of 1/sqrt(D)")
     p.add_argument("--no-long", action="store_true", help="skip the 16k/32k/64k sequences")
     p.add_argument("--no-big", action="store_true", help="skip the >2^31-element calls")
+    p.add_argument("--also", default="", help="comma-separated backends every dense config is also forced "
+                   "onto where it can run (e.g. cupy); refusals are counted, not failures")
     p.add_argument("--big-backends", default="auto,triton", help="backends of the >2^31 calls (add cupy, ...)")
     p.add_argument("--time-limit", type=float, default=0, help="seconds for the random configs (0: none)")
     p.add_argument("--only", default=None,
@@ -1094,6 +1108,13 @@ def main(argv=None) -> int:
         import torch
 
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.also:
+        from fa2dispatch.backends import BACKENDS as known
+
+        unknown = [b for b in args.also.split(",") if b and b not in known]
+        if unknown:
+            p.error(f"--also: unknown backend(s) {', '.join(unknown)} (known: {', '.join(known)})")
+        os.environ[ALSO_ENV] = args.also  # the workers are processes of their own: they read it there
     if args.worker:
         worker(args)
         return 0

@@ -213,6 +213,41 @@ def test_cupy_reasons_when_installed_on_a_simulated_h100():
     assert BACKENDS["cupy"].available(old) == ["requires sm_80+ but device is sm_75"]
 
 
+def test_cupy_wgmma_forward_default_and_refusals():
+    """On an (simulated) H100 the CuPy default at D 64/128 is the wgmma forward, elsewhere the
+    mma.sync one; a wgmma config the device or call cannot take is refused naming the field."""
+    from fa2dispatch.backends.cupy_cuda.config import CupyConfig, default_config
+
+    cupy = BACKENDS["cupy"]
+    h100 = _device(versions=Versions(torch="2.11.0", triton="3.6.0", cupy="14.2.0"))
+    a100 = replace(simulated_device("a100"), versions=h100.versions)
+    for D in (64, 128):
+        assert default_config(D, h100).fwd_kernel == "wgmma"
+        assert default_config(D, a100).fwd_kernel == "mma"
+        assert default_config(D, h100, wgmma=False).fwd_kernel == "mma"
+    assert default_config(96, h100).fwd_kernel == "mma"
+    assert cupy.config_reasons(problem(D=128), h100, default_config(128, h100)) == []
+    wg = CupyConfig(fwd_kernel="wgmma", block_m=64, num_warps=4, block_n=64)
+    assert cupy.config_reasons(problem(D=128), a100, wg) == [
+        "fwd_kernel='wgmma' needs an sm_90 GPU (this one: sm_80)"]
+    assert cupy.config_reasons(problem(D=96), h100, wg) == ["fwd_kernel='wgmma' at head_dim=96 (supported: 64 and 128)"]
+    assert cupy.config_reasons(problem(D=64), h100, replace(wg, block_n=32)) == [
+        "fwd_kernel='wgmma' with block_n=32 (supported: 64 or 128)"]
+    assert cupy.config_reasons(problem(D=64), h100, replace(wg, num_warps=8)) == [
+        "fwd_kernel='wgmma' with block_m=64 num_warps=8 (supported: block_m 64 or 128, one warpgroup of 4 warps "
+        "per 64 rows)", "block_m=64 (supported: 16 or 32 rows per warp x num_warps=8)"]
+    assert cupy.config_reasons(problem(D=64), h100, replace(wg, fwd_stages=2)) == [
+        "fwd_stages=2 (supported: 3 or 4)"]
+    assert cupy.config_reasons(problem(D=64), h100, replace(wg, warp_skip=1)) == [
+        "warp_skip=1 with fwd_kernel='wgmma' (a setting of the mma.sync forward only; leave it at 0)"]
+    assert cupy.config_reasons(problem(D=64), h100, replace(wg, fwd_kernel="tcgen05")) == [
+        "fwd_kernel='tcgen05' (supported: 'mma', 'wgmma')"]
+    # 128 x 128 tiles with a ring of 4 do not fit the H100's 227 KiB at D=128
+    big = replace(wg, block_m=128, num_warps=8, block_n=128, fwd_stages=4)
+    assert cupy.config_reasons(problem(D=128), h100, big) == ["forward kernel needs 289 KiB of shared memory "
+                                                                "(device: 227 KiB per block)"]
+
+
 # ------------------------------------------------------------------ forced choices
 
 

@@ -81,14 +81,16 @@ FWD_KERNELS = ("mma", "wgmma")
 # The sm_90 forward default at head dims 64 and 128 (one warpgroup of 64 rows, 64-key blocks, a
 # ring of 3). H100, 2026-11-25 (tools/sweep_cupy.py, docs/CUPY_BACKEND.md "Session 9"): D=128
 # 1.23-1.39x FlashAttention-2 at S 2k-16k, causal and not, where the mma.sync kernel was
-# 0.99-1.10x; 128-key blocks and two warpgroups per CTA measured slower.
+# 0.99-1.10x; two warpgroups per CTA measured slower everywhere, 128-key blocks slower at D=128
+# and faster at D=64, S=16k only (the tuner times both).
 WGMMA_DEFAULT = {"fwd_kernel": "wgmma", "block_m": 64, "block_n": 64, "num_warps": 4, "fwd_stages": 3,
                  "o_smem": None, "warp_skip": 0, "head_group": 1}  # the last three: mma.sync kernel only
 WGMMA_CAPABILITY = (9, 0)  # sm_90a code: wgmma is not in the forward-compatible sm_90 subset
 
 
 def wgmma_reasons(head_dim: int, cfg: CupyConfig, capability: tuple[int, int] | None) -> list[str]:
-    """Why the wgmma forward (fa2_fwd_sm90.cu) cannot run this config (None: it can)."""
+    """Why the wgmma forward (fa2_fwd_sm90.cu) cannot run this config on a device of this
+    compute capability (None: unknown, not checked); empty when it can."""
     reasons = []
     if capability is not None and tuple(capability) != WGMMA_CAPABILITY:
         reasons.append(f"fwd_kernel='wgmma' needs an sm_90 GPU (this one: sm_{capability[0]}{capability[1]})")
@@ -193,7 +195,7 @@ def default_config(head_dim: int, device: DeviceInfo, wgmma: bool = True) -> Cup
     smaller key / query steps. The backward's fields are the same either way."""
     small = 0 < device.smem_per_block < 160 * 1024
     dp = d_pad(head_dim)
-    wgmma = WGMMA_DEFAULT if wgmma and head_dim in (64, 128) and device.capability == WGMMA_CAPABILITY else {}
+    sm90 = WGMMA_DEFAULT if wgmma and head_dim in (64, 128) and device.capability == WGMMA_CAPABILITY else {}
     if dp <= 64:
         fwd = {"block_m": 128, "block_n": 64, "num_warps": 4}
         bwd = {"dkdv_block_m": 64, "dkdv_block_n": 64, "dq_block_m": 64, "dq_block_n": 64, "bwd_stages": 2}
@@ -227,7 +229,7 @@ def default_config(head_dim: int, device: DeviceInfo, wgmma: bool = True) -> Cup
             bwd = {"dkdv_block_m": 16, "dkdv_block_n": 32, "dq_block_m": 32, "dq_block_n": 16, "bwd_stages": 2}
         else:
             bwd = {"dkdv_block_m": 32, "dkdv_block_n": 64, "dq_block_m": 64, "dq_block_n": 32, "bwd_stages": 2}
-    return CupyConfig(**{**fwd, **wgmma}, **bwd)
+    return CupyConfig(**{**fwd, **sm90}, **bwd)
 
 
 def config_space(problem: AttentionProblem, device: DeviceInfo) -> list[CupyConfig]:

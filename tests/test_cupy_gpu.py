@@ -246,9 +246,10 @@ def test_autotune_times_cupy_configs_for_one_bucket(tmp_path):
     assert cache.read_entries(device, tmp_path)[result.bucket.key]["backend"] == "cupy"
 
 
-def test_wgmma_cubin_through_cupys_nvrtc_when_no_libnvrtc_of_our_own(tmp_path, monkeypatch, nan_poison):
-    """Without a libnvrtc for nvrtc_check's loader, the sm_90a cubin is compiled through CuPy's
-    own NVRTC bindings, lands in the cubin cache dir, and computes the same output."""
+def test_wgmma_cubin_through_the_ctypes_nvrtc_when_cupys_cannot_compile(tmp_path, monkeypatch, nan_poison):
+    """The sm_90a cubin is compiled through CuPy's NVRTC bindings (the default: the other
+    tests), or, when CuPy cannot give one, through the libnvrtc nvrtc_check.py loads; either
+    lands in the cubin cache dir and computes the same output."""
     from dataclasses import replace
 
     from fa2dispatch.backends.cupy_cuda import compile as cc
@@ -258,13 +259,19 @@ def test_wgmma_cubin_through_cupys_nvrtc_when_no_libnvrtc_of_our_own(tmp_path, m
     device = device_info(torch.device("cuda"))
     if device.capability != (9, 0):
         pytest.skip(f"the wgmma forward is sm_90 code (this GPU: {device.arch})")
+    if nvrtc_check.load_nvrtc() is None:
+        pytest.skip("no libnvrtc for nvrtc_check.py's loader on this machine")
     case = Case(1, 4, 2, 300, 333, 64, torch.float16, True)
     q, k, v, _ = make_inputs(case, device="cuda", seed=3, requires_grad=False)
     problem = AttentionProblem(1, 4, 2, 300, 333, 64, case.dtype, q.device, case.layout, True, 64**-0.5)
     cfg = replace(default_config(64, device), fwd_kernel="wgmma", block_m=64, num_warps=4, fwd_stages=4)
     expected = BACKENDS["cupy"].forward(problem, q, k, v, cfg)
+
+    def no_cupy_nvrtc():
+        raise ImportError("simulated: no cupy NVRTC")
+
     monkeypatch.setenv("FA2DISPATCH_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(nvrtc_check, "load_nvrtc", lambda: None)
+    monkeypatch.setattr(cc, "_cupy_nvrtc", no_cupy_nvrtc)
     monkeypatch.setattr(cc, "_modules", {})
     monkeypatch.setattr(cc, "_functions", {})
     got = BACKENDS["cupy"].forward(problem, q, k, v, cfg)

@@ -248,6 +248,27 @@ def test_cupy_wgmma_forward_default_and_refusals():
                                                                 "(device: 227 KiB per block)"]
 
 
+def test_cupy_wgmma_needs_an_nvrtc_with_sm90a(monkeypatch):
+    """With CuPy's NVRTC older than 12.0 (no sm_90a target) a real H100 gets the mma.sync
+    forward by default and a wgmma config is refused naming NVRTC; simulated devices have no
+    NVRTC to ask."""
+    from fa2dispatch.backends import cupy_cuda
+    from fa2dispatch.backends.cupy_cuda.config import CupyConfig
+
+    cupy = BACKENDS["cupy"]
+    real = replace(_device(versions=Versions(torch="2.11.0", triton="3.6.0", cupy="14.2.0")), simulated=False)
+    wg = CupyConfig(fwd_kernel="wgmma", block_m=64, num_warps=4, block_n=64)
+    monkeypatch.setattr(cupy_cuda, "_nvrtc_version", lambda: (11, 8))
+    assert cupy.default_config(problem(D=128), real).fwd_kernel == "mma"
+    assert all(c.fwd_kernel == "mma" for c in cupy.config_space(problem(D=128), real))
+    assert cupy.config_reasons(problem(D=128), real, wg) == [
+        "fwd_kernel='wgmma' needs NVRTC 12.0+ for sm_90a (CuPy's NVRTC: 11.8)"]
+    assert cupy.default_config(problem(D=128), replace(real, simulated=True)).fwd_kernel == "wgmma"
+    monkeypatch.setattr(cupy_cuda, "_nvrtc_version", lambda: (13, 0))
+    assert cupy.default_config(problem(D=128), real).fwd_kernel == "wgmma"
+    assert cupy.config_reasons(problem(D=128), real, wg) == []
+
+
 # ------------------------------------------------------------------ forced choices
 
 

@@ -34,6 +34,33 @@ def _nvrtc_problem() -> str | None:
     return None if major_minor else "NVRTC missing"
 
 
+# The wgmma forward is sm_90a code; NVRTC has that target from CUDA 12.0.
+SM90A_NVRTC = (12, 0)
+
+
+@functools.cache
+def _nvrtc_version() -> tuple[int, int] | None:
+    """CuPy's NVRTC version, or None when it cannot be asked (no cupy, no libnvrtc)."""
+    try:
+        from cupy.cuda import nvrtc
+
+        return tuple(nvrtc.getVersion())
+    except Exception:  # noqa: BLE001 (ImportError, CUDARuntimeError, missing libnvrtc.so ...)
+        return None
+
+
+def sm90a_reason(device: DeviceInfo) -> str | None:
+    """Why the wgmma forward cannot be compiled for this device's run time, or None. Simulated
+    devices (reports, tests) have no NVRTC to ask: assumed able."""
+    if device.simulated:
+        return None
+    version = _nvrtc_version()
+    if version is not None and version < SM90A_NVRTC:
+        return (f"fwd_kernel='wgmma' needs NVRTC {SM90A_NVRTC[0]}.{SM90A_NVRTC[1]}+ for sm_90a "
+                f"(CuPy's NVRTC: {version[0]}.{version[1]})")
+    return None
+
+
 # fa2_fwd.cu takes each row's max over the raw scores and scales it once; that is the max of the
 # scaled scores only for a positive scale. Found 2026-11-25 (session 8): with a negative scale the
 # masked keys (-inf raw) turned into p = 2^+inf, and at scale 0 the first rescale computed
@@ -78,23 +105,24 @@ class CupyBackend(Backend):
             return reasons
         from .launch import grid_reasons
 
-        cfg = default_config(problem.D, device)
+        cfg = self.default_config(problem, device)
         return grid_reasons(problem, cfg) + config_reasons(problem.D, cfg, device.smem_per_block or None,
                                                            problem.requires_grad, device.capability or None)
 
     def default_config(self, problem: AttentionProblem, device: DeviceInfo) -> CupyConfig:
-        return default_config(problem.D, device)
+        return default_config(problem.D, device, wgmma=sm90a_reason(device) is None)
 
     def config_reasons(self, problem, device, config) -> list[str]:
         from .launch import grid_reasons
 
         if not isinstance(config, CupyConfig):
             return [f"config {config!r} is not a CupyConfig"]
-        return grid_reasons(problem, config) + config_reasons(problem.D, config, device.smem_per_block or None,
+        nvrtc = [sm90a_reason(device)] if config.fwd_kernel == "wgmma" and sm90a_reason(device) else []
+        return nvrtc + grid_reasons(problem, config) + config_reasons(problem.D, config, device.smem_per_block or None,
                                                               problem.requires_grad, device.capability or None)
 
     def config_space(self, problem: AttentionProblem, device: DeviceInfo) -> list[CupyConfig]:
-        return config_space(problem, device)
+        return config_space(problem, device, wgmma=sm90a_reason(device) is None)
 
     def forward(self, problem, q, k, v, config):
         from .launch import forward  # lazily: launching imports cupy
@@ -102,12 +130,12 @@ class CupyBackend(Backend):
         if not problem.softmax_scale > 0:  # the dispatcher never sends these; direct callers get the reason
             raise ValueError("the CuPy forward cannot run this call: " + _SCALE_REASON.format(problem.softmax_scale))
 
-        return forward(problem, q, k, v, config or default_config(problem.D, _device(q)))
+        return forward(problem, q, k, v, config or self.default_config(problem, _device(q)))
 
     def backward(self, problem, dout, q, k, v, out, lse, config, dlse=None):
         from .launch import backward
 
-        return backward(problem, dout, q, k, v, out, lse, dlse, config or default_config(problem.D, _device(q)))
+        return backward(problem, dout, q, k, v, out, lse, dlse, config or self.default_config(problem, _device(q)))
 
 
 def _device(t: torch.Tensor) -> DeviceInfo:

@@ -10,8 +10,8 @@ Caches, two levels:
 - in memory: one ``cupy.RawModule`` per (source file, options, device index), and one function
   object per kernel name with its dynamic shared-memory limit already raised;
 - on disk, for modules that name their own target (``KernelSpec.arch``: the wgmma forward is
-  sm_90a code, which CuPy's compiler never targets): we compile with NVRTC ourselves
-  (nvrtc_check.py's loader) and keep the cubin in ``cubin/`` of fa2dispatch's user cache dir,
+  sm_90a code, which CuPy's compiler never targets): we compile with NVRTC ourselves (CuPy's
+  NVRTC bindings; without cupy, nvrtc_check.py's loader) and keep the cubin in ``cubin/`` of fa2dispatch's user cache dir,
   named by a hash of the source text, the options, the arch and the NVRTC version; written
   atomically under a file lock, so concurrent processes compile once and never read a partial
   file;
@@ -153,11 +153,14 @@ def cubin_path(spec: KernelSpec) -> Path:
 
     from .nvrtc_check import compile_cubin, load_nvrtc, nvrtc_version
 
-    lib = load_nvrtc()
     text, options = source(spec.file), spec.options() + (f"--gpu-architecture={spec.arch}",)
-    if lib is None:  # no libnvrtc of our own to load: the one CuPy loaded
+    try:  # the NVRTC CuPy uses, which matches the CUDA runtime that will load the cubin
         version, compile_ = _cupy_nvrtc()
-    else:
+    except Exception:  # noqa: BLE001 (no cupy, as offline; or CuPy cannot load its NVRTC): the libnvrtc nvrtc_check.py finds
+        lib = load_nvrtc()
+        if lib is None:
+            raise RuntimeError(f"{spec.file} for {spec.arch}: neither cupy nor a libnvrtc (the "
+                               "nvidia-cuda-nvrtc wheel, $CUDA_HOME/lib64, the loader's path) to compile with")
         version, compile_ = nvrtc_version(lib), functools.partial(compile_cubin, lib)
     key = hashlib.sha256("\0".join((text, *options, version)).encode()).hexdigest()[:24]
     directory = cubin_dir()
@@ -174,8 +177,8 @@ def cubin_path(spec: KernelSpec) -> Path:
 
 
 def _cupy_nvrtc():
-    """(version, compile function) through CuPy's own NVRTC bindings, for when nvrtc_check's
-    loader finds no libnvrtc (CuPy may have found one elsewhere)."""
+    """(version, compile function) through CuPy's own NVRTC bindings; raises without cupy or
+    when CuPy cannot load its NVRTC."""
     from cupy.cuda import nvrtc
 
     def compile_(text: str, options: tuple[str, ...], name: str) -> tuple[bytes, str]:

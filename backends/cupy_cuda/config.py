@@ -232,12 +232,13 @@ def default_config(head_dim: int, device: DeviceInfo, wgmma: bool = True) -> Cup
     return CupyConfig(**{**fwd, **sm90}, **bwd)
 
 
-def config_space(problem: AttentionProblem, device: DeviceInfo) -> list[CupyConfig]:
+def config_space(problem: AttentionProblem, device: DeviceInfo, wgmma: bool = True) -> list[CupyConfig]:
     """The default first, then a few neighbours; the forward or the backward fields vary
-    (whichever the bucket times), and configs that cannot fit are dropped."""
+    (whichever the bucket times), and configs that cannot fit are dropped. ``wgmma=False``: no
+    wgmma forward (default_config)."""
     from dataclasses import replace
 
-    base = default_config(problem.D, device)
+    base = default_config(problem.D, device, wgmma)
     mma = default_config(problem.D, device, wgmma=False)  # the mma.sync forward's points start here
     if problem.requires_grad:
         points = [{"dkdv_block_m": m, "dkdv_block_n": n, "dq_block_m": n, "dq_block_n": m, "bwd_stages": s}

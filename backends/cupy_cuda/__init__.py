@@ -117,8 +117,8 @@ class CupyBackend(Backend):
 
         if not isinstance(config, CupyConfig):
             return [f"config {config!r} is not a CupyConfig"]
-        nvrtc = [sm90a_reason(device)] if config.fwd_kernel == "wgmma" and sm90a_reason(device) else []
-        return nvrtc + grid_reasons(problem, config) + config_reasons(problem.D, config, device.smem_per_block or None,
+        why = sm90a_reason(device) if config.fwd_kernel == "wgmma" else None
+        return ([why] if why else []) + grid_reasons(problem, config) + config_reasons(problem.D, config, device.smem_per_block or None,
                                                               problem.requires_grad, device.capability or None)
 
     def config_space(self, problem: AttentionProblem, device: DeviceInfo) -> list[CupyConfig]:

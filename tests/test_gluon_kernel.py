@@ -20,9 +20,9 @@ _COMPILE = r"""
 import json, sys, torch
 from fa2dispatch.backends.triton_fa2.launch_gluon import compile_sm90
 rows = []
-for dtype, d, causal, bm, bn, ks, vs in json.loads(sys.argv[1]):
-    r = compile_sm90(getattr(torch, dtype), d, causal, bm, bn, ks, vs)
-    rows.append(dict(r, dtype=dtype, d=d, causal=causal, bm=bm, bn=bn, ks=ks, vs=vs))
+for dtype, d, causal, bm, bn, ks, vs, *varlen in json.loads(sys.argv[1]):
+    r = compile_sm90(getattr(torch, dtype), d, causal, bm, bn, ks, vs, varlen=bool(varlen and varlen[0]))
+    rows.append(dict(r, dtype=dtype, d=d, causal=causal, bm=bm, bn=bn, ks=ks, vs=vs, varlen=bool(varlen and varlen[0])))
 print(json.dumps(rows))
 """
 
@@ -34,7 +34,9 @@ def test_compiles_for_sm90_with_wgmma_and_no_local_memory():
     jobs = [("float8_e4m3fn", 128, False, 64, 128, 2, 1), ("float8_e4m3fn", 128, True, 64, 128, 2, 2),
             ("float8_e4m3fn", 64, True, 64, 64, 2, 1), ("float8_e4m3fn", 64, False, 64, 128, 2, 2),
             ("float16", 128, True, 64, 64, 2, 2), ("bfloat16", 64, False, 64, 128, 2, 2),
-            ("float16", 128, False, 128, 128, 2, 2)]
+            ("float16", 128, False, 128, 128, 2, 2),
+            # varlen (packed sequences, masked pointer stores of O): the 16-bit defaults' tiles
+            ("float16", 128, True, 64, 64, 2, 1, True), ("bfloat16", 64, False, 64, 128, 2, 2, True)]
     env = dict(os.environ, TRITON_INTERPRET="0")
     proc = subprocess.run([sys.executable, "-c", _COMPILE, json.dumps(jobs)], capture_output=True, text=True,
                           env=env, timeout=600, check=False)
@@ -43,7 +45,8 @@ def test_compiles_for_sm90_with_wgmma_and_no_local_memory():
     assert len(rows) == len(jobs)
     for r in rows:
         print(r)
-        where = f"{r['dtype']} D={r['d']} causal={r['causal']} {r['bm']}x{r['bn']} k{r['ks']} v{r['vs']}"
+        where = (f"{r['dtype']} D={r['d']} causal={r['causal']} {r['bm']}x{r['bn']} k{r['ks']} v{r['vs']}"
+                 f"{' varlen' if r['varlen'] else ''}")
         assert r["wgmma"] >= 2, f"{where}: no wgmma"
         if r["dtype"] != "float8_e4m3fn":
             assert r["hgmma"] > 0, f"{where}: no HGMMA in the SASS"
@@ -130,3 +133,31 @@ def test_gluon_problem_reasons_and_the_hopper_fallback():
     q = torch.empty(1, 1000, 4, 128, dtype=torch.bfloat16)
     assert launch_gluon.tensor_reasons(q, q, q, "bshd") == []
     assert launch_gluon.tensor_reasons(q[:, :, :, ::2], q, q, "bshd") != []
+
+
+def test_gluon_takes_plain_varlen_calls_and_refuses_varlen_with_features():
+    """Packed sequences with no other feature go to the Gluon varlen forward on sm_90 (any
+    max_seqlen_q: O is stored through masked pointers); with a window, ALiBi, softcap, dropout
+    or top-left causal they keep the plain varlen kernel; the packed tensors must have heads and
+    D contiguous for a (total, heads x D) descriptor."""
+    from dataclasses import replace
+
+    from fa2dispatch.backends.triton_fa2 import launch_gluon
+    from fa2dispatch.backends.triton_fa2.config import default_config
+
+    from fa2dispatch.problem import AttentionProblem
+
+    h100 = simulated_device("h100")
+    p = AttentionProblem(B=3, H=8, Hkv=2, Mq=1000, Mkv=1500, D=128, dtype=torch.float16, device=torch.device("cpu"),
+                         layout="thd", causal=True, softmax_scale=0.1, varlen=True)
+    cfg = default_config(replace(p, varlen=False, layout="bshd", Mq=1024, Mkv=1024), h100)
+    assert cfg.fwd_kernel == "gluon"
+    assert launch_gluon.problem_reasons(p, cfg, h100) == []
+    assert launch_gluon.problem_reasons(replace(p, softcap=5.0), cfg, h100) != []
+    assert launch_gluon.problem_reasons(replace(p, window=(16, 0)), cfg, h100) != []
+    assert launch_gluon.problem_reasons(replace(p, causal_alignment="top_left"), cfg, h100) != []
+    q = torch.empty(100, 8, 128, dtype=torch.float16)
+    k = torch.empty(150, 2, 128, dtype=torch.float16)
+    assert launch_gluon.varlen_tensor_reasons(q, k, k) == []
+    wide = torch.empty(100, 8, 256, dtype=torch.float16)[:, :, :128]  # heads not packed
+    assert any(r.startswith("q: ") for r in launch_gluon.varlen_tensor_reasons(wide, k, k))

@@ -24,6 +24,7 @@ from fa2dispatch.backends.triton_fa2.config import TritonConfig
 from fa2dispatch.backends.triton_fa2.launch_hopper import HopperOptions
 from helpers import Case, check_close, check_lse, make_inputs, math_with_grads, max_magnitude
 
+import fa2dispatch
 from fa2dispatch.hardware import device_info
 from fa2dispatch.problem import make_problem
 
@@ -319,3 +320,40 @@ def test_gpu_gluon_config_falls_back_to_the_hopper_kernel(nan_poison):
         out, lse = BACKENDS["triton"].forward(problem, q, k, v, cfg)
         check_close("out", out, truth[0], low[0])
         check_lse(lse, truth[1], low[1])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+@pytest.mark.parametrize("D", [64, 128])
+def test_gluon_varlen_forward_matches_per_sequence_reference(D, dtype, monkeypatch, nan_poison):
+    """attention_varlen through the Triton backend on sm_90: the Gluon varlen forward runs (spied)
+    and matches float64 per sequence: unequal lengths on both sides, an empty query sequence,
+    an empty key sequence (out 0, lse -inf), sequences longer and shorter than a block, causal
+    bottom-right and not, GQA; the backward (the plain varlen kernels) on its output."""
+    from fa2dispatch.backends.triton_fa2 import launch_gluon
+    from fa2dispatch.hardware import device_info
+
+    if device_info(torch.device("cuda")).capability != (9, 0):
+        pytest.skip("the Gluon forward is sm_90 code")
+    from test_varlen import packed, per_sequence
+
+    calls = []
+    real = launch_gluon.forward_varlen
+    monkeypatch.setattr(launch_gluon, "forward_varlen", lambda *a, **k: calls.append(1) or real(*a, **k))
+    for lens_q, lens_k, causal in (([5, 300, 0, 129, 64], [7, 280, 4, 0, 700], True),
+                                   ([1000, 1, 77], [1000, 513, 64], False)):
+        q, k, v, dout, cq, ck = packed(lens_q, lens_k, H=8, Hkv=2, D=D, dtype=dtype, seed=3)
+        q, k, v, dout, cq, ck = (t.cuda().detach().requires_grad_(t.requires_grad) for t in (q, k, v, dout, cq, ck))
+        out, lse = fa2dispatch.attention_varlen(q, k, v, cq, ck, max(lens_q), max(lens_k), causal=causal,
+                                                backend="triton", return_lse=True)
+        truth = per_sequence(q, k, v, dout, cq, ck, torch.float64, causal=causal)
+        low = per_sequence(q, k, v, dout, cq, ck, dtype, causal=causal)
+        magnitude = max_magnitude(truth[0])
+        check_close("out", out, truth[0], low[0], magnitude)
+        check_lse(lse, truth[1], low[1])
+        out = fa2dispatch.attention_varlen(q, k, v, cq, ck, max(lens_q), max(lens_k), causal=causal, backend="triton")
+        grads = torch.autograd.grad(out, (q, k, v), dout)
+        magnitude = max_magnitude(truth[0], *truth[2:])
+        for name, ours, t, lp in zip(("dq", "dk", "dv"), grads, truth[2:], low[2:]):
+            check_close(name, ours, t, lp, magnitude)
+    assert calls, "the Gluon varlen forward did not run"

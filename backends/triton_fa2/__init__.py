@@ -214,7 +214,7 @@ class TritonBackend(Backend):
 
         int64_rows = _check_strides(problem, q=q, k=k, v=v)
         device = device_info(q.device)
-        if config.fwd_kernel == "gluon" and features is None:
+        if config.fwd_kernel == "gluon" and (features is None or problem.varlen):
             from . import launch_gluon
 
             ok = _GLUON_OK.get((problem, config))
@@ -222,12 +222,21 @@ class TritonBackend(Backend):
                 if len(_GLUON_OK) >= _MEMO_LIMIT:
                     _GLUON_OK.clear()
                 ok = _GLUON_OK[(problem, config)] = not launch_gluon.problem_reasons(problem, config, device)
-            if ok and not launch_gluon.tensor_reasons(q, k, v, problem.layout):
+            if ok and problem.varlen and not launch_gluon.varlen_tensor_reasons(q, k, v):
+                ensure_cuda_context(q.device)
+                return launch_gluon.forward_varlen(q, k, v, features.cu_seqlens_q, features.cu_seqlens_k, problem.Mq,
+                                                   problem.Mkv, problem.causal, problem.softmax_scale,
+                                                   config.block_m, config.block_n, config.num_stages,
+                                                   config.fwd_v_stages or config.num_stages, config.num_warps)
+            if ok and not problem.varlen and not launch_gluon.tensor_reasons(q, k, v, problem.layout):
                 ensure_cuda_context(q.device)
                 return launch_gluon.forward(q, k, v, problem.causal, problem.softmax_scale, problem.layout,
                                             config.block_m, config.block_n, config.num_stages,
                                             config.fwd_v_stages or config.num_stages, config.num_warps)
-            config = _hopper_fallback(problem, config)  # ragged Mq, strided tensors, ...
+            if problem.varlen:  # a varlen call the Gluon kernel cannot take: the plain kernel's own default
+                config = default_config(problem, device, hopper=False)
+            else:
+                config = _hopper_fallback(problem, config)  # ragged Mq, strided tensors, ...
         if config.fwd_kernel == "hopper" and features is None:
             from . import launch_hopper
 

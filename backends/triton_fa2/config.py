@@ -84,7 +84,7 @@ def block_d(head_dim: int) -> int:
     return max(16, 1 << (head_dim - 1).bit_length())
 
 
-def default_config(problem: AttentionProblem, device: DeviceInfo) -> TritonConfig:
+def default_config(problem: AttentionProblem, device: DeviceInfo, hopper: bool = True) -> TritonConfig:
     """Per-device-family default; small blocks under the CPU interpreter (fewer wasted rows)."""
     bd = block_d(problem.D)
     wide = problem.dtype == torch.float32  # 4-byte tiles: half the rows fit on chip
@@ -119,10 +119,10 @@ def default_config(problem: AttentionProblem, device: DeviceInfo) -> TritonConfi
     else:
         bwd = dict(dkdv_block_m=64, dkdv_block_n=64, dq_block_m=64, dq_block_n=64, bwd_num_warps=4, bwd_num_stages=2)
     if bd >= 128:
-        hopper = _hopper_default(problem, device, TritonConfig(block_m=128, block_n=128, num_warps=8,
-                                                               num_stages=2 if small_smem else 3, **bwd))
-        if hopper is not None:
-            return hopper
+        sm90 = hopper and _hopper_default(problem, device, TritonConfig(block_m=128, block_n=128, num_warps=8,
+                                                                        num_stages=2 if small_smem else 3, **bwd))
+        if sm90:
+            return sm90
         # 128-key blocks were faster in every measured case at D=128 on the H100 (geomean 462
         # against 438 TFLOP/s, tools/sweep_configs.py --mode fwd; 64 KB of shared memory as
         # compiled). Measured on Hopper only: other parts keep 64-key blocks until tuned there.
@@ -130,7 +130,7 @@ def default_config(problem: AttentionProblem, device: DeviceInfo) -> TritonConfi
         return TritonConfig(block_m=128, block_n=128 if hopper else 64, num_warps=8,
                             num_stages=2 if small_smem else 3, **bwd)
     plain = TritonConfig(block_m=128, block_n=64, num_warps=4, num_stages=3, **bwd)
-    return _hopper_default(problem, device, plain) or plain
+    return (hopper and _hopper_default(problem, device, plain)) or plain
 
 
 def _hopper_default(problem: AttentionProblem, device: DeviceInfo, base: TritonConfig) -> TritonConfig | None:
@@ -139,7 +139,8 @@ def _hopper_default(problem: AttentionProblem, device: DeviceInfo, base: TritonC
     fastest for their kind (launch_hopper.measured_choice: +4-31% over the plain kernel's
     default in every BENCH_PROTOCOL case, docs/HOPPER_ATTEMPTS.md). None elsewhere."""
     hopper = device.vendor == "nvidia" and device.capability is not None and device.capability >= (9, 0)
-    if not hopper or problem.feature_names or problem.dtype not in (torch.float16, torch.bfloat16):
+    varlen_only = problem.feature_names == ("varlen",)  # packed sequences: the Gluon forward takes them
+    if not hopper or (problem.feature_names and not varlen_only) or problem.dtype not in (torch.float16, torch.bfloat16):
         return None
     if device.capability < (10, 0) and problem.D in GLUON_DEFAULTS:
         # The Gluon forward (kernels_gluon.py): faster than the tuned Hopper kernel in every
@@ -149,6 +150,8 @@ def _hopper_default(problem: AttentionProblem, device: DeviceInfo, base: TritonC
         m, n, k_stages, v_stages = GLUON_DEFAULTS[problem.D]
         return replace(base, block_m=m, block_n=n, num_warps=m // 16, num_stages=k_stages, fwd_v_stages=v_stages,
                        fwd_kernel="gluon")
+    if varlen_only:  # the Hopper kernel has no varlen
+        return None
     try:
         from .launch_hopper import measured_choice
     except ImportError:  # no triton: nothing runs here anyway (the backend says why)

@@ -101,12 +101,20 @@ def _stage_p(p_smem, p, dtype: gl.constexpr):
 def attn_fwd_gluon(q_desc, k_desc, v_desc, o_desc, Lse, qk_scale, H, GROUP, Mq, Mkv,
                    q_rows_z, q_rows_h, q_cols_h, k_rows_z, k_rows_h, k_cols_h,
                    QDs, KDs, VDs, stride_qdz, stride_qdh, stride_kdz, stride_kdh, stride_vdz, stride_vdh,
-                   QD_GROUP, Hkv,
+                   QD_GROUP, Hkv, CuQ, CuK, Out, stride_om, total_q,
                    CAUSAL: gl.constexpr, K_STAGES: gl.constexpr, V_STAGES: gl.constexpr, Q_REGS: gl.constexpr,
-                   FP8: gl.constexpr, num_warps: gl.constexpr):
+                   FP8: gl.constexpr, VARLEN: gl.constexpr, num_warps: gl.constexpr):
     """FP8: q, k e4m3 with float32 descales QDs (B, H or Hkv), KDs, VDs (B, Hkv); v_desc is over
     V^T (B * Hkv * D rows, Mkv columns; Hopper's fp8 wgmma takes P V's B operand K-major only)
-    with blocks (D, BLOCK_N); o_desc is bf16 or fp16. Else the descale pointers are not read."""
+    with blocks (D, BLOCK_N); o_desc is bf16 or fp16. Else the descale pointers are not read.
+
+    VARLEN: packed sequences, q (total_q, H, D) and k, v (total_k, Hkv, D) through descriptors
+    over their (rows, H x D) views; sequence z is rows CuQ[z]:CuQ[z+1] of q and CuK[z]:CuK[z+1]
+    of k and v (int32). Mq and Mkv are the longest lengths (they size the grid); each program
+    takes its sequence's own. Keys past the sequence's end (the next sequence's rows in the
+    descriptor) are masked as past Mkv; query rows past it are computed and not stored: O goes
+    out through masked pointer stores (Out, row stride stride_om) instead of TMA, which would
+    write into the next sequence, and lse in the varlen convention (H, total_q)."""
     BLOCK_M: gl.constexpr = q_desc.block_type.shape[0]
     BLOCK_D: gl.constexpr = q_desc.block_type.shape[1]
     BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
@@ -133,9 +141,20 @@ def attn_fwd_gluon(q_desc, k_desc, v_desc, o_desc, Lse, qk_scale, H, GROUP, Mq, 
     h = bh % H
     hkv = h // GROUP
     start_m = mb * BLOCK_M
-    q_row = z * q_rows_z + h * q_rows_h + start_m
+    q_start = 0
+    if VARLEN:  # this sequence's rows and lengths; a query block past its end has nothing to do
+        q_start = gl.load(CuQ + z)
+        k_start = gl.load(CuK + z)
+        Mq = gl.load(CuQ + z + 1) - q_start
+        Mkv = gl.load(CuK + z + 1) - k_start
+        if start_m >= Mq:
+            return
+        q_row = q_start + start_m
+        k_row = k_start
+    else:
+        q_row = z * q_rows_z + h * q_rows_h + start_m
+        k_row = z * k_rows_z + hkv * k_rows_h
     q_col = h * q_cols_h
-    k_row = z * k_rows_z + hkv * k_rows_h
     k_col = hkv * k_cols_h
     v_scale = 1.0
     v_row = 0
@@ -269,14 +288,22 @@ def attn_fwd_gluon(q_desc, k_desc, v_desc, o_desc, Lse, qk_scale, H, GROUP, Mq, 
     l_safe = gl.where(empty, 1.0, l_i)
     out = acc * gl.convert_layout(v_scale / l_safe, row_o)[:, None]
     lse = gl.where(empty, float("-inf"), (m_i + gl.log2(l_safe) - SHIFT) * LN2)
-    gl.store(Lse + bh.to(gl.int64) * Mq + offs_m, lse, mask=offs_m < Mq)
-    if FP8:  # a 16-bit output: a buffer of its own
-        o_smem = gl.allocate_shared_memory(o_desc.dtype, [BLOCK_M, BLOCK_D], o_desc.layout)
-        o_smem.store(out.to(o_desc.dtype))
-        fence_async_shared()
-        tma.async_copy_shared_to_global(o_desc, [q_row, q_col], o_smem)
+    if VARLEN:
+        gl.store(Lse + h.to(gl.int64) * total_q + q_start + offs_m, lse, mask=offs_m < Mq)
+        col_o: gl.constexpr = gl.SliceLayout(0, o_layout)
+        rows = gl.convert_layout(offs_m, row_o)
+        cols = gl.arange(0, BLOCK_D, layout=col_o)
+        ptrs = Out + (q_start + rows).to(gl.int64)[:, None] * stride_om + (q_col + cols)[None, :]
+        gl.store(ptrs, out.to(Out.dtype.element_ty), mask=(rows < Mq)[:, None])
     else:
-        q_smem.store(out.to(dtype))  # Q is no longer read: its buffer stages O for the TMA store
-        fence_async_shared()
-        tma.async_copy_shared_to_global(o_desc, [q_row, q_col], q_smem)
-    tma.store_wait(pendings=0)
+        gl.store(Lse + bh.to(gl.int64) * Mq + offs_m, lse, mask=offs_m < Mq)
+        if FP8:  # a 16-bit output: a buffer of its own
+            o_smem = gl.allocate_shared_memory(o_desc.dtype, [BLOCK_M, BLOCK_D], o_desc.layout)
+            o_smem.store(out.to(o_desc.dtype))
+            fence_async_shared()
+            tma.async_copy_shared_to_global(o_desc, [q_row, q_col], o_smem)
+        else:
+            q_smem.store(out.to(dtype))  # Q is no longer read: its buffer stages O for the TMA store
+            fence_async_shared()
+            tma.async_copy_shared_to_global(o_desc, [q_row, q_col], q_smem)
+        tma.store_wait(pendings=0)

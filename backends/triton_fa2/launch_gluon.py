@@ -1,5 +1,7 @@
 """Launchers of the Gluon forward (``kernels_gluon.attn_fwd_gluon``) for sm_90.
 
+- varlen: ``forward_varlen``, the same routing for ``attention_varlen`` calls with no other
+  feature (packed (total, heads, D) tensors, ``varlen_tensor_reasons``).
 - 16-bit: ``TritonConfig.fwd_kernel == "gluon"`` routes plain fp16/bf16 calls here
   (``triton_fa2.TritonBackend.forward``) when ``problem_reasons`` and ``tensor_reasons`` are
   empty: head dim 64 or 128, softmax_scale > 0, Mq a multiple of block_m (the output goes back
@@ -34,14 +36,14 @@ def problem_reasons(problem, config, device) -> list[str]:
         out.append(f"head dim {problem.D} (supported: 64, 128)")
     if not problem.softmax_scale > 0:
         out.append(f"softmax_scale={problem.softmax_scale} (supported: > 0)")
-    if problem.feature_names or problem.varlen or problem.kvcache:
-        out.append("features, varlen and KV caches are not implemented in the Gluon forward")
+    if set(problem.feature_names) - {"varlen"} or problem.kvcache:
+        out.append("features (but varlen) and KV caches are not implemented in the Gluon forward")
     if problem.causal and problem.causal_alignment != "bottom_right":
         out.append(f"causal_alignment={problem.causal_alignment!r}")
     if config.block_m not in (64, 128) or config.num_warps != config.block_m // 16 or config.block_n not in (64, 128):
         out.append(f"block_m={config.block_m} block_n={config.block_n} num_warps={config.num_warps} (supported: "
                    "block_m 64 or 128 with block_m / 16 warps, block_n 64 or 128)")
-    if problem.Mq % config.block_m:
+    if problem.Mq % config.block_m and not problem.varlen:  # varlen stores O through masked pointers
         out.append(f"Mq={problem.Mq} (supported: a multiple of block_m={config.block_m})")
     return out
 
@@ -123,7 +125,8 @@ def forward(q, k, v, causal: bool = False, softmax_scale: float | None = None, l
     one = torch.ones(1, dtype=torch.float32, device=q.device)  # descales of a 16-bit call: never read
     kernels_gluon.attn_fwd_gluon[grid](qd, kd, vd, od, lse, scale * LOG2E, H, H // Hkv, Mq, Mkv,
                                        qz, qh, qc, kz, kh, kc, one, one, one, 0, 0, 0, 0, 0, 0, 1, Hkv,
-                                       CAUSAL=causal, K_STAGES=k_stages, V_STAGES=v_stages, FP8=False,
+                                       lse, lse, out, 0, 0,
+                                       CAUSAL=causal, K_STAGES=k_stages, V_STAGES=v_stages, FP8=False, VARLEN=False,
                                        Q_REGS=q_regs, num_warps=num_warps,
                                        **({"maxnreg": maxnreg} if maxnreg else {}))
     return out, lse
@@ -165,13 +168,55 @@ def forward_fp8(q8, k8, v8, q_descale=None, k_descale=None, v_descale=None, caus
     grid = (triton.cdiv(Mq, block_m) * B * H,)
     kernels_gluon.attn_fwd_gluon[grid](qd, kd, vd, od, lse, scale * LOG2E, H, H // Hkv, Mq, Mkv,
                                        qz, qh, qc, kz, kh, kc, qs, ks, vs, *strides, qd_group, Hkv,
-                                       CAUSAL=causal, K_STAGES=k_stages, V_STAGES=v_stages, FP8=True,
+                                       lse, lse, out, 0, 0,
+                                       CAUSAL=causal, K_STAGES=k_stages, V_STAGES=v_stages, FP8=True, VARLEN=False,
+                                       Q_REGS=False, num_warps=num_warps)
+    return out, lse
+
+
+def varlen_tensor_reasons(q, k, v) -> list[str]:
+    """Packed (total, heads, D) tensors a descriptor over the (total, heads x D) view can read:
+    heads and D contiguous, a 16-byte row stride and base."""
+    out = []
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.stride(2) != 1 or t.stride(1) != t.shape[2] or (t.stride(0) * t.element_size()) % 16 \
+                or t.data_ptr() % 16:
+            out.append(f"{name}: the Gluon varlen forward needs (total, heads, D) rows with heads and D contiguous "
+                       f"and 16-byte aligned (strides {tuple(t.stride())})")
+    return out
+
+
+def forward_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int, causal: bool,
+                   softmax_scale: float, block_m: int = 64, block_n: int = 64, k_stages: int = 2,
+                   v_stages: int = 2, num_warps: int = 4):
+    """Packed sequences (``attention_varlen``): q (total_q, H, D), k and v (total_k, Hkv, D), int32
+    cumulative lengths; out like q and lse (H, total_q). The caller has checked the call
+    (``problem_reasons`` with a varlen problem, ``varlen_tensor_reasons``)."""
+    from . import kernels_gluon
+
+    total_q, H, D = q.shape
+    total_k, Hkv, _ = k.shape
+    B = cu_seqlens_q.shape[0] - 1
+    out = torch.empty_like(q)
+    lse = torch.empty((H, total_q), dtype=torch.float32, device=q.device)
+    if total_q == 0 or B == 0:
+        return out, lse
+    qd = _gl_desc(q, [total_q, H * D], [q.stride(0), 1], [block_m, D])
+    kd = _gl_desc(k, [total_k, Hkv * D], [k.stride(0), 1], [block_n, D])
+    vd = _gl_desc(v, [total_k, Hkv * D], [v.stride(0), 1], [block_n, D])
+    grid = (triton.cdiv(max_seqlen_q, block_m) * B * H,)
+    one = torch.ones(1, dtype=torch.float32, device=q.device)
+    kernels_gluon.attn_fwd_gluon[grid](qd, kd, vd, qd, lse, softmax_scale * LOG2E, H, H // Hkv,
+                                       max_seqlen_q, max_seqlen_k, 0, 0, D, 0, 0, D,
+                                       one, one, one, 0, 0, 0, 0, 0, 0, 1, Hkv,
+                                       cu_seqlens_q, cu_seqlens_k, out, out.stride(0), total_q,
+                                       CAUSAL=causal, K_STAGES=k_stages, V_STAGES=v_stages, FP8=False, VARLEN=True,
                                        Q_REGS=False, num_warps=num_warps)
     return out, lse
 
 
 def compile_sm90(dtype: torch.dtype, head_dim: int, causal: bool, block_m: int = 64, block_n: int = 64,
-                 k_stages: int = 2, v_stages: int = 2, q_regs: bool = False) -> dict:
+                 k_stages: int = 2, v_stages: int = 2, q_regs: bool = False, varlen: bool = False) -> dict:
     """Compile the kernel for sm_90 without a GPU (Gluon's AST source, Triton's own ptxas) and
     report its resources (``launch_hopper._cubin_usage``: registers, stack, local-memory
     instructions) plus shared memory and the PTX's wgmma count. ``dtype`` float8_e4m3fn compiles
@@ -194,11 +239,12 @@ def compile_sm90(dtype: torch.dtype, head_dim: int, causal: bool, block_m: int =
     sig = {"q_desc": desc(dtype, head_dim, [block_m, head_dim]), "k_desc": desc(dtype, head_dim, [block_n, head_dim]),
            "v_desc": desc(dtype, 256, [head_dim, block_n]) if fp8 else desc(dtype, head_dim, [block_n, head_dim]),
            "o_desc": desc(torch.bfloat16 if fp8 else dtype, head_dim, [block_m, head_dim]),
-           "Lse": "*fp32", "qk_scale": "fp32", "QDs": "*fp32", "KDs": "*fp32", "VDs": "*fp32"}
+           "Lse": "*fp32", "qk_scale": "fp32", "QDs": "*fp32", "KDs": "*fp32", "VDs": "*fp32",
+           "CuQ": "*i32", "CuK": "*i32", "Out": "*" + {torch.float16: "fp16"}.get(dtype, "bf16")}
     for name in kernels_gluon.attn_fwd_gluon.arg_names:
         sig.setdefault(name, "i32")
     constexprs = {"CAUSAL": causal, "K_STAGES": k_stages, "V_STAGES": v_stages, "Q_REGS": q_regs, "FP8": fp8,
-                  "num_warps": warps}
+                  "VARLEN": varlen, "num_warps": warps}
     sig.update({name: "constexpr" for name in constexprs})
     src = GluonASTSource(kernels_gluon.attn_fwd_gluon, sig, constexprs)
     kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})

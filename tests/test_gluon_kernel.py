@@ -161,3 +161,29 @@ def test_gluon_takes_plain_varlen_calls_and_refuses_varlen_with_features():
     assert launch_gluon.varlen_tensor_reasons(q, k, k) == []
     wide = torch.empty(100, 8, 256, dtype=torch.float16)[:, :, :128]  # heads not packed
     assert any(r.startswith("q: ") for r in launch_gluon.varlen_tensor_reasons(wide, k, k))
+
+
+_COMPILE_WS = r"""
+import json, sys, torch
+from fa2dispatch.backends.triton_fa2.launch_gluon import compile_ws_sm90
+print(json.dumps([dict(compile_ws_sm90(getattr(torch, dt), d, c, bm, bn), dtype=dt, d=d, causal=c, bm=bm, bn=bn)
+                  for dt, d, c, bm, bn in json.loads(sys.argv[1])]))
+"""
+
+
+@pytest.mark.compile
+def test_warp_specialized_kernel_compiles_for_sm90():
+    """kernels_gluon_ws.py (branch s9-gluon-ws): two partitions (the consumers' warps plus a
+    producer warpgroup), register reallocation, wgmma, no local memory, 1 CTA per SM at most."""
+    jobs = [("float16", 128, False, 128, 128), ("bfloat16", 128, True, 128, 128), ("float16", 64, True, 128, 128),
+            ("bfloat16", 128, False, 64, 64)]
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    proc = subprocess.run([sys.executable, "-c", _COMPILE_WS, json.dumps(jobs)], capture_output=True, text=True,
+                          env=env, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    for r in json.loads(proc.stdout.strip().splitlines()[-1]):
+        print(r)
+        assert r["num_warps"] == r["bm"] // 16 + 4, r
+        assert r["wgmma"] >= 2 and r["setmaxnreg"] > 0, r
+        assert r["stack"] == 0 and r["ldl_stl"] == 0, r
+        assert r["smem"] <= 227 * 1024, r

@@ -38,7 +38,9 @@ def main(argv=None) -> int:
     ap.add_argument("--seqlens", default="1024,4096,16384")
     ap.add_argument("--causal", default="0,1")
     ap.add_argument("--dtype", default="fp16", choices=("fp16", "bf16"))
-    ap.add_argument("--configs", default="64:64:2:2:4:0", help="block_m:block_n:k_stages:v_stages:warps:q_regs,...")
+    ap.add_argument("--configs", default="64:64:2:2:4:0",
+                    help="block_m:block_n:k_stages:v_stages:warps:q_regs[:ws],... (ws > 0: the warp-specialized "
+                         "kernel, kernels_gluon_ws.py, with ws registers for its producer; warps and q_regs unused)")
     ap.add_argument("--rep", type=int, default=100)
     ap.add_argument("--fp8", action="store_true",
                     help="e4m3 inputs (per-head descales, V^T given): against the triton-fp8 backend, our bf16 "
@@ -58,7 +60,7 @@ def main(argv=None) -> int:
         print("sweep_gluon needs a CUDA GPU", file=sys.stderr)
         return 2
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
-    configs = [tuple(int(x) for x in c.split(":")) for c in args.configs.split(",")]
+    configs = [tuple(int(x) for x in (c + ":0").split(":")[:7]) for c in args.configs.split(",")]
     if args.fp8:
         return fp8_sweep(args, configs)
     rows = []
@@ -91,10 +93,18 @@ def main(argv=None) -> int:
 
                 row["err"]["flash"] = (flash()[:1].float() - ref).abs().max().item()
                 providers = {"cudnn": cudnn, "flash": flash, "triton": ours}
-                for bm, bn, ks, vs, w, qr in configs:
-                    name = f"g{bm}x{bn}k{ks}v{vs}w{w}" + ("q" if qr else "")
-                    result = _first_run(lambda bm=bm, bn=bn, ks=ks, vs=vs, w=w, qr=qr: launch_gluon.forward(
-                        q, k, v, causal, None, "bhsd", bm, bn, ks, vs, w, bool(qr)), row, name, D, S, causal)
+                for bm, bn, ks, vs, w, qr, ws in configs:
+                    if ws:
+                        name = f"ws{bm}x{bn}k{ks}v{vs}r{ws}"
+
+                        def call(bm=bm, bn=bn, ks=ks, vs=vs, ws=ws):
+                            return launch_gluon.forward_ws(q, k, v, causal, None, "bhsd", bm, bn, ks, vs, ws)
+                    else:
+                        name = f"g{bm}x{bn}k{ks}v{vs}w{w}" + ("q" if qr else "")
+
+                        def call(bm=bm, bn=bn, ks=ks, vs=vs, w=w, qr=qr):
+                            return launch_gluon.forward(q, k, v, causal, None, "bhsd", bm, bn, ks, vs, w, bool(qr))
+                    result = _first_run(call, row, name, D, S, causal)
                     if result is None:
                         continue
                     out, lse = result
@@ -108,8 +118,7 @@ def main(argv=None) -> int:
                           f" lse {lerr if lerr is None else f'{lerr:.1e}'}{'  BAD' if bad else ''}", flush=True)
                     if bad:
                         continue
-                    providers[name] = (lambda bm=bm, bn=bn, ks=ks, vs=vs, w=w, qr=qr:
-                                       launch_gluon.forward(q, k, v, causal, None, "bhsd", bm, bn, ks, vs, w, bool(qr)))
+                    providers[name] = call
                 for name, fn in providers.items():
                     try:
                         ms = do_bench(fn, warmup=25, rep=args.rep, return_mode="median")
@@ -165,7 +174,7 @@ def fp8_sweep(args, configs) -> int:
                                                                          backend="triton")}
                 base_err = (providers["triton-fp8"]()[:1].float() - ref).abs().max().item()
                 row["err"]["triton-fp8"] = base_err
-                for bm, bn, ks, vs, w, _ in configs:
+                for bm, bn, ks, vs, w, *_ in configs:  # (the fp8 sweep has no warp-specialized kernel)
                     name = f"g{bm}x{bn}k{ks}v{vs}w{w}"
                     call = (lambda bm=bm, bn=bn, ks=ks, vs=vs, w=w: launch_gluon.forward_fp8(
                         q8, k8, v8, qd, kd, vd, causal, None, "bhsd", vt, bm, bn, ks, vs, w))

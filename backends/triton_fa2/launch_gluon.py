@@ -132,6 +132,37 @@ def forward(q, k, v, causal: bool = False, softmax_scale: float | None = None, l
     return out, lse
 
 
+def forward_ws(q, k, v, causal: bool = False, softmax_scale: float | None = None, layout: str = "bhsd",
+               block_m: int = 128, block_n: int = 128, k_stages: int = 2, v_stages: int = 2, producer_regs: int = 24):
+    """The warp-specialized kernel (``kernels_gluon_ws.attn_fwd_gluon_ws``, branch s9-gluon-ws:
+    not yet run on a GPU): 16-bit, dense; block_m / 16 consumer warps plus a producer warpgroup."""
+    from . import kernels_gluon_ws
+
+    D = q.shape[-1]
+    scale = D**-0.5 if softmax_scale is None else softmax_scale
+    why = reasons(q, k, v, causal, scale, layout, block_m, block_n)
+    if why:
+        raise ValueError("the warp-specialized Gluon forward cannot run this call: " + "; ".join(why))
+    if layout == "bshd":
+        B, Mq, H, _ = q.shape
+        Mkv, Hkv = k.shape[1], k.shape[2]
+    else:
+        B, H, Mq, _ = q.shape
+        Hkv, Mkv = k.shape[1], k.shape[2]
+    out = torch.empty_like(q)
+    lse = torch.empty((B, H, Mq), dtype=torch.float32, device=q.device)
+    qd, (qz, qh, qc) = _desc(q, layout, block_m)
+    kd, (kz, kh, kc) = _desc(k, layout, block_n)
+    vd, _ = _desc(v, layout, block_n)
+    od, _ = _desc(out, layout, block_m)
+    grid = (triton.cdiv(Mq, block_m) * B * H,)
+    kernels_gluon_ws.attn_fwd_gluon_ws[grid](qd, kd, vd, od, lse, scale * LOG2E, H, H // Hkv, Mq, Mkv,
+                                             qz, qh, qc, kz, kh, kc, CAUSAL=causal, K_STAGES=k_stages,
+                                             V_STAGES=v_stages, PRODUCER_REGS=producer_regs,
+                                             num_warps=block_m // 16)
+    return out, lse
+
+
 def forward_fp8(q8, k8, v8, q_descale=None, k_descale=None, v_descale=None, causal: bool = False,
                 softmax_scale: float | None = None, layout: str = "bhsd", v_transposed=None,
                 block_m: int = 64, block_n: int = 128, k_stages: int = 2, v_stages: int = 2, num_warps: int = 4,
@@ -213,6 +244,40 @@ def forward_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_s
                                        CAUSAL=causal, K_STAGES=k_stages, V_STAGES=v_stages, FP8=False, VARLEN=True,
                                        Q_REGS=False, num_warps=num_warps)
     return out, lse
+
+
+def compile_ws_sm90(dtype: torch.dtype, head_dim: int, causal: bool, block_m: int = 128, block_n: int = 128,
+                    k_stages: int = 2, v_stages: int = 2, producer_regs: int = 24) -> dict:
+    """``compile_sm90`` for the warp-specialized kernel (kernels_gluon_ws.py): resources, wgmma
+    and setmaxnreg counts, and the warps of both partitions."""
+    import triton.language  # noqa: F401
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+    from triton.runtime.jit import mangle_type
+
+    from . import kernels_gluon_ws
+    from .launch_hopper import _cubin_usage
+
+    warps = block_m // 16
+
+    def desc(cols, block):
+        t = torch.zeros((256, cols), dtype=dtype)  # metadata only: never read
+        return mangle_type(_gl_desc(t, [256, cols], [cols, 1], block))
+
+    sig = {"q_desc": desc(head_dim, [block_m, head_dim]), "k_desc": desc(head_dim, [block_n, head_dim]),
+           "v_desc": desc(head_dim, [block_n, head_dim]), "o_desc": desc(head_dim, [block_m, head_dim]),
+           "Lse": "*fp32", "qk_scale": "fp32"}
+    for name in kernels_gluon_ws.attn_fwd_gluon_ws.arg_names:
+        sig.setdefault(name, "i32")
+    constexprs = {"CAUSAL": causal, "K_STAGES": k_stages, "V_STAGES": v_stages, "PRODUCER_REGS": producer_regs,
+                  "num_warps": warps}
+    sig.update({name: "constexpr" for name in constexprs})
+    kernel = triton.compile(GluonASTSource(kernels_gluon_ws.attn_fwd_gluon_ws, sig, constexprs),
+                            target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+    usage = _cubin_usage(kernel.asm["cubin"])
+    usage.update(smem=kernel.metadata.shared, wgmma=kernel.asm["ptx"].count("wgmma.mma_async"),
+                 setmaxnreg=kernel.asm["ptx"].count("setmaxnreg"), num_warps=kernel.metadata.num_warps)
+    return usage
 
 
 def compile_sm90(dtype: torch.dtype, head_dim: int, causal: bool, block_m: int = 64, block_n: int = 64,

@@ -1,0 +1,203 @@
+"""A warp-specialized FlashAttention-2 forward for Hopper in Gluon (branch ``s9-gluon-ws``;
+never run on a GPU yet: docs/PENDING_GLUON_WS.md).
+
+``kernels_gluon.attn_fwd_gluon`` with its loads moved to a producer partition
+(``gl.warp_specialize``), as FlashAttention-3 does:
+
+- **producer** (one warpgroup, few registers): Q once, then K_j and V_j into rings of K_STAGES
+  and V_STAGES buffers by TMA; before refilling a buffer it waits for that buffer's *empty*
+  barrier, which the consumers arrive on once the wgmma reading it has completed;
+- **consumers** (the default partition, ``num_warps`` warps = num_warps / 4 warpgroups sharing
+  every K and V tile): the same loop as ``attn_fwd_gluon`` (S_j and P_{j-1} V_{j-1} in flight
+  together, wait for S_j only, block j's softmax under P V), waiting on each buffer's *full*
+  barrier and arriving on its *empty* one instead of issuing the TMA copies themselves;
+- the epilogue (lse, O through shared memory and TMA) runs after the partitions join.
+
+Barrier protocol: every barrier counts one arrival per phase. A full barrier's arrival is the
+producer's ``expect`` (with the TMA's transaction bytes); an empty barrier's is the consumer
+partition's ``mbarrier.arrive`` (Gluon: one thread, after a barrier of the whole partition, so
+both consumer warpgroups are past their wgmma wait). The producer's first wait on each empty
+barrier asks for parity 1, which a fresh barrier reports as complete.
+
+What it is for: two consumer warpgroups share each K/V tile (half the shared-memory traffic per
+row of the one-warpgroup kernel), and the consumers never issue loads. Not yet: FA3's
+ping-pong ordering of the two warpgroups' softmax against each other's GEMMs, fp8, varlen.
+"""
+
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared,
+    mbarrier,
+    tma,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
+
+from .kernels_gluon import LN2, _softmax_block
+
+
+@gluon.jit
+def _ws_producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_full, k_empty, v_full, v_empty,
+                 q_row, q_col, k_row, k_col, n_blocks, K_STAGES: gl.constexpr, V_STAGES: gl.constexpr):
+    BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
+    mbarrier.expect(q_bar, q_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(q_desc, [q_row, q_col], q_bar, q_smem)
+    for j in range(n_blocks):
+        ks = j % K_STAGES
+        mbarrier.wait(k_empty.index(ks), ((j // K_STAGES) & 1) ^ 1)
+        mbarrier.expect(k_full.index(ks), k_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(k_desc, [k_row + j * BLOCK_N, k_col], k_full.index(ks), k_smem.index(ks))
+        vs = j % V_STAGES
+        mbarrier.wait(v_empty.index(vs), ((j // V_STAGES) & 1) ^ 1)
+        mbarrier.expect(v_full.index(vs), v_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(v_desc, [k_row + j * BLOCK_N, k_col], v_full.index(vs), v_smem.index(vs))
+
+
+@gluon.jit
+def _ws_consumer(q_smem, k_smem, v_smem, q_bar, k_full, k_empty, v_full, v_empty, qk_scale, start_m, Mkv, diag,
+                 full_hi, n_blocks, CAUSAL: gl.constexpr, K_STAGES: gl.constexpr, V_STAGES: gl.constexpr,
+                 num_warps: gl.constexpr):
+    BLOCK_M: gl.constexpr = q_smem.shape[0]
+    BLOCK_D: gl.constexpr = q_smem.shape[1]
+    BLOCK_N: gl.constexpr = k_smem.shape[1]
+    dtype: gl.constexpr = q_smem.dtype
+    BITS: gl.constexpr = dtype.primitive_bitwidth
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                       instr_shape=[16, BLOCK_N, 256 // BITS])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                       instr_shape=[16, BLOCK_D, 256 // BITS])
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=32 // BITS)
+    row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
+    col_s: gl.constexpr = gl.SliceLayout(0, s_layout)
+    row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+
+    offs_m = start_m + gl.arange(0, BLOCK_M, layout=row_s)
+    offs_n0 = gl.arange(0, BLOCK_N, layout=col_s)
+    m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, row_s)
+    l_i = gl.zeros([BLOCK_M], gl.float32, row_s)
+    acc = gl.zeros([BLOCK_M, BLOCK_D], gl.float32, o_layout)
+    zero_s = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
+    mbarrier.wait(q_bar, 0)
+    if n_blocks > 0:
+        mbarrier.wait(k_full.index(0), 0)
+        s_tok = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+        s = warpgroup_mma_wait(num_outstanding=0, deps=[s_tok])
+        mbarrier.arrive(k_empty.index(0), count=1)  # K_0 read: the producer may refill it
+        if BLOCK_N > full_hi:
+            p, m_i, l_i, alpha = _softmax_block(s, m_i, l_i, qk_scale, offs_m, offs_n0, Mkv, diag, True, CAUSAL, 0.0)
+        else:
+            p, m_i, l_i, alpha = _softmax_block(s, m_i, l_i, qk_scale, offs_m, offs_n0, Mkv, diag, False, CAUSAL, 0.0)
+        p_op = gl.convert_layout(p.to(dtype), p_layout)
+        for j in range(1, n_blocks):
+            st = j % K_STAGES
+            pst = (j - 1) % V_STAGES
+            mbarrier.wait(k_full.index(st), (j // K_STAGES) & 1)
+            s_tok = warpgroup_mma(q_smem, k_smem.index(st).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+            mbarrier.wait(v_full.index(pst), ((j - 1) // V_STAGES) & 1)
+            o_tok = warpgroup_mma(p_op, v_smem.index(pst), acc, is_async=True)
+            s = warpgroup_mma_wait(num_outstanding=1, deps=[s_tok])
+            mbarrier.arrive(k_empty.index(st), count=1)
+            offs_n = j * BLOCK_N + offs_n0
+            if (j + 1) * BLOCK_N > full_hi:
+                p, m_new, l_i, alpha = _softmax_block(s, m_i, l_i, qk_scale, offs_m, offs_n, Mkv, diag, True, CAUSAL,
+                                                      0.0)
+            else:
+                p, m_new, l_i, alpha = _softmax_block(s, m_i, l_i, qk_scale, offs_m, offs_n, Mkv, diag, False,
+                                                      CAUSAL, 0.0)
+            acc, p_op = warpgroup_mma_wait(num_outstanding=0, deps=[o_tok, p_op])
+            mbarrier.arrive(v_empty.index(pst), count=1)  # V_{j-1} read
+            acc = acc * gl.convert_layout(alpha, row_o)[:, None]
+            p_op = gl.convert_layout(p.to(dtype), p_layout)
+            m_i = m_new
+        last = n_blocks - 1
+        mbarrier.wait(v_full.index(last % V_STAGES), (last // V_STAGES) & 1)
+        o_tok = warpgroup_mma(p_op, v_smem.index(last % V_STAGES), acc, is_async=True)
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=[o_tok])
+    return acc, m_i, l_i
+
+
+@gluon.jit
+def attn_fwd_gluon_ws(q_desc, k_desc, v_desc, o_desc, Lse, qk_scale, H, GROUP, Mq, Mkv,
+                      q_rows_z, q_rows_h, q_cols_h, k_rows_z, k_rows_h, k_cols_h,
+                      CAUSAL: gl.constexpr, K_STAGES: gl.constexpr, V_STAGES: gl.constexpr,
+                      PRODUCER_REGS: gl.constexpr, num_warps: gl.constexpr):
+    """16-bit only; arguments as ``attn_fwd_gluon``'s dense ones. num_warps: the consumers'
+    (4 or 8: 64 or 128 query rows, 16 per warp); the producer warpgroup comes on top."""
+    BLOCK_M: gl.constexpr = q_desc.block_type.shape[0]
+    BLOCK_D: gl.constexpr = q_desc.block_type.shape[1]
+    BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
+    dtype: gl.constexpr = q_desc.dtype
+    BITS: gl.constexpr = dtype.primitive_bitwidth
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                       instr_shape=[16, BLOCK_N, 256 // BITS])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                       instr_shape=[16, BLOCK_D, 256 // BITS])
+    row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
+    row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+
+    pid = gl.program_id(0)
+    n_mb = gl.cdiv(Mq, BLOCK_M)
+    mb = pid % n_mb
+    if CAUSAL:
+        mb = n_mb - 1 - mb
+    bh = pid // n_mb
+    z = bh // H
+    h = bh % H
+    hkv = h // GROUP
+    start_m = mb * BLOCK_M
+    q_row = z * q_rows_z + h * q_rows_h + start_m
+    q_col = h * q_cols_h
+    k_row = z * k_rows_z + hkv * k_rows_h
+    k_col = hkv * k_cols_h
+    diag = Mkv - Mq
+    if CAUSAL:
+        hi = gl.minimum(gl.maximum(start_m + BLOCK_M + diag, 0), Mkv)
+        full_hi = (gl.maximum(start_m + diag + 1, 0) // BLOCK_N) * BLOCK_N
+    else:
+        hi = Mkv
+        full_hi = (Mkv // BLOCK_N) * BLOCK_N
+    n_blocks = gl.cdiv(hi, BLOCK_N)
+
+    q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, BLOCK_D], q_desc.layout)
+    k_smem = gl.allocate_shared_memory(dtype, [K_STAGES, BLOCK_N, BLOCK_D], k_desc.layout)
+    v_smem = gl.allocate_shared_memory(dtype, [V_STAGES, BLOCK_N, BLOCK_D], v_desc.layout)
+    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    k_full = gl.allocate_shared_memory(gl.int64, [K_STAGES, 1], mbarrier.MBarrierLayout())
+    k_empty = gl.allocate_shared_memory(gl.int64, [K_STAGES, 1], mbarrier.MBarrierLayout())
+    v_full = gl.allocate_shared_memory(gl.int64, [V_STAGES, 1], mbarrier.MBarrierLayout())
+    v_empty = gl.allocate_shared_memory(gl.int64, [V_STAGES, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(q_bar, count=1)
+    for i in gl.static_range(K_STAGES):
+        mbarrier.init(k_full.index(i), count=1)
+        mbarrier.init(k_empty.index(i), count=1)
+    for i in gl.static_range(V_STAGES):
+        mbarrier.init(v_full.index(i), count=1)
+        mbarrier.init(v_empty.index(i), count=1)
+    fence_async_shared()  # the initialised barriers, before the other partition (and the TMA unit) use them
+
+    acc, m_i, l_i = gl.warp_specialize(
+        [(_ws_consumer, (q_smem, k_smem, v_smem, q_bar, k_full, k_empty, v_full, v_empty, qk_scale, start_m, Mkv,
+                         diag, full_hi, n_blocks, CAUSAL, K_STAGES, V_STAGES, num_warps)),
+         (_ws_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_full, k_empty, v_full, v_empty,
+                         q_row, q_col, k_row, k_col, n_blocks, K_STAGES, V_STAGES))],
+        [4], [PRODUCER_REGS])
+
+    mbarrier.invalidate(q_bar)
+    for i in gl.static_range(K_STAGES):
+        mbarrier.invalidate(k_full.index(i))
+        mbarrier.invalidate(k_empty.index(i))
+    for i in gl.static_range(V_STAGES):
+        mbarrier.invalidate(v_full.index(i))
+        mbarrier.invalidate(v_empty.index(i))
+
+    offs_m = start_m + gl.arange(0, BLOCK_M, layout=row_s)
+    empty = l_i == 0.0
+    l_safe = gl.where(empty, 1.0, l_i)
+    out = acc * gl.convert_layout(1.0 / l_safe, row_o)[:, None]
+    lse = gl.where(empty, float("-inf"), (m_i + gl.log2(l_safe)) * LN2)
+    gl.store(Lse + bh.to(gl.int64) * Mq + offs_m, lse, mask=offs_m < Mq)
+    q_smem.store(out.to(dtype))  # Q is no longer read (the consumers are done): it stages O for TMA
+    fence_async_shared()
+    tma.async_copy_shared_to_global(o_desc, [q_row, q_col], q_smem)
+    tma.store_wait(pendings=0)

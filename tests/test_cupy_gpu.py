@@ -277,3 +277,35 @@ def test_wgmma_cubin_through_the_ctypes_nvrtc_when_cupys_cannot_compile(tmp_path
     got = BACKENDS["cupy"].forward(problem, q, k, v, cfg)
     assert list((tmp_path / "cubin").glob("fa2_fwd_sm90-sm_90a-*.cubin")), "no cubin written"
     assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+
+
+SHORT_KEY_CASES = [Case(3, 2, 2, 1, 1, 256, torch.float16, True),  # fuzz #614: one query, one key, D=256
+                   Case(2, 4, 2, 7, 1, 128, torch.bfloat16, False),
+                   Case(1, 8, 2, 33, 5, 64, torch.float16, True, "bhsd"),
+                   Case(2, 4, 4, 100, 64, 96, torch.bfloat16, False)]
+
+
+@pytest.mark.parametrize("case", SHORT_KEY_CASES, ids=[c.id for c in SHORT_KEY_CASES])
+def test_backward_with_one_key_block_takes_delta_from_dp(case, nan_poison):
+    """Rows that see one key block at most: delta comes from the P and dP the gradients use
+    (fa2_bwd_delta), so a row with one visible key has dS = 0 exactly and the gradients meet
+    the rule even where PyTorch's own error is 0 (fuzz #614: dk was 1.08x the bound with
+    rowsum(dO O)). Also with a gradient reaching lse (dlse folds into the new delta)."""
+    check_case(case, device="cuda", seed=614, backend="cupy")
+    q, k, v, dout = make_inputs(case, device="cuda", seed=615)
+    out, lse = fa2dispatch.attention(q, k, v, causal=case.causal, layout=case.layout, return_lse=True, backend="cupy")
+    dlse = torch.randn_like(lse)
+    grads = torch.autograd.grad((out, lse), (q, k, v), (dout, dlse))
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    from fa2dispatch.backends.reference import attention_math
+
+    o64, l64 = attention_math(*leaves, causal=case.causal, softmax_scale=case.D**-0.5, layout=case.layout,
+                              compute_dtype=torch.float64)
+    truth = torch.autograd.grad((o64, l64), leaves, (dout.double(), dlse.double()))
+    lows = [t.detach().to(case.dtype).requires_grad_() for t in (q, k, v)]
+    ol, ll = attention_math(*lows, causal=case.causal, softmax_scale=case.D**-0.5, layout=case.layout,
+                            compute_dtype=case.dtype)
+    low = torch.autograd.grad((ol, ll), lows, (dout, dlse.to(ll.dtype)))
+    magnitude = max_magnitude(*truth)
+    for name, ours, t, lp in zip(("dq", "dk", "dv"), grads, truth, low):
+        check_close(f"{name} (with dlse)", ours, t, lp, magnitude)

@@ -87,7 +87,7 @@ def forward_spec(dtype: torch.dtype, head_dim: int, causal: bool, cfg: CupyConfi
 
 
 def backward_specs(dtype: torch.dtype, head_dim: int, causal: bool, cfg: CupyConfig) -> dict[str, KernelSpec]:
-    """The three backward kernels: "pre", "dkdv", "dq". dK/dV pads the head dim to whole column
+    """The backward kernels: "pre", "delta", "dkdv", "dq". dK/dV pads the head dim to whole column
     chunks, so it is a module of its own when that differs from the dQ kernel's padding."""
     from .config import smem_dkdv, smem_dq
 
@@ -103,6 +103,8 @@ def backward_specs(dtype: torch.dtype, head_dim: int, causal: bool, cfg: CupyCon
         dkdv = common + (("D_PAD", dkdv_d_pad(head_dim)),) + dkdv_only
     return {
         "pre": KernelSpec("fa2_bwd.cu", "fa2_bwd_pre", dq, 128, 0),
+        # delta from dP for rows that see one key block at most (launch.backward, fa2_bwd.cu)
+        "delta": KernelSpec("fa2_bwd.cu", "fa2_bwd_delta", dq, 32 * (cfg.dq_block_m // 16), smem_dq(head_dim, cfg)),
         "dkdv": KernelSpec("fa2_bwd.cu", "fa2_bwd_dkdv", dkdv, 32 * (cfg.dkdv_block_n // 16), smem_dkdv(head_dim, cfg)),
         "dq": KernelSpec("fa2_bwd.cu", "fa2_bwd_dq", dq, 32 * (cfg.dq_block_m // 16), smem_dq(head_dim, cfg)),
     }

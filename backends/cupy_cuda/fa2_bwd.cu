@@ -14,6 +14,8 @@
 //   fa2_bwd_dq    one CTA per (query block of DQ_BLOCK_M, batch x head); warp w owns 16 query
 //                 rows; loops over key blocks (DQ_BLOCK_N, double buffered): S, P, dP = dO V^T,
 //                 dS, dQ += dS K.
+//   fa2_bwd_delta the dQ kernel's loop writing delta = sum P dP / sum P instead (rows that see
+//                 one key block at most; launch.py).
 //
 // A row that sees no key has lse -inf: lse2 becomes +inf, so P = 0 and its gradients are 0.
 //
@@ -186,10 +188,17 @@ extern "C" __global__ void __launch_bounds__(NT_KV, 1) fa2_bwd_dkdv(
 #define KB DQ_BLOCK_N
 static_assert(KB % 16 == 0, "dQ key block");
 
-extern "C" __global__ void __launch_bounds__(NT_Q, 1) fa2_bwd_dq(
+// DELTA_ONLY (fa2_bwd_delta): the same loop writes delta_i = sum_j P_ij dP_ij / sum_j P_ij into
+// delta_out instead of accumulating dQ, from the very P and dP the gradient kernels compute. For
+// rows that see one key block at most (launch.py) this replaces rowsum(dO O) from fa2_bwd_pre:
+// there a row with one visible key has P = 1 and dS = dP - delta exactly 0, where dO . O and
+// the MMA's dP are two float32 sums of the same products in different orders and left a few
+// ulps of gradient (fuzz #614, RELIABILITY.md, session 9; the Triton backend's #223).
+template <bool DELTA_ONLY>
+__device__ __forceinline__ void dq_body(
     const elem_t* __restrict__ q, const elem_t* __restrict__ k, const elem_t* __restrict__ v,
     const elem_t* __restrict__ dout, const float* __restrict__ lse2, const float* __restrict__ delta,
-    elem_t* __restrict__ dq,
+    float* __restrict__ delta_out, elem_t* __restrict__ dq,
     i64 sqb, i64 sqh, i64 sqm, i64 skb, i64 skh, i64 skm, i64 svb, i64 svh, i64 svm, i64 sdb, i64 sdh, i64 sdm,
     i64 sdqb, i64 sdqh, i64 sdqm,
     int H, int group, int Mq, int Mkv, int Mq_pad, int num_m_blocks, float scale_log2, float scale) {
@@ -222,7 +231,8 @@ extern "C" __global__ void __launch_bounds__(NT_Q, 1) fa2_bwd_dq(
     const int row0 = m0 + warp * 16 + gr;  // this thread's rows: row0 and row0 + 8
     const i64 lrow = (i64)bh * Mq_pad;
     const float l2[2] = {lse2[lrow + row0], lse2[lrow + row0 + 8]};
-    const float dl[2] = {delta[lrow + row0], delta[lrow + row0 + 8]};
+    const float dl[2] = {DELTA_ONLY ? 0.f : delta[lrow + row0], DELTA_ONLY ? 0.f : delta[lrow + row0 + 8]};
+    float psum[2] = {0.f, 0.f}, pdp[2] = {0.f, 0.f};  // DELTA_ONLY: this thread's parts of the rows
 
     auto issue = [&](int nb, int buf) {
         const int n0 = nb * KB;
@@ -285,9 +295,14 @@ extern "C" __global__ void __launch_bounds__(NT_Q, 1) fa2_bwd_dq(
 #endif
                     if (masked) p = 0.f;
                 }
-                dp[0][j][e] = p * (dp[0][j][e] - dl[r]);
+                if constexpr (DELTA_ONLY) {
+                    psum[r] += p;
+                    pdp[r] = fmaf(p, dp[0][j][e], pdp[r]);
+                } else {
+                    dp[0][j][e] = p * (dp[0][j][e] - dl[r]);
+                }
             }
-        gemm_sb<1, KB / 8, D_PAD / 8>(acc, dp, sK, lane);
+        if constexpr (!DELTA_ONLY) gemm_sb<1, KB / 8, D_PAD / 8>(acc, dp, sK, lane);
 
         if (BWD_STAGES == 1 && nb > 0) {
             __syncthreads();
@@ -296,7 +311,41 @@ extern "C" __global__ void __launch_bounds__(NT_Q, 1) fa2_bwd_dq(
         }
     }
 
-    const float sc[1][2] = {{scale, scale}};
-    store_rows<1, D_PAD / 8>(dq + b * sdqb + h * sdqh + m0 * sdqm, sdqm, warp * 16, Mq - m0, 0, acc, sc, lane);
+    if constexpr (DELTA_ONLY) {
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            float ps = psum[r], pd = pdp[r];
+            ps += __shfl_xor_sync(0xffffffff, ps, 1);
+            ps += __shfl_xor_sync(0xffffffff, ps, 2);
+            pd += __shfl_xor_sync(0xffffffff, pd, 1);
+            pd += __shfl_xor_sync(0xffffffff, pd, 2);
+            const int row = row0 + r * 8;
+            if (t == 0 && row < Mq) delta_out[lrow + row] = ps > 0.f ? pd / ps : 0.f;  // no visible key: P = 0
+        }
+    } else {
+        const float sc[1][2] = {{scale, scale}};
+        store_rows<1, D_PAD / 8>(dq + b * sdqb + h * sdqh + m0 * sdqm, sdqm, warp * 16, Mq - m0, 0, acc, sc, lane);
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(NT_Q, 1) fa2_bwd_dq(
+    const elem_t* __restrict__ q, const elem_t* __restrict__ k, const elem_t* __restrict__ v,
+    const elem_t* __restrict__ dout, const float* __restrict__ lse2, const float* __restrict__ delta,
+    elem_t* __restrict__ dq,
+    i64 sqb, i64 sqh, i64 sqm, i64 skb, i64 skh, i64 skm, i64 svb, i64 svh, i64 svm, i64 sdb, i64 sdh, i64 sdm,
+    i64 sdqb, i64 sdqh, i64 sdqm,
+    int H, int group, int Mq, int Mkv, int Mq_pad, int num_m_blocks, float scale_log2, float scale) {
+    dq_body<false>(q, k, v, dout, lse2, delta, nullptr, dq, sqb, sqh, sqm, skb, skh, skm, svb, svh, svm, sdb, sdh, sdm,
+                   sdqb, sdqh, sdqm, H, group, Mq, Mkv, Mq_pad, num_m_blocks, scale_log2, scale);
+}
+
+// The DELTA_ONLY pass (dq_body): delta (B H, Mq_pad) rows, padded rows left as fa2_bwd_pre wrote them.
+extern "C" __global__ void __launch_bounds__(NT_Q, 1) fa2_bwd_delta(
+    const elem_t* __restrict__ q, const elem_t* __restrict__ k, const elem_t* __restrict__ v,
+    const elem_t* __restrict__ dout, const float* __restrict__ lse2, float* __restrict__ delta,
+    i64 sqb, i64 sqh, i64 sqm, i64 skb, i64 skh, i64 skm, i64 svb, i64 svh, i64 svm, i64 sdb, i64 sdh, i64 sdm,
+    int H, int group, int Mq, int Mkv, int Mq_pad, int num_m_blocks, float scale_log2) {
+    dq_body<true>(q, k, v, dout, lse2, nullptr, delta, nullptr, sqb, sqh, sqm, skb, skh, skm, svb, svh, svm, sdb, sdh,
+                  sdm, 0, 0, 0, H, group, Mq, Mkv, Mq_pad, num_m_blocks, scale_log2, 0.f);
 }
 #endif  // DQ_BLOCK_M

@@ -127,6 +127,16 @@ def backward(problem: AttentionProblem, dout, q, k, v, out, lse, dlse, config: C
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     qkvo = (*_strides(q, layout), *_strides(k, layout), *_strides(v, layout), *_strides(dout, layout))
+    num_m_blocks = _cdiv(Mq, config.dq_block_m)
+    if Mkv <= config.dq_block_n:
+        # Rows see one key block at most: delta from the P and dP the gradients use (fa2_bwd_delta),
+        # not rowsum(dO O), so a row with one visible key gets dS = 0 exactly (fuzz #614).
+        _launch(specs["delta"], num_m_blocks * B * H,
+                (_ptr(q), _ptr(k), _ptr(v), _ptr(dout), _ptr(lse2), _ptr(delta), *qkvo,
+                 np.int32(H), np.int32(problem.group), np.int32(Mq), np.int32(Mkv), np.int32(mq_pad),
+                 np.int32(num_m_blocks), scales[0]), index)
+        if dlse is not None:  # fa2_bwd_pre folded dlse into the delta this replaced
+            delta.view(B * H, mq_pad)[:, :Mq].sub_(dlse.reshape(B * H, Mq))
 
     from .config import dkdv_split
 
@@ -137,7 +147,6 @@ def backward(problem: AttentionProblem, dout, q, k, v, out, lse, dlse, config: C
              np.int32(H), np.int32(Hkv), np.int32(problem.group), np.int32(Mq), np.int32(Mkv), np.int32(mq_pad),
              np.int32(num_n_blocks), *scales), index)
 
-    num_m_blocks = _cdiv(Mq, config.dq_block_m)
     _launch(specs["dq"], num_m_blocks * B * H,
             (_ptr(q), _ptr(k), _ptr(v), _ptr(dout), _ptr(lse2), _ptr(delta), _ptr(dq), *qkvo, *_strides(dq, layout),
              np.int32(H), np.int32(problem.group), np.int32(Mq), np.int32(Mkv), np.int32(mq_pad),

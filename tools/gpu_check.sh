@@ -15,6 +15,8 @@
 #   FUZZ_ARGS="--n 1000" ...                                            # also run tools/fuzz.py
 #   HOPPER_SWEEP_ARGS="--head-dims 128" ...                             # also run tools/sweep_hopper.py
 #   CUPY_SWEEP_ARGS="--seqlens 2048 --variants 'a:;b:fwd_stages=4'" ... # also run tools/sweep_cupy.py
+#   GLUON_SWEEP_ARGS="--head-dims 128 --configs 64:64:2:1:4:0" ...     # also run tools/sweep_gluon.py
+#   VARLEN_BENCH_ARGS="--dtypes float16 --unequal" ...                 # also run tools/bench_varlen.py
 #   RETUNE_DEADLINE=300 ...                                             # last: tools/retune_shipped.sh
 #
 # Everything worth keeping lands in $OUT/results.tar.gz (the device tool returns at most 8
@@ -149,6 +151,21 @@ if [ -n "${CUPY_SWEEP_ARGS:-}" ]; then
     PYTHONUNBUFFERED=1 timeout 300 python3 tools/sweep_cupy.py --json "$OUT/sweep_cupy.json" "${cupy_sweep_args[@]}" 2>&1 \
         | tee "$OUT/sweep_cupy.log"
     echo "cupy sweep exit ${PIPESTATUS[0]}"
+fi
+if [ -n "${GLUON_SWEEP_ARGS:-}" ]; then
+    echo "== Gluon forward sweep"
+    read -r -a gluon_args <<< "$GLUON_SWEEP_ARGS"
+    # The warp-specialized configs have hung before (docs/HOPPER_ATTEMPTS.md): always under a timeout.
+    PYTHONUNBUFFERED=1 timeout "${GLUON_SWEEP_TIMEOUT:-240}" python3 tools/sweep_gluon.py --json "$OUT/sweep_gluon.json" \
+        "${gluon_args[@]}" 2>&1 | tee "$OUT/sweep_gluon.log"
+    echo "gluon sweep exit ${PIPESTATUS[0]}"
+fi
+if [ -n "${VARLEN_BENCH_ARGS:-}" ]; then
+    echo "== benchmark: varlen against dense"
+    read -r -a varlen_args <<< "$VARLEN_BENCH_ARGS"
+    PYTHONUNBUFFERED=1 timeout 200 python3 tools/bench_varlen.py --out "$OUT/bench_varlen.json" "${varlen_args[@]}" 2>&1 \
+        | tee "$OUT/bench_varlen.log"
+    echo "varlen bench exit ${PIPESTATUS[0]}"
 fi
 if [ -n "${RETUNE_DEADLINE:-}" ]; then
     echo "== re-tune the shipped cache (${RETUNE_DEADLINE} s)"

@@ -130,6 +130,33 @@ def test_cubins_of_a_named_target_are_compiled_once_and_kept_on_disk(tmp_path, m
     assert not list((tmp_path / "cubin").glob("*.tmp"))
 
 
+def test_cubin_dir_without_platformdirs_is_private_to_the_process(monkeypatch, caplog):
+    """A --no-deps install without platformdirs and without FA2DISPATCH_CACHE_DIR (the H100
+    image, session 10: every wgmma test errored on the import): cubins go to a temporary
+    directory only this process uses (mode 0700), with one warning, instead of failing."""
+    import builtins
+    import stat
+
+    from fa2dispatch.backends.cupy_cuda import compile as cc
+
+    monkeypatch.delenv("FA2DISPATCH_CACHE_DIR", raising=False)
+    real_import = builtins.__import__
+
+    def no_platformdirs(name, *args, **kwargs):
+        if name == "platformdirs":
+            raise ImportError("No module named 'platformdirs'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_platformdirs)
+    with caplog.at_level("WARNING"):
+        first = cc.cubin_dir()
+        assert cc.cubin_dir() == first
+    assert first.is_dir() and stat.S_IMODE(first.stat().st_mode) == 0o700
+    assert "platformdirs not installed" in caplog.text
+    monkeypatch.setattr(builtins, "__import__", real_import)
+    assert cc.cubin_dir() != first  # with platformdirs back: the user cache dir
+
+
 def test_specs_specialise_by_dtype_head_dim_causal_and_tiles():
     from fa2dispatch.backends.cupy_cuda.config import CupyConfig
 

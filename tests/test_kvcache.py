@@ -248,15 +248,36 @@ def test_public_function_with_features():
 
 
 @pytest.mark.interpreter
-def test_split_counts_agree():
-    """Every split count gives the same answer within the rule (the combine is exact math)."""
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-combine", "combine-kernel"])
+def test_split_counts_agree(fused, monkeypatch):
+    """Every split count gives the same answer within the rule (the combine is exact math), with
+    the combine folded into decode_fwd (the last split of each row block combines) and as its own
+    kernel. The fused path's arrival counters are one buffer for every call, as on a CUDA
+    stream: each call must leave it zero. Over MAX_FUSED_SPLITS (2 here) the kernel combines."""
+    from fa2dispatch.backends.triton_fa2 import decode_launch
+
+    monkeypatch.setattr(decode_launch, "USE_FUSED", fused)
+    monkeypatch.setattr(decode_launch, "MAX_FUSED_SPLITS", 2)
+    counters = torch.zeros(1024, dtype=torch.int32)
+    monkeypatch.setattr(decode_launch, "_arrival_counters", lambda device, n: counters)
+    launched = []
+    real_launch = decode_launch._launch
+    monkeypatch.setattr(decode_launch, "_launch",
+                        lambda fn, *a: launched.append((fn.fn.__name__, a[3].get("FUSED_COMBINE", False)))
+                        or real_launch(fn, *a))
     base = KVCase(B=2, seqlens=(50, 61), causal=True)
     args = make_kv_inputs(base)
     truth, low, expected = truth_and_lowprec(base, args)
-    for splits in (1, 2, 4, 5):
+    for splits in (1, 2, 4):
+        launched.clear()
         run_args = dict(args, k_cache=args["k_cache"].clone(), v_cache=args["v_cache"].clone(), num_splits=splits)
         out, lse = run_backend(replace(base, num_splits=splits), run_args, "triton")
         check_kv_case(base, out, lse, run_args, truth, low, expected)
+        assert not counters.any(), f"{splits} splits left arrival counts behind: {counters[:8].tolist()}"
+        kernels = [name for name, _ in launched if name != "kv_append"]
+        want_fused = fused and splits == 2
+        assert kernels == (["decode_fwd"] if splits == 1 or want_fused else ["decode_fwd", "decode_combine"]), launched
+        assert ("decode_fwd", True) in launched if want_fused else ("decode_fwd", True) not in launched, launched
 
 
 def test_auto_dispatch_on_cpu_runs_reference():
@@ -464,14 +485,20 @@ def offline_compile(target: str = "sm_90") -> list[dict]:
         p: DecodePlan = plan(problem, kv, None, device)
         pointers = {"Q": short, "Kc": short, "Vc": short, "Out": short, "Knew": short, "Vnew": short,
                     "Seqlens": "i32", "BlockTable": "i32", "Slopes": "fp32", "Lse": "fp32", "OutPart": "fp32",
-                    "LsePart": "fp32", "Flags": "i32"}
+                    "LsePart": "fp32", "Flags": "i32", "Arrivals": "i32"}
         unit = {"stride_qd": 1, "stride_kd": 1, "stride_vd": 1, "stride_od": 1, "stride_nd": 1}
         launches = [
             ("decode_fwd", {"GROUP": 8, "HEAD_DIM": D, "BLOCK_D": block_d(D), "BLOCK_M": p.block_m,
                             "BLOCK_N": p.block_n, "PAGE_SIZE": page, "SPLIT": True, "CAUSAL": "causal" in feats,
                             "WINDOW_LEFT": "left" in feats, "WINDOW_RIGHT": "right" in feats,
                             "SOFTCAP": "softcap" in feats, "ALIBI": "alibi" in feats, "DOT_PRECISION": "tf32",
-                            "PDL": True},
+                            "PDL": True, "FUSED_COMBINE": False, "BLOCK_S": 1},
+             {"num_warps": p.num_warps, "num_stages": p.num_stages}),
+            ("decode_fwd", {"GROUP": 8, "HEAD_DIM": D, "BLOCK_D": block_d(D), "BLOCK_M": p.block_m,
+                            "BLOCK_N": p.block_n, "PAGE_SIZE": page, "SPLIT": True, "CAUSAL": "causal" in feats,
+                            "WINDOW_LEFT": "left" in feats, "WINDOW_RIGHT": "right" in feats,
+                            "SOFTCAP": "softcap" in feats, "ALIBI": "alibi" in feats, "DOT_PRECISION": "tf32",
+                            "PDL": False, "FUSED_COMBINE": True, "BLOCK_S": 1 << (p.num_splits - 1).bit_length()},
              {"num_warps": p.num_warps, "num_stages": p.num_stages}),
             ("decode_combine", {"BLOCK_S": 1 << (p.num_splits - 1).bit_length(),
                                 "HEAD_DIM": D, "BLOCK_D": block_d(D), "PDL": True},
@@ -498,7 +525,12 @@ def offline_compile(target: str = "sm_90") -> list[dict]:
                                   f"stages={p.num_stages} splits={p.num_splits}",
                              "shared": compiled.metadata.shared, "smem_limit": device.smem_per_block,
                              "mma": "mma" in ptx, "cp_async": "cp.async" in ptx,
-                             "griddepcontrol": "griddepcontrol" in ptx})
+                             "griddepcontrol": "griddepcontrol" in ptx,
+                             "fused": bool(constexprs.get("FUSED_COMBINE")),
+                             "atom_acq_rel_gpu": any("atom" in ln and ".acq_rel" in ln and ".gpu" in ln
+                                                     for ln in ptx.splitlines()),
+                             "bar_sync": "bar.sync" in ptx or "barrier.sync" in ptx,
+                             "ld_cg": "ld.global.cg" in ptx, "local": ".local" in ptx})
     return rows
 
 
@@ -516,13 +548,17 @@ def test_decode_kernels_compile_for_sm90():
                           cwd=os.path.dirname(__file__), timeout=600, check=False)
     assert proc.returncode == 0, f"offline compile failed:\n{proc.stderr[-4000:]}"
     rows = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert len(rows) == 4 * len(COMPILE_KINDS)
+    assert len(rows) == 5 * len(COMPILE_KINDS)
     for row in rows:
         print(row)
         assert row["shared"] <= row["smem_limit"], row
         if row["kernel"] == "decode_fwd":
             assert row["mma"] and row["cp_async"], row
-            assert row["griddepcontrol"], row  # PDL: lets decode_combine launch early
+            if row["fused"]:  # the arrival protocol: a barrier, a gpu-scope acq_rel atomic, partials read past L1
+                assert row["atom_acq_rel_gpu"] and row["bar_sync"] and row["ld_cg"], row
+                assert not row["local"], row
+            else:
+                assert row["griddepcontrol"], row  # PDL: lets decode_combine launch early
         if row["kernel"] == "decode_combine":
             assert row["griddepcontrol"], row  # PDL: waits for decode_fwd's writes
 

@@ -74,13 +74,17 @@ def test_value_checks_on_gpu():
     assert torch.equal(args["k_cache"], before)
 
 
-@pytest.mark.parametrize("pdl", [False, True], ids=["combine", "combine-pdl"])
-def test_decode_under_cuda_graph(pdl, monkeypatch):
+@pytest.mark.parametrize("fused, pdl", [(True, False), (False, False), (False, True)],
+                         ids=["fused-combine", "combine", "combine-pdl"])
+def test_decode_under_cuda_graph(fused, pdl, monkeypatch):
     """A decode step captured in a CUDA graph (value checks are skipped during capture) and
-    replayed with new lengths and new rows gives the answer of the eager call; also with the
-    combine as a programmatic dependent launch (decode_launch.USE_PDL; 8 splits here)."""
+    replayed with new lengths and new rows gives the answer of the eager call, twice (the fused
+    combine's arrival counters, the graph's own, must be zero again after a replay); with the
+    combine folded into decode_fwd, as its own kernel, and as a programmatic dependent launch
+    (decode_launch.USE_PDL; 8 splits here)."""
     from fa2dispatch.backends.triton_fa2 import decode_launch
 
+    monkeypatch.setattr(decode_launch, "USE_FUSED", fused)
     monkeypatch.setattr(decode_launch, "USE_PDL", pdl)
     case = KVCase(B=4, H=32, Hkv=4, D=128, capacity=4096, seqlens=(100, 4000, 0, 2500), page=256)
     args = make_kv_inputs(case, device="cuda")
@@ -108,6 +112,43 @@ def test_decode_under_cuda_graph(pdl, monkeypatch):
 
     check_close("out", out, truth[0], low[0])
     assert torch.equal(static["k_cache"], expected[0]) and torch.equal(static["v_cache"], expected[1])
+    first = out.clone()
+    static["k_cache"].copy_(args["k_cache"])
+    static["v_cache"].copy_(args["v_cache"])
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, first), "a second replay of the same step gave another answer"
+
+
+def test_fused_combine_on_concurrent_streams():
+    """The fused combine's arrival counters are per stream (decode_launch._arrival_counters):
+    decode loops on two streams at once, each over its own inputs, give bit for bit the answers
+    of the same calls run alone, and match float64 truth; the counters end at zero."""
+    from fa2dispatch.backends.triton_fa2 import decode_launch
+
+    if not decode_launch.USE_FUSED:
+        pytest.skip("FA2DISPATCH_DECODE_FUSED=0")
+    cases = [KVCase(B=1, H=32, Hkv=4, D=128, capacity=32768, seqlens=(32000,), n_new=0)] * 2
+    inputs = [make_kv_inputs(c, device="cuda", seed=s) for c, s in zip(cases, (1, 2))]
+    with fa2dispatch.use_backend("triton"):
+        alone = [attention_with_kvcache(**_call_args(a)) for a in inputs]
+        assert decode_launch._launches and any(x.fused for x in decode_launch._launches.values()), \
+            "the fused combine did not run (B=1 at 32k should split)"
+        streams = [torch.cuda.Stream() for _ in cases]
+        outs = [[], []]
+        torch.cuda.synchronize()
+        for _ in range(20):
+            for i, (stream, a) in enumerate(zip(streams, inputs)):
+                with torch.cuda.stream(stream):
+                    outs[i].append(attention_with_kvcache(**_call_args(a)))
+        torch.cuda.synchronize()
+    for i, (case, a) in enumerate(zip(cases, inputs)):
+        assert all(torch.equal(o, alone[i]) for o in outs[i]), f"stream {i}: a concurrent call differed"
+        truth, low, _ = truth_and_lowprec(case, a)
+        from helpers import check_close
+
+        check_close("out", alone[i], truth[0], low[0])
+    assert not any(buf.any() for buf in decode_launch._COUNTERS.values()), "arrival counters left non-zero"
 
 
 @pytest.mark.parametrize("pdl", [False, True], ids=["combine", "combine-pdl"])

@@ -519,11 +519,31 @@ def floor_rows(timer, copy_gbps: float, nbytes: int = 64 << 20) -> list[dict]:
             return F.scaled_dot_product_attention(q.transpose(1, 2), kc.transpose(1, 2), vc.transpose(1, 2),
                                                   enable_gqa=True)
 
+    from fa2dispatch.backends.triton_fa2 import decode_launch
+
+    def ours(i):
+        return kvc.attention_with_kvcache(sets[i][0], sets[i][1], sets[i][2], cache_seqlens=sets[i][3])
+
+    def with_flags(i, fused: bool, counters=None):
+        """ours(i) captured with the combine folded in or not; counters: the fused kernel's
+        arrival counters preallocated outside the capture (no memset node per call)."""
+        saved = decode_launch.USE_FUSED, decode_launch._arrival_counters
+        decode_launch.USE_FUSED = fused
+        if counters is not None:
+            decode_launch._arrival_counters = lambda device, m: counters[i][:m]
+        try:
+            return ours(i)
+        finally:
+            decode_launch.USE_FUSED, decode_launch._arrival_counters = saved
+
+    counters = [torch.zeros(1024, dtype=torch.int32, device="cuda") for _ in range(n)]
     multi = [(f"triton read 256 x 8192 x 8, {n} per graph", nbytes,
               steps(lambda i: kernel[(256,)](xs[i], outs[i], xs[i].numel() // 256, BLOCK=8192, num_warps=8))),
-             (f"decode B=1 (ours), {n} per graph", nbytes,
-              steps(lambda i: kvc.attention_with_kvcache(sets[i][0], sets[i][1], sets[i][2],
-                                                         cache_seqlens=sets[i][3]))),
+             (f"decode B=1 (ours, default), {n} per graph", nbytes, steps(ours)),
+             (f"decode B=1 (ours, combine kernel), {n} per graph", nbytes, steps(lambda i: with_flags(i, False))),
+             (f"decode B=1 (ours, fused combine), {n} per graph", nbytes, steps(lambda i: with_flags(i, True))),
+             (f"decode B=1 (ours, fused, counters kept), {n} per graph", nbytes,
+              steps(lambda i: with_flags(i, True, counters))),
              (f"decode B=1 (SDPA cuDNN), {n} per graph", nbytes, steps(sdpa_cudnn))]
     rows = []
     for name, size, fn, per in [(*c, 1) for c in cases] + [(*m, n) for m in multi]:

@@ -44,6 +44,25 @@ def _call(fn, grad: bool, dout):
     return run
 
 
+def _host_ms(run, calls: int = 10) -> float:
+    """Median host time of one call from an idle queue (synchronised before each): Python, checks
+    and launches. CudaTimer's flush runs ahead of each timed call, so host time up to the
+    flush's length is hidden; a call whose host time is longer is timed partly idle."""
+    import statistics
+    import time
+
+    import torch
+
+    samples = []
+    for _ in range(calls):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        run()
+        samples.append((time.perf_counter() - start) * 1e3)
+    torch.cuda.synchronize()
+    return statistics.median(samples)
+
+
 def lengths_for(total: int, longest: int, unequal: bool, seed: int = 0) -> list[int]:
     """Equal lengths S, or random lengths in [S/4, S] (the first one S) summing to ``total``."""
     if not unequal:
@@ -79,7 +98,8 @@ def rows_for(timer, dtype, seqlen: int, causal: bool, grad: bool, unequal: bool)
     dense_backend = fa2dispatch.explain(qd, kd, vd, causal=causal).backend.name
     base = {"dtype": str(dtype).removeprefix("torch."), "S": seqlen, "B": len(lens), "causal": causal,
             "pass": "fwd+bwd" if grad else "fwd", "lengths": "unequal" if unequal else "equal",
-            "dense_backend": dense_backend, "dense_ms": dense.ms}
+            "dense_backend": dense_backend, "dense_ms": dense.ms,
+            "dense_host_ms": _host_ms(_call(dense_fn, grad, dout.reshape(B, seqlen, H, D)))}
     rows = []
     for backend in VARLEN_BACKENDS:
         row = dict(base, varlen_backend=backend, varlen_ms=None, ratio=None, note="")
@@ -94,15 +114,16 @@ def rows_for(timer, dtype, seqlen: int, causal: bool, grad: bool, unequal: bool)
             fn = functools.partial(fa2dispatch.attention_varlen, q, k, v, cu, cu, max(lens), max(lens),
                                    causal=causal, backend=backend)
             t = timer(_call(fn, grad, dout))
-            row.update(varlen_ms=t.ms, ratio=t.ms / dense.ms)
+            row.update(varlen_ms=t.ms, ratio=t.ms / dense.ms, host_ms=_host_ms(_call(fn, grad, dout)))
         except Exception as exc:  # a refused or failing backend is a row with its reason
             row["note"] = _first_line(exc)
         rows.append(row)
         ratio = f"{row['ratio']:.3f}" if row["ratio"] is not None else "-"
         ms = f"{row['varlen_ms'] * 1e3:9.1f}" if row["varlen_ms"] is not None else "        -"
+        host = f" host {row['host_ms'] * 1e3:6.1f} (dense {base['dense_host_ms'] * 1e3:6.1f})" if row.get("host_ms") else ""
         print(f"{base['dtype']:>8} S={seqlen:>5} {'causal' if causal else 'full':>6} {base['pass']:>7} "
               f"{base['lengths']:>7} dense[{dense_backend}] {dense.ms * 1e3:8.1f} us | {backend}"
-              f"{'->' + row.get('ran_on', '?') if backend == 'auto' else ''} {ms} us x{ratio} "
+              f"{'->' + row.get('ran_on', '?') if backend == 'auto' else ''} {ms} us x{ratio}{host} "
               f"{row['note'][:100]}", flush=True)
     return rows
 

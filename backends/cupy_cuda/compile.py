@@ -138,14 +138,35 @@ def function(spec: KernelSpec, device_index: int):
     return fn
 
 
+@functools.cache
+def _private_cubin_dir() -> Path:
+    """A directory of this process's own (mode 0700, removed at exit): where cubins go when
+    there is no cache dir. Nothing another user wrote is ever loaded from it."""
+    import atexit
+    import shutil
+    import tempfile
+
+    path = Path(tempfile.mkdtemp(prefix="fa2dispatch-cubin-"))
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
+
+
 def cubin_dir() -> Path:
     """``cubin/`` beside the autotune cache: ``$FA2DISPATCH_CACHE_DIR/cubin``, else the platform's
-    user cache dir (platformdirs)."""
+    user cache dir (platformdirs). Without either (a ``--no-deps`` install with no platformdirs
+    and no variable set) a private temporary directory, with one warning: the kernels still
+    load, but compile again in every process."""
     env = os.environ.get("FA2DISPATCH_CACHE_DIR")
     if env:
         return Path(env).expanduser() / "cubin"
-    import platformdirs
+    try:
+        import platformdirs
+    except ImportError:
+        from fa2dispatch.autotune.cache import warn_once
 
+        warn_once("no cubin cache dir: platformdirs not installed and FA2DISPATCH_CACHE_DIR not set; the "
+                  "sm_90a kernels are compiled once per process, into a temporary directory")
+        return _private_cubin_dir()
     return Path(platformdirs.user_cache_dir("fa2dispatch", appauthor=False)) / "cubin"
 
 

@@ -79,7 +79,7 @@ def _key_rows(BlockTable, off_b, stride_btb, offs_n, start_n, keep_n, stride_b, 
 
 
 @triton.jit
-def decode_fwd(Q, Kc, Vc, Seqlens, BlockTable, Slopes, Out, Lse, OutPart, LsePart,
+def decode_fwd(Q, Kc, Vc, Seqlens, BlockTable, Slopes, Out, Lse, OutPart, LsePart, Arrivals,
                sm_scale, softcap, n_new, window_left, window_right,
                stride_qb, stride_qm, stride_qh, stride_qd,
                stride_kb, stride_kn, stride_kh, stride_kd,
@@ -91,13 +91,18 @@ def decode_fwd(Q, Kc, Vc, Seqlens, BlockTable, Slopes, Out, Lse, OutPart, LsePar
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr, SPLIT: tl.constexpr,
                CAUSAL: tl.constexpr, WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr,
                SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DOT_PRECISION: tl.constexpr,
-               PDL: tl.constexpr = False):
+               PDL: tl.constexpr = False, FUSED_COMBINE: tl.constexpr = False, BLOCK_S: tl.constexpr = 1):
     """Grid (B * Hkv * row blocks, num_splits): one key/value head, BLOCK_M packed rows, one split.
     SPLIT (num_splits > 1) writes float32 partials for decode_combine instead of the output.
     PDL (sm_90+, decode_combine launched as a programmatic dependent): let the combine grid
     launch now; its programs wait (griddepcontrol.wait) until this grid is complete and its
     writes are visible, so only the combine's own work follows this kernel, not its launch.
-    Safe at any grid size: the dependent launches only once every program here has started."""
+    Safe at any grid size: the dependent launches only once every program here has started.
+    FUSED_COMBINE (with SPLIT; BLOCK_S a power of two >= num_splits): no decode_combine launch.
+    Each program counts its arrival in Arrivals[pid] (int32, zero on entry) after storing its
+    partial; the program that arrives last combines its row block's partials and sets the
+    counter back to zero, so the same buffer serves the next launch on the stream
+    (decode_launch._arrival_counters)."""
     if PDL:
         gdc_launch_dependents()
     n_rows = Mq * GROUP
@@ -199,6 +204,45 @@ def decode_fwd(Q, Kc, Vc, Seqlens, BlockTable, Slopes, Out, Lse, OutPart, LsePar
         part = lse_row * num_splits + split
         tl.store(OutPart + part[:, None] * HEAD_DIM + offs_d[None, :], out, mask=row_ok[:, None] & d_ok[None, :])
         tl.store(LsePart + part, lse, mask=row_ok)
+        if FUSED_COMBINE:
+            # Every thread's partial stores come before the arrival (bar.sync), and the arrival
+            # is one thread's gpu-scope acq_rel atomic: it releases this program's partials and,
+            # for the last to arrive, acquires everyone else's.
+            tl.debug_barrier()
+            ticket = tl.atomic_add(Arrivals + pid, 1, sem="acq_rel", scope="gpu")
+            if ticket == num_splits - 1:
+                tl.store(Arrivals + pid, 0)  # no program of this launch counts here any more
+                _combine_block(OutPart, LsePart, Out, Lse, lse_row, row_ok, offs_d, d_ok,
+                               Out + off_b * stride_ob + offs_i[:, None].to(tl.int64) * stride_om
+                               + offs_h[:, None] * stride_oh + offs_d[None, :] * stride_od,
+                               num_splits, BLOCK_M, BLOCK_S, BLOCK_D, HEAD_DIM)
+
+
+@triton.jit
+def _combine_block(OutPart, LsePart, Out, Lse, lse_row, row_ok, offs_d, d_ok, out_ptrs, num_splits,
+                   BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """decode_combine's sum for BLOCK_M rows at once (decode_fwd's FUSED_COMBINE): the rows' lse
+    of every split in one load, then each split's partial rows (the split loop is unrolled, so
+    the loads are independent and issue together). Loads skip L1 (.cg): the partials were
+    written by other SMs. The sum runs over the splits in index order whichever program
+    arrived last, so the result does not depend on the arrival order."""
+    offs_s = tl.arange(0, BLOCK_S)
+    lse_s = tl.load(LsePart + lse_row[:, None] * num_splits + offs_s[None, :],
+                    mask=row_ok[:, None] & (offs_s[None, :] < num_splits), other=float("-inf"), cache_modifier=".cg")
+    m = tl.max(lse_s, 1)
+    m_sub = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.math.exp2((lse_s - m_sub[:, None]) * LOG2E)  # a split that saw no key: weight 0
+    total = tl.sum(w, 1)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for s in tl.static_range(BLOCK_S):  # masked, not branched: splits past num_splits load nothing
+        w_s = tl.sum(tl.where(offs_s[None, :] == s, w, 0.0), 1)
+        part = tl.load(OutPart + (lse_row * num_splits + s)[:, None] * HEAD_DIM + offs_d[None, :],
+                       mask=(row_ok & (s < num_splits))[:, None] & d_ok[None, :], other=0.0, cache_modifier=".cg")
+        acc += part * w_s[:, None]
+    empty = total == 0.0
+    total_safe = tl.where(empty, 1.0, total)
+    tl.store(out_ptrs, (acc / total_safe[:, None]).to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    tl.store(Lse + lse_row, tl.where(empty, float("-inf"), m_sub + tl.log(total_safe)), mask=row_ok)
 
 
 @triton.jit

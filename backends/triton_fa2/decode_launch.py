@@ -169,6 +169,13 @@ _append_kernels: dict[tuple, dict] = {}
 # FA2DISPATCH_DECODE_PDL=1 turns it on.
 USE_PDL = os.environ.get("FA2DISPATCH_DECODE_PDL", "0") == "1"
 
+# The combine folded into decode_fwd (decode.py, FUSED_COMBINE): the last split of a row block to
+# finish combines it, and there is no second launch. Up to MAX_FUSED_SPLITS splits (the combine's
+# split loop is unrolled); NVIDIA and the CPU interpreter (the AMD memory model of the arrival
+# protocol is untested). FA2DISPATCH_DECODE_FUSED=0 turns it off.
+USE_FUSED = os.environ.get("FA2DISPATCH_DECODE_FUSED", "1") != "0"
+MAX_FUSED_SPLITS = 32
+
 
 @dataclass(frozen=True)
 class _Launch:
@@ -179,6 +186,7 @@ class _Launch:
     out_shape: tuple
     lse_shape: tuple
     part_rows: int  # float32 partial rows (0: no split)
+    fused: bool  # decode_fwd combines (FUSED_COMBINE): no decode_combine launch, an arrival counter per program
     grid: tuple
     scalars: tuple  # decode_fwd's arguments after the 10 tensors
     meta: dict  # decode_fwd's constexprs and options
@@ -244,11 +252,31 @@ def _launch(fn, grid: tuple, tensors: tuple, scalars: tuple, meta: dict, kernels
 
 _launches: dict[tuple, _Launch] = {}
 
+# Arrival counters of the fused combine, per (device, stream): zero between launches (the last
+# program of each row block resets its own), and never shared by two launches that can run at
+# once, because launches on one stream run in order. A CUDA stream handle is a hardware queue, so
+# two torch.cuda.Stream objects over one pooled handle are the same queue and share safely.
+_COUNTERS: dict[tuple, torch.Tensor] = {}
+
+
+def _arrival_counters(device: torch.device, n: int) -> torch.Tensor:
+    """n int32 zeros for one fused decode launch. Eager CUDA calls share one buffer per stream
+    (allocated once, kept zero by the kernel). Under CUDA graph capture each call gets its own
+    zeroed buffer (a memset node in the graph): a buffer shared with other graphs, which may be
+    replayed concurrently on other streams, could count two launches as one."""
+    if device.type != "cuda" or torch.cuda.is_current_stream_capturing():
+        return torch.zeros(n, dtype=torch.int32, device=device)
+    key = (device.index, torch.cuda.current_stream(device).cuda_stream)
+    found = _COUNTERS.get(key)
+    if found is None or found.numel() < n:
+        found = _COUNTERS[key] = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
+    return found
+
 
 def _launch_spec(problem: AttentionProblem, q, k_cache, v_cache, kv, config, device: DeviceInfo) -> _Launch:
     paged = kv.block_table is not None
     key = (problem, kv.max_seqlen_k, kv.num_splits, config, device, q.stride(), k_cache.stride(), v_cache.stride(),
-           kv.block_table.stride(0) if paged else 0, kv.n_new, USE_PDL,
+           kv.block_table.stride(0) if paged else 0, kv.n_new, USE_PDL, USE_FUSED,
            problem.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32)
     found = _launches.get(key)
     if found is not None:
@@ -259,7 +287,9 @@ def _launch_spec(problem: AttentionProblem, q, k_cache, v_cache, kv, config, dev
     out_stride = (Mq * H * D, H * D, D, 1)  # torch.empty(out_shape) is contiguous
     left, right = problem.window
     split = p.num_splits > 1
-    pdl = split and USE_PDL and device.vendor == "nvidia" and tuple(device.capability or (0, 0)) >= (9, 0)
+    fused = split and USE_FUSED and p.num_splits <= MAX_FUSED_SPLITS and device.vendor in ("nvidia", "cpu")
+    pdl = (split and not fused and USE_PDL and device.vendor == "nvidia"
+           and tuple(device.capability or (0, 0)) >= (9, 0))
     row_blocks = triton.cdiv(Mq * problem.group, p.block_m)
     scalars = (problem.softmax_scale, problem.softcap or 1.0, kv.n_new, left, right,
                *q.stride(), *k_cache.stride(), *v_cache.stride(), *out_stride,
@@ -270,11 +300,13 @@ def _launch_spec(problem: AttentionProblem, q, k_cache, v_cache, kv, config, dev
             "WINDOW_LEFT": left >= 0, "WINDOW_RIGHT": right >= 0, "SOFTCAP": problem.softcap > 0,
             "ALIBI": problem.alibi is not None, "DOT_PRECISION": _dot_precision(problem, device),
             "num_warps": p.num_warps, "num_stages": p.num_stages}
+    if fused:
+        meta.update(FUSED_COMBINE=True, BLOCK_S=_pow2_at_least(p.num_splits))
     combine_meta = {"BLOCK_S": _pow2_at_least(p.num_splits), "HEAD_DIM": D, "BLOCK_D": block_d(D), "num_warps": 4}
     if pdl:
         meta["PDL"] = True
         combine_meta.update(PDL=True, launch_pdl=True)
-    found = _Launch(p, out_shape, (B, H, Mq), B * H * Mq * p.num_splits if split else 0,
+    found = _Launch(p, out_shape, (B, H, Mq), B * H * Mq * p.num_splits if split else 0, fused,
                     (B * Hkv * row_blocks, p.num_splits), scalars, meta, (B * H * Mq,),
                     (*out_stride, H, Mq, p.num_splits), combine_meta, {})
     if len(_launches) >= 1024:
@@ -302,9 +334,10 @@ def forward_kvcache(problem: AttentionProblem, q, k_cache, v_cache, kv, config: 
         out_part, lse_part = out, lse  # unused
     table = kv.block_table if kv.block_table is not None else kv.cache_seqlens
     slopes = kv.alibi_slopes.contiguous() if problem.alibi else lse
+    arrivals = _arrival_counters(q.device, spec.grid[0]) if spec.fused else lse  # lse: unused
     _launch(decode.decode_fwd, spec.grid, (q, k_cache, v_cache, kv.cache_seqlens, table, slopes, out, lse,
-                                           out_part, lse_part), spec.scalars, spec.meta, spec.kernels)
-    if rows:
+                                           out_part, lse_part, arrivals), spec.scalars, spec.meta, spec.kernels)
+    if rows and not spec.fused:
         _launch(decode.decode_combine, spec.combine_grid, (out_part, lse_part, out, lse), spec.combine_scalars,
                 spec.combine_meta, spec.kernels)
     return out, lse

@@ -120,14 +120,13 @@ def test_decode_under_cuda_graph(fused, pdl, monkeypatch):
     assert torch.equal(out, first), "a second replay of the same step gave another answer"
 
 
-def test_fused_combine_on_concurrent_streams():
+def test_fused_combine_on_concurrent_streams(monkeypatch):
     """The fused combine's arrival counters are per stream (decode_launch._arrival_counters):
     decode loops on two streams at once, each over its own inputs, give bit for bit the answers
     of the same calls run alone, and match float64 truth; the counters end at zero."""
     from fa2dispatch.backends.triton_fa2 import decode_launch
 
-    if not decode_launch.USE_FUSED:
-        pytest.skip("FA2DISPATCH_DECODE_FUSED=0")
+    monkeypatch.setattr(decode_launch, "USE_FUSED", True)  # opt-in (FA2DISPATCH_DECODE_FUSED=1)
     cases = [KVCase(B=1, H=32, Hkv=4, D=128, capacity=32768, seqlens=(32000,), n_new=0)] * 2
     inputs = [make_kv_inputs(c, device="cuda", seed=s) for c, s in zip(cases, (1, 2))]
     with fa2dispatch.use_backend("triton"):

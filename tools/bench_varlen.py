@@ -128,6 +128,35 @@ def rows_for(timer, dtype, seqlen: int, causal: bool, grad: bool, unequal: bool)
     return rows
 
 
+def _profile(dtype, seqlen: int, calls: int = 200) -> int:
+    import cProfile
+    import pstats
+
+    import torch
+
+    import fa2dispatch
+
+    lens = lengths_for(TOTAL, seqlen, True)
+    q, k, v = (torch.randn(TOTAL, H, D, device="cuda", dtype=dtype) for _ in range(3))
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
+
+    def run():
+        return fa2dispatch.attention_varlen(q, k, v, cu, cu, max(lens), max(lens), causal=True, backend="triton")
+
+    for _ in range(3):
+        run()
+    torch.cuda.synchronize()
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(calls):
+        run()
+        torch.cuda.synchronize()
+    prof.disable()
+    print(f"cProfile of {calls} calls (each followed by a synchronize), S={seqlen} unequal causal {dtype}")
+    pstats.Stats(prof).sort_stats("tottime").print_stats(25)
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dtypes", default="float16,bfloat16")
@@ -137,6 +166,9 @@ def main(argv=None) -> int:
     parser.add_argument("--unequal", action="store_true", help="also packs of random lengths")
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--out", default=None, help="write the rows as JSON here")
+    parser.add_argument("--profile", action="store_true",
+                        help="only cProfile the host side of attention_varlen (backend triton, the first dtype "
+                             "and seqlen, unequal lengths, causal): where its host time goes")
     args = parser.parse_args(argv)
 
     import torch
@@ -146,6 +178,8 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("bench_varlen: needs a CUDA GPU", file=sys.stderr)
         return 2
+    if args.profile:
+        return _profile(getattr(torch, args.dtypes.split(",")[0]), int(args.seqlens.split(",")[0]))
     timer = CudaTimer(runs=args.runs)
     print(f"device {torch.cuda.get_device_name()} torch {torch.__version__} cuDNN {torch.backends.cudnn.version()}; "
           f"total tokens {TOTAL}, H={H}, D={D}", flush=True)

@@ -172,8 +172,10 @@ USE_PDL = os.environ.get("FA2DISPATCH_DECODE_PDL", "0") == "1"
 # The combine folded into decode_fwd (decode.py, FUSED_COMBINE): the last split of a row block to
 # finish combines it, and there is no second launch. Up to MAX_FUSED_SPLITS splits (the combine's
 # split loop is unrolled); NVIDIA and the CPU interpreter (the AMD memory model of the arrival
-# protocol is untested). FA2DISPATCH_DECODE_FUSED=0 turns it off.
-USE_FUSED = os.environ.get("FA2DISPATCH_DECODE_FUSED", "1") != "0"
+# protocol is untested). Off by default: on the H100 it was slower than the combine kernel
+# (B=1, 8 calls per graph: 31.5 us fused, 30.3 with the counters' memset taken out, 29.3 with
+# the kernel; docs/DECODE.md, "Session 10"). FA2DISPATCH_DECODE_FUSED=1 turns it on.
+USE_FUSED = os.environ.get("FA2DISPATCH_DECODE_FUSED", "0") == "1"
 MAX_FUSED_SPLITS = 32
 
 

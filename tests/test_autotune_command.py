@@ -7,6 +7,8 @@ refusals of a real run, and one tiny real run under the Triton interpreter.
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import re
 from collections import Counter
@@ -282,6 +284,13 @@ def test_short_config_shows_what_the_bucket_varied():
     amd = {**config, "waves_per_eu": 2, "matrix_instr_nonkdim": 16, "kpack": 1}
     assert command._short("fwd", amd) == "128x64 w4 s3 wpe2 mfma16 kpack1"
     assert command._short("fwd", None) == ""
+    # a CupyConfig has block_m but no num_stages (session 10: the table raised KeyError at the end
+    # of a re-tune whose winner was the CuPy backend, after every bucket had been tuned)
+    from fa2dispatch.backends.cupy_cuda.config import CupyConfig
+
+    cupy = dataclasses.asdict(CupyConfig(fwd_kernel="wgmma", block_m=64, block_n=64, num_warps=4, fwd_stages=4))
+    text = command._short("fwd", cupy)
+    assert "block_m=64" in text and "fwd_kernel=wgmma" in text and "fwd_stages=4" in text, text
 
 
 def table_row(out: str, key: str) -> str:

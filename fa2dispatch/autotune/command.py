@@ -308,7 +308,7 @@ def _ms(value) -> str:
 
 def _short(mode: str, c: dict | None) -> str:
     """The fields a bucket's search varies: forward blocks (fwd), backward (bwd)."""
-    if not c or "block_m" not in c:  # no config, or not a TritonConfig
+    if not c or "num_stages" not in c:  # no config, or not a TritonConfig (a CupyConfig: its set fields)
         return " ".join(f"{k}={v}" for k, v in (c or {}).items() if v not in (None, 0))
     text = (f"{c['block_m']}x{c['block_n']} w{c['num_warps']} s{c['num_stages']}"
             if mode == "fwd" else

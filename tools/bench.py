@@ -293,6 +293,33 @@ def time_ms(provider: Provider, case: Case, q, k, v, dout) -> float:
         return do_bench(bench, warmup=WARMUP_MS, rep=REP_MS, grad_to_none=grads, return_mode="median")
 
 
+def host_us(provider: Provider, case: Case, q, k, v, dout, calls: int = 5) -> float:
+    """Median host time of one timed call, from an idle queue (synchronised before each), in us.
+    do_bench zeroes a 256 MiB buffer before each run (~90 us on an H100); a call whose host time
+    is longer than that is timed partly as idle GPU, and this column shows when that happens."""
+    import statistics
+    import time
+
+    import torch
+
+    fn = provider.make(case)
+    samples = []
+    with provider.context():
+        out = fn(q, k, v) if case.mode == "bwd" else None
+        for _ in range(calls):
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            if out is None:
+                fn(q, k, v)
+            else:
+                out.backward(dout, retain_graph=True)
+            samples.append((time.perf_counter() - start) * 1e6)
+    torch.cuda.synchronize()
+    for t in (q, k, v):
+        t.grad = None
+    return statistics.median(samples)
+
+
 def measure(provider: Provider, case: Case, tensors: tuple) -> tuple[float | None, str | None]:
     """(ms, None) or (None, reason); never raises except when the CUDA context is gone."""
     import torch
@@ -603,6 +630,7 @@ def run_case(case: Case, providers: dict[str, Provider], seed: int) -> dict[str,
     ms: dict[str, float | None] = {}
     errors: dict[str, str] = {}
     check: dict[str, Any] = {"status": "-"}
+    host: dict[str, float] = {}
     try:
         if "ours" in providers:
             check = check_ours(providers["ours"], case, tensors)
@@ -616,10 +644,17 @@ def run_case(case: Case, providers: dict[str, Provider], seed: int) -> dict[str,
                 errors[name] = reason
             for t in tensors[:3]:
                 t.grad = None
+            if ms[name] is not None and name in ("ours", "cudnn"):
+                try:
+                    host[name] = host_us(provider, case, *tensors)
+                except Exception:  # noqa: BLE001 - it timed a moment ago; the column is informative only
+                    pass
     finally:
         del tensors
         torch.cuda.empty_cache()
-    return make_row(case, list(providers), {p: ms.get(p) for p in providers}, errors, check)
+    row = make_row(case, list(providers), {p: ms.get(p) for p in providers}, errors, check)
+    row["host_us"] = host
+    return row
 
 
 def run_overhead(args: argparse.Namespace) -> int:
@@ -672,7 +707,9 @@ def main(argv: list[str] | None = None) -> int:
             break
         rows.append(row)
         cells = "  ".join(f"{p} {_fmt(row['tflops'][p], '.1f')}" for p in args.providers)
-        print(f"[{i}/{len(cases)}] {case.label}: {cells}  check={row['check']['status']}", flush=True)
+        host = "  ".join(f"{p} {us:.0f}" for p, us in row["host_us"].items())
+        print(f"[{i}/{len(cases)}] {case.label}: {cells}  check={row['check']['status']}"
+              + (f"  host us: {host}" if host else ""), flush=True)
         write_outputs(args, header, rows)
 
     write_outputs(args, header, rows)

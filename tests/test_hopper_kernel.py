@@ -302,6 +302,38 @@ def test_gpu_gluon_forward_with_every_tuner_config(case, nan_poison):
 
 
 @pytest.mark.gpu
+def test_gpu_gluon_calls_after_the_first_take_the_fast_launch(monkeypatch, nan_poison):
+    """launch_gluon's launchers go through fast_launch.py: the first call of a shape compiles
+    through JITFunction.run, later calls with new tensors (new descriptors, same shape) call the
+    compiled kernel's launcher directly, and each answer matches float64 truth; another causal
+    flag or shape goes through Triton again. (The fp8 and varlen launchers share the path; their
+    GPU tests call them repeatedly.)"""
+    from fa2dispatch.backends.triton_fa2 import fast_launch, kernels_gluon, launch_gluon
+    from fa2dispatch.backends.triton_fa2.config import GLUON_DEFAULTS
+
+    if device_info(torch.device("cuda")).capability != (9, 0):
+        pytest.skip("the Gluon forward is sm_90 code")
+    monkeypatch.setattr(fast_launch, "FAST_LAUNCH", True)
+    monkeypatch.setattr(launch_gluon, "_KERNELS", {})
+    runs = []
+    real_run = kernels_gluon.attn_fwd_gluon.run
+    monkeypatch.setattr(kernels_gluon.attn_fwd_gluon, "run", lambda *a, **k: runs.append(1) or real_run(*a, **k))
+    m, n, ks, vs = GLUON_DEFAULTS[128]
+    for step, Mq in enumerate((1024, 1024, 1024, 1024, 512)):
+        case = Case(2, 8, 2, Mq, Mq, 128, torch.bfloat16, step % 2 == 0)
+        q, k, v, _ = make_inputs(case, device="cuda", seed=10 + step, requires_grad=False)
+        out, lse = launch_gluon.run_forward(q, k, v, case.causal, 128**-0.5, case.layout, m, n, ks, vs, m // 16)
+        torch.cuda.synchronize()
+        truth = math_with_grads(q, k, v, torch.zeros_like(q), case, torch.float64)
+        low = math_with_grads(q, k, v, torch.zeros_like(q), case, torch.bfloat16)
+        check_close(f"out [call {step}]", out, truth[0], low[0], max_magnitude(truth[0]))
+        check_lse(lse, truth[1], low[1])
+    # calls 0 and 1 compile (causal, not), 2 and 3 repeat them (fast), 4 is a new shape
+    assert len(runs) == 3, f"{len(runs)} launches through JITFunction.run, 3 expected (fast launch not taken?)"
+    assert fast_launch.FAST_LAUNCH, "the compiled kernel's launcher refused the arguments"
+
+
+@pytest.mark.gpu
 def test_gpu_gluon_config_falls_back_to_the_hopper_kernel(nan_poison):
     """A gluon config on a call the kernel cannot take (Mq not a multiple of 64; strided q)."""
     if not torch.cuda.is_available():

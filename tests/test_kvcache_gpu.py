@@ -154,11 +154,11 @@ def test_fused_combine_on_concurrent_streams(monkeypatch):
 @pytest.mark.parametrize("page", [0, 256])
 def test_decode_loop_fast_launch(page, pdl, monkeypatch):
     """A decode loop's later steps launch the cached compiled kernels directly
-    (decode_launch.FAST_LAUNCH; the combine as a programmatic dependent launch where USE_PDL):
+    (fast_launch.FAST_LAUNCH; the combine as a programmatic dependent launch where USE_PDL):
     new tensors every step, one of them at a pointer that is not 16-byte aligned (a different
     specialization), and every step matches the truth; so does Triton's own launcher. The fast
     path must really be taken (it falls back to Triton's path if its launcher refuses)."""
-    from fa2dispatch.backends.triton_fa2 import decode_launch
+    from fa2dispatch.backends.triton_fa2 import decode_launch, fast_launch
 
     monkeypatch.setattr(decode_launch, "USE_PDL", pdl)
     case = KVCase(B=2, H=32, Hkv=4, D=128, capacity=4096, seqlens=(4000, 1500), page=page)
@@ -170,8 +170,8 @@ def test_decode_loop_fast_launch(page, pdl, monkeypatch):
             q.copy_(args["q"])
             args["q"] = q
         truth, low, expected = truth_and_lowprec(case, args)
-        monkeypatch.setattr(decode_launch, "FAST_LAUNCH", step != 3)
+        monkeypatch.setattr(fast_launch, "FAST_LAUNCH", step != 3)
         out, lse = run_backend(case, args, "triton")
         torch.cuda.synchronize()
         check_kv_case(case, out, lse, args, truth, low, expected)
-        assert decode_launch.FAST_LAUNCH == (step != 3), "the fast launch path fell back to Triton's"
+        assert fast_launch.FAST_LAUNCH == (step != 3), "the fast launch path fell back to Triton's"

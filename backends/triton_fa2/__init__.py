@@ -230,9 +230,9 @@ class TritonBackend(Backend):
                                                    config.fwd_v_stages or config.num_stages, config.num_warps)
             if ok and not problem.varlen and not launch_gluon.tensor_reasons(q, k, v, problem.layout):
                 ensure_cuda_context(q.device)
-                return launch_gluon.forward(q, k, v, problem.causal, problem.softmax_scale, problem.layout,
-                                            config.block_m, config.block_n, config.num_stages,
-                                            config.fwd_v_stages or config.num_stages, config.num_warps)
+                return launch_gluon.run_forward(q, k, v, problem.causal, problem.softmax_scale, problem.layout,
+                                                config.block_m, config.block_n, config.num_stages,
+                                                config.fwd_v_stages or config.num_stages, config.num_warps)
             if problem.varlen:  # a varlen call the Gluon kernel cannot take: the plain kernel's own default
                 config = default_config(problem, device, hopper=False)
             else:

@@ -18,18 +18,17 @@ them); a field left at 0 is chosen by ``plan``:
 
 from __future__ import annotations
 
-import inspect
 import math
 import os
 from dataclasses import dataclass
 
 import torch
 import triton
-from triton import knobs
 
 from fa2dispatch.hardware import DeviceInfo
 from fa2dispatch.problem import AttentionProblem
 
+from . import fast_launch
 from .config import TritonConfig, block_d
 from .launch import _dot_precision  # float32 caches: exact dots unless TF32 is allowed
 
@@ -195,61 +194,14 @@ class _Launch:
     combine_grid: tuple
     combine_scalars: tuple
     combine_meta: dict
-    kernels: dict  # fast-launch cache: (kernel name, device, pointer alignments) -> compiled kernel
-
-
-# Eager calls bypass Triton's Python launcher once a kernel is compiled (FA2DISPATCH_DECODE_FAST_LAUNCH=0
-# turns it off): JITFunction.run re-derives the specialization of ~45 arguments, builds its cache key
-# and launch metadata on every call. Here everything but the tensors is fixed per _Launch (the key
-# includes every scalar and stride), so the compiled kernel is found by the pointers' 16-byte
-# alignment (the only specialization that can change between calls) and its launcher called directly.
-FAST_LAUNCH = os.environ.get("FA2DISPATCH_DECODE_FAST_LAUNCH", "1") != "0"
-
-
-def _constexpr_tail(fn, n_args: int, meta: dict) -> tuple | None:
-    """The values of fn's constexpr parameters, in order, when they all follow its first n_args
-    parameters (as Triton's launcher receives them); None otherwise (no fast path)."""
-    params = fn.params
-    if any(p.is_constexpr for p in params[:n_args]) or not all(p.is_constexpr for p in params[n_args:]):
-        return None
-    tail = []
-    for p in params[n_args:]:
-        if p.name in meta:
-            tail.append(meta[p.name])
-        elif p.default is not inspect.Parameter.empty:
-            tail.append(p.default)
-        else:
-            return None
-    return tuple(tail)
-
-
-def _disable_fast_launch() -> None:
-    global FAST_LAUNCH
-    FAST_LAUNCH = False
+    kernels: dict  # fast_launch's cache of compiled kernels for this spec
 
 
 def _launch(fn, grid: tuple, tensors: tuple, scalars: tuple, meta: dict, kernels: dict) -> None:
-    """``fn[grid](*tensors, *scalars, **meta)``, through the compiled kernel's own launcher once
-    this _Launch has launched it with the same pointer alignments (see FAST_LAUNCH)."""
-    if FAST_LAUNCH and tensors[0].is_cuda and knobs.runtime.launch_enter_hook is None:
-        device = triton.runtime.driver.active.get_current_device()
-        key = (fn.fn.__name__, device, tuple(t.data_ptr() % 16 == 0 for t in tensors))
-        found = kernels.get(key)
-        if found is not None:
-            kernel, tail = found
-            try:
-                kernel.run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1,
-                           triton.runtime.driver.active.get_current_stream(device), kernel.function,
-                           kernel.packed_metadata, None, None, None, *tensors, *scalars, *tail)
-                return
-            except Exception:  # noqa: BLE001 - the launcher refused the arguments (nothing launched):
-                _disable_fast_launch()  # Triton's own path from now on
-        kernel = fn[grid](*tensors, *scalars, **meta)
-        tail = _constexpr_tail(fn, len(tensors) + len(scalars), meta)
-        if tail is not None and hasattr(kernel, "run") and hasattr(kernel, "packed_metadata"):
-            kernels[key] = (kernel, tail)
-        return
-    fn[grid](*tensors, *scalars, **meta)
+    """``fn[grid](*tensors, *scalars, **meta)``; eager calls after the first go straight to the
+    compiled kernel's launcher (fast_launch.py: JITFunction.run re-derives the specialization of
+    ~45 arguments every call). ``kernels`` is this _Launch's own cache."""
+    fast_launch.launch(fn, grid, (*tensors, *scalars), meta, kernels)
 
 
 _launches: dict[tuple, _Launch] = {}

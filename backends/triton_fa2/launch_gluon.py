@@ -97,11 +97,31 @@ def _desc(t: torch.Tensor, layout: str, block_rows: int):
     return _gl_desc(t, shape, strides, [block_rows, t.shape[-1]]), (rows_z, rows_h, cols_h)
 
 
+# Compiled Gluon kernels for fast_launch (every launcher here), and a float32 one per device: the
+# descale pointers of a 16-bit call, never read (one allocation and fill kernel per call before).
+_KERNELS: dict = {}
+_ONES: dict = {}
+
+
+def _one(device: torch.device) -> torch.Tensor:
+    found = _ONES.get(device)
+    if found is None:
+        found = _ONES[device] = torch.ones(1, 1, dtype=torch.float32, device=device)
+    return found
+
+
+def _shapes(q, k, layout: str) -> tuple[int, int, int, int, int]:
+    """(B, H, Hkv, Mq, Mkv) of a dense call."""
+    if layout == "bshd":
+        return q.shape[0], q.shape[2], k.shape[2], q.shape[1], k.shape[1]
+    return q.shape[0], q.shape[1], k.shape[1], q.shape[2], k.shape[2]
+
+
 def forward(q, k, v, causal: bool = False, softmax_scale: float | None = None, layout: str = "bhsd",
             block_m: int = 64, block_n: int = 64, k_stages: int = 2, v_stages: int = 2, num_warps: int = 4,
             q_regs: bool = False, maxnreg: int = 0):
-    from . import kernels_gluon
-
+    """The checked entry (tools/sweep_gluon.py, tests): raises ValueError naming what the kernel
+    cannot take, then ``run_forward``."""
     D = q.shape[-1]
     scale = D**-0.5 if softmax_scale is None else softmax_scale
     why = reasons(q, k, v, causal, scale, layout, block_m, block_n)
@@ -109,26 +129,29 @@ def forward(q, k, v, causal: bool = False, softmax_scale: float | None = None, l
         why.append(f"num_warps={num_warps} (block_m={block_m} takes {block_m // 16}: 16 rows per warp)")
     if why:
         raise ValueError("the Gluon forward cannot run this call: " + "; ".join(why))
-    if layout == "bshd":
-        B, Mq, H, _ = q.shape
-        Mkv, Hkv = k.shape[1], k.shape[2]
-    else:
-        B, H, Mq, _ = q.shape
-        Hkv, Mkv = k.shape[1], k.shape[2]
+    return run_forward(q, k, v, causal, scale, layout, block_m, block_n, k_stages, v_stages, num_warps, q_regs,
+                       maxnreg)
+
+
+def run_forward(q, k, v, causal: bool, softmax_scale: float, layout: str, block_m: int, block_n: int,
+                k_stages: int, v_stages: int, num_warps: int, q_regs: bool = False, maxnreg: int = 0):
+    """The 16-bit forward without ``forward``'s checks: for TritonBackend.forward, which has asked
+    ``problem_reasons`` and ``tensor_reasons`` already."""
+    from . import fast_launch, kernels_gluon
+
+    B, H, Hkv, Mq, Mkv = _shapes(q, k, layout)
     out = torch.empty_like(q)
     lse = torch.empty((B, H, Mq), dtype=torch.float32, device=q.device)
     qd, (qz, qh, qc) = _desc(q, layout, block_m)
     kd, (kz, kh, kc) = _desc(k, layout, block_n)
     vd, _ = _desc(v, layout, block_n)
     od, _ = _desc(out, layout, block_m)
-    grid = (triton.cdiv(Mq, block_m) * B * H,)
-    one = torch.ones(1, dtype=torch.float32, device=q.device)  # descales of a 16-bit call: never read
-    kernels_gluon.attn_fwd_gluon[grid](qd, kd, vd, od, lse, scale * LOG2E, H, H // Hkv, Mq, Mkv,
-                                       qz, qh, qc, kz, kh, kc, one, one, one, 0, 0, 0, 0, 0, 0, 1, Hkv,
-                                       lse, lse, out, 0, 0,
-                                       CAUSAL=causal, K_STAGES=k_stages, V_STAGES=v_stages, FP8=False, VARLEN=False,
-                                       Q_REGS=q_regs, num_warps=num_warps,
-                                       **({"maxnreg": maxnreg} if maxnreg else {}))
+    one = _one(q.device)
+    meta = {"CAUSAL": causal, "K_STAGES": k_stages, "V_STAGES": v_stages, "Q_REGS": q_regs, "FP8": False,
+            "VARLEN": False, "num_warps": num_warps, **({"maxnreg": maxnreg} if maxnreg else {})}
+    fast_launch.launch(kernels_gluon.attn_fwd_gluon, (triton.cdiv(Mq, block_m) * B * H,),
+                       (qd, kd, vd, od, lse, softmax_scale * LOG2E, H, H // Hkv, Mq, Mkv, qz, qh, qc, kz, kh, kc,
+                        one, one, one, 0, 0, 0, 0, 0, 0, 1, Hkv, lse, lse, out, 0, 0), meta, _KERNELS)
     return out, lse
 
 
@@ -143,12 +166,7 @@ def forward_ws(q, k, v, causal: bool = False, softmax_scale: float | None = None
     why = reasons(q, k, v, causal, scale, layout, block_m, block_n)
     if why:
         raise ValueError("the warp-specialized Gluon forward cannot run this call: " + "; ".join(why))
-    if layout == "bshd":
-        B, Mq, H, _ = q.shape
-        Mkv, Hkv = k.shape[1], k.shape[2]
-    else:
-        B, H, Mq, _ = q.shape
-        Hkv, Mkv = k.shape[1], k.shape[2]
+    B, H, Hkv, Mq, Mkv = _shapes(q, k, layout)
     out = torch.empty_like(q)
     lse = torch.empty((B, H, Mq), dtype=torch.float32, device=q.device)
     qd, (qz, qh, qc) = _desc(q, layout, block_m)
@@ -171,16 +189,11 @@ def forward_fp8(q8, k8, v8, q_descale=None, k_descale=None, v_descale=None, caus
     ``triton-fp8`` backend takes them; output ``out_dtype``. ``v_transposed``: V^T (B, Hkv, D,
     Mkv) with Mkv contiguous and a 16-byte row stride, else made from ``v8`` (one copy)."""
     from ..triton_fp8.launch import transpose_v
-    from . import kernels_gluon
+    from . import fast_launch, kernels_gluon
 
     D = q8.shape[-1]
     scale = D**-0.5 if softmax_scale is None else softmax_scale
-    if layout == "bshd":
-        B, Mq, H, _ = q8.shape
-        Mkv, Hkv = k8.shape[1], k8.shape[2]
-    else:
-        B, H, Mq, _ = q8.shape
-        Hkv, Mkv = k8.shape[1], k8.shape[2]
+    B, H, Hkv, Mq, Mkv = _shapes(q8, k8, layout)
     if Mq % block_m or D not in (64, 128) or not scale > 0 or num_warps != block_m // 16:
         raise ValueError("the Gluon fp8 forward takes Mq % block_m == 0, D in (64, 128), softmax_scale > 0, "
                          "num_warps = block_m / 16 (triton_fp8.launch.gluon_reasons)")
@@ -191,17 +204,16 @@ def forward_fp8(q8, k8, v8, q_descale=None, k_descale=None, v_descale=None, caus
     kd, (kz, kh, kc) = _desc(k8, layout, block_n)
     vd = _gl_desc(vt, [B * Hkv * D, Mkv], [vt.stride(2), 1], [D, block_n])
     od, _ = _desc(out, layout, block_m)
-    one = torch.ones(1, 1, dtype=torch.float32, device=q8.device)
+    one = _one(q8.device)
     qs, ks, vs = (t if t is not None else one for t in (q_descale, k_descale, v_descale))
     strides = [x for t, given in ((qs, q_descale), (ks, k_descale), (vs, v_descale))
                for x in ((t.stride(0), t.stride(1)) if given is not None else (0, 0))]
     qd_group = 1 if q_descale is None or q_descale.shape[1] == H else H // Hkv
-    grid = (triton.cdiv(Mq, block_m) * B * H,)
-    kernels_gluon.attn_fwd_gluon[grid](qd, kd, vd, od, lse, scale * LOG2E, H, H // Hkv, Mq, Mkv,
-                                       qz, qh, qc, kz, kh, kc, qs, ks, vs, *strides, qd_group, Hkv,
-                                       lse, lse, out, 0, 0,
-                                       CAUSAL=causal, K_STAGES=k_stages, V_STAGES=v_stages, FP8=True, VARLEN=False,
-                                       Q_REGS=False, num_warps=num_warps)
+    meta = {"CAUSAL": causal, "K_STAGES": k_stages, "V_STAGES": v_stages, "Q_REGS": False, "FP8": True,
+            "VARLEN": False, "num_warps": num_warps}
+    fast_launch.launch(kernels_gluon.attn_fwd_gluon, (triton.cdiv(Mq, block_m) * B * H,),
+                       (qd, kd, vd, od, lse, scale * LOG2E, H, H // Hkv, Mq, Mkv, qz, qh, qc, kz, kh, kc,
+                        qs, ks, vs, *strides, qd_group, Hkv, lse, lse, out, 0, 0), meta, _KERNELS)
     return out, lse
 
 
@@ -223,7 +235,7 @@ def forward_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_s
     """Packed sequences (``attention_varlen``): q (total_q, H, D), k and v (total_k, Hkv, D), int32
     cumulative lengths; out like q and lse (H, total_q). The caller has checked the call
     (``problem_reasons`` with a varlen problem, ``varlen_tensor_reasons``)."""
-    from . import kernels_gluon
+    from . import fast_launch, kernels_gluon
 
     total_q, H, D = q.shape
     total_k, Hkv, _ = k.shape
@@ -235,14 +247,13 @@ def forward_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_s
     qd = _gl_desc(q, [total_q, H * D], [q.stride(0), 1], [block_m, D])
     kd = _gl_desc(k, [total_k, Hkv * D], [k.stride(0), 1], [block_n, D])
     vd = _gl_desc(v, [total_k, Hkv * D], [v.stride(0), 1], [block_n, D])
-    grid = (triton.cdiv(max_seqlen_q, block_m) * B * H,)
-    one = torch.ones(1, dtype=torch.float32, device=q.device)
-    kernels_gluon.attn_fwd_gluon[grid](qd, kd, vd, qd, lse, softmax_scale * LOG2E, H, H // Hkv,
-                                       max_seqlen_q, max_seqlen_k, 0, 0, D, 0, 0, D,
-                                       one, one, one, 0, 0, 0, 0, 0, 0, 1, Hkv,
-                                       cu_seqlens_q, cu_seqlens_k, out, out.stride(0), total_q,
-                                       CAUSAL=causal, K_STAGES=k_stages, V_STAGES=v_stages, FP8=False, VARLEN=True,
-                                       Q_REGS=False, num_warps=num_warps)
+    one = _one(q.device)
+    meta = {"CAUSAL": causal, "K_STAGES": k_stages, "V_STAGES": v_stages, "Q_REGS": False, "FP8": False,
+            "VARLEN": True, "num_warps": num_warps}
+    fast_launch.launch(kernels_gluon.attn_fwd_gluon, (triton.cdiv(max_seqlen_q, block_m) * B * H,),
+                       (qd, kd, vd, qd, lse, softmax_scale * LOG2E, H, H // Hkv, max_seqlen_q, max_seqlen_k,
+                        0, 0, D, 0, 0, D, one, one, one, 0, 0, 0, 0, 0, 0, 1, Hkv,
+                        cu_seqlens_q, cu_seqlens_k, out, out.stride(0), total_q), meta, _KERNELS)
     return out, lse
 
 
@@ -250,7 +261,7 @@ def compile_ws_sm90(dtype: torch.dtype, head_dim: int, causal: bool, block_m: in
                     k_stages: int = 2, v_stages: int = 2, producer_regs: int = 24) -> dict:
     """``compile_sm90`` for the warp-specialized kernel (kernels_gluon_ws.py): resources, wgmma
     and setmaxnreg counts, and the warps of both partitions."""
-    import triton.language  # noqa: F401
+    import triton.language
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
     from triton.runtime.jit import mangle_type

@@ -1,0 +1,112 @@
+"""Launching a compiled Triton or Gluon kernel again without ``JITFunction.run``'s per-call work.
+
+``fn[grid](*args, **meta)`` re-derives the specialization of every argument, builds the kernel
+cache key, and makes launch metadata on every call. For a forward of 38 arguments that is most
+of the call's host time: an ``attention_varlen`` call through the Gluon forward spent 170-270 us
+on the host against ~80 us for the dense cuDNN call. See BENCHMARKS.md, "Session 10", and
+``tools/bench_varlen.py --profile``. With L2 flushed before each timed run, host time beyond the
+flush (~90 us) is timed as idle GPU.
+
+``launch`` calls ``fn[grid]`` the first time, and keeps the compiled kernel under a key of
+everything that selects it:
+- the kernel's name and the current device;
+- each argument: scalars by value; tensors and tensor descriptors by whether their base is 16-byte
+  aligned (the only pointer property Triton specializes on);
+- the constexprs and options in ``meta``.
+
+Later calls with the same key go straight to the compiled kernel's launcher, as
+``JITFunction.run`` itself ends. Descriptors still become TMA descriptors in that launcher on
+every call.
+
+Not taken:
+- while a Triton launch hook is set (profilers): Triton's own path, which calls the hooks;
+- off the GPU (the interpreter);
+- when a kernel's constexpr parameters do not all follow its other parameters.
+
+``FA2DISPATCH_FAST_LAUNCH=0`` (or the older ``FA2DISPATCH_DECODE_FAST_LAUNCH=0``) turns it off.
+A launcher that refuses the arguments turns it off for the process, and that call goes through
+Triton.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+
+import triton
+from triton import knobs
+
+FAST_LAUNCH = (os.environ.get("FA2DISPATCH_FAST_LAUNCH", "1") != "0"
+               and os.environ.get("FA2DISPATCH_DECODE_FAST_LAUNCH", "1") != "0")
+CACHE_LIMIT = 1024  # compiled kernels kept per cache dict; cleared when full
+
+
+def constexpr_tail(fn, n_args: int, meta: dict) -> tuple | None:
+    """The values of fn's constexpr parameters, in order, when they all follow its first n_args
+    parameters (as Triton's launcher receives them); None otherwise (no fast path)."""
+    params = fn.params
+    if any(p.is_constexpr for p in params[:n_args]) or not all(p.is_constexpr for p in params[n_args:]):
+        return None
+    tail = []
+    for p in params[n_args:]:
+        if p.name in meta:
+            tail.append(meta[p.name])
+        elif p.default is not inspect.Parameter.empty:
+            tail.append(p.default)
+        else:
+            return None
+    return tuple(tail)
+
+
+def disable() -> None:
+    global FAST_LAUNCH
+    FAST_LAUNCH = False
+
+
+def _arg_key(x):
+    """What of an argument can select another compiled kernel: a scalar's value; a tensor's or a
+    descriptor's 16-byte alignment."""
+    ptr = getattr(x, "data_ptr", None)
+    if ptr is None:
+        base = getattr(x, "base", None)  # a tensor descriptor (triton.tools / gluon TensorDescriptor)
+        if base is not None and hasattr(base, "data_ptr"):
+            return ("desc", base.data_ptr() % 16 == 0)
+        return x
+    return ("ptr", ptr() % 16 == 0)
+
+
+def _device_and_stream() -> tuple:
+    driver = triton.runtime.driver.active
+    device = driver.get_current_device()
+    return device, driver.get_current_stream(device)
+
+
+def _on_gpu(x) -> bool:
+    t = getattr(x, "base", x)
+    return bool(getattr(t, "is_cuda", False))
+
+
+def launch(fn, grid: tuple, args: tuple, meta: dict, kernels: dict) -> None:
+    """``fn[grid](*args, **meta)``, through the compiled kernel's own launcher once a call with
+    the same key has compiled it. ``kernels``: the caller's dict of compiled kernels (one per
+    kernel family, or per launch spec); bounded by CACHE_LIMIT."""
+    if not (FAST_LAUNCH and _on_gpu(args[0]) and knobs.runtime.launch_enter_hook is None):
+        fn[grid](*args, **meta)
+        return
+    device, stream = _device_and_stream()
+    key = (fn.fn.__name__, device, tuple(_arg_key(a) for a in args), tuple(meta.items()))
+    found = kernels.get(key)
+    if found is not None:
+        kernel, tail = found
+        try:
+            kernel.run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1, stream,
+                       kernel.function, kernel.packed_metadata, None, None, None, *args, *tail)
+            return
+        except Exception:  # noqa: BLE001 - the launcher refused the arguments (nothing launched):
+            disable()  # Triton's own path from now on
+    kernel = fn[grid](*args, **meta)
+    tail = constexpr_tail(fn, len(args), meta)
+    if tail is not None and hasattr(kernel, "run") and hasattr(kernel, "packed_metadata"):
+        if len(kernels) >= CACHE_LIMIT:
+            kernels.clear()
+        kernels[key] = (kernel, tail)

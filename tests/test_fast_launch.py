@@ -1,0 +1,152 @@
+"""triton_fa2/fast_launch.py without a GPU: a stand-in for a JIT function and its compiled kernel
+records which path each call takes. The first call with a key compiles (``fn[grid]``); a call
+with the same scalars, alignments and constexprs goes to the compiled kernel's launcher with the
+constexpr values appended; any change of those goes back through ``fn[grid]``. Launch hooks,
+CPU tensors, a refusing launcher and constexprs out of place keep Triton's path. The real
+kernels under the fast path: tests/test_kvcache_gpu.py (decode) and tests/test_hopper_kernel.py
+(the Gluon forward)."""
+
+from __future__ import annotations
+
+import inspect
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from fa2dispatch.backends.triton_fa2 import fast_launch
+
+
+class FakeTensor:
+    """What fast_launch reads of a CUDA tensor: data_ptr and is_cuda."""
+
+    def __init__(self, ptr: int, is_cuda: bool = True):
+        self.ptr, self.is_cuda = ptr, is_cuda
+
+    def data_ptr(self) -> int:
+        return self.ptr
+
+
+class FakeDescriptor:
+    def __init__(self, base):
+        self.base = base
+
+
+class FakeKernel:
+    def __init__(self, log, refuse=False):
+        self.log, self.refuse = log, refuse
+        self.function, self.packed_metadata = "function", "metadata"
+
+    def run(self, gx, gy, gz, stream, function, metadata, launch_metadata, enter, exit_, *args):
+        if self.refuse:
+            raise TypeError("launcher refused")
+        self.log.append(("fast", (gx, gy, gz), args))
+
+
+class FakeJIT:
+    """params as JITFunction's (is_constexpr, name, default); fn[grid](...) compiles once per call."""
+
+    def __init__(self, names, constexprs, defaults=None, refuse=False):
+        self.fn = SimpleNamespace(__name__="fake_kernel")
+        defaults = defaults or {}
+        self.params = [SimpleNamespace(name=n, is_constexpr=n in constexprs,
+                                       default=defaults.get(n, inspect.Parameter.empty)) for n in names]
+        self.log, self.refuse = [], refuse
+
+    def __getitem__(self, grid):
+        def run(*args, **meta):
+            self.log.append(("jit", grid, args, meta))
+            return FakeKernel(self.log, self.refuse)
+        return run
+
+
+@pytest.fixture
+def gpu_like(monkeypatch):
+    """A current device and stream without a GPU; fast launch on; no launch hook."""
+    monkeypatch.setattr(fast_launch, "_device_and_stream", lambda: (0, 1234))
+    monkeypatch.setattr(fast_launch, "FAST_LAUNCH", True)
+    monkeypatch.setattr(fast_launch.knobs.runtime, "launch_enter_hook", None)
+
+
+def _fn(refuse=False):
+    return FakeJIT(["X", "desc", "n", "scale", "BLOCK", "CAUSAL"], {"BLOCK", "CAUSAL"}, {"CAUSAL": False},
+                   refuse=refuse)
+
+
+def test_second_call_goes_to_the_compiled_launcher_with_the_constexprs(gpu_like):
+    fn, cache = _fn(), {}
+    args = (FakeTensor(4096), FakeDescriptor(FakeTensor(8192)), 7, 0.5)
+    fast_launch.launch(fn, (3, 2), args, {"BLOCK": 64, "num_warps": 4}, cache)
+    fast_launch.launch(fn, (5,), (FakeTensor(1 << 20), FakeDescriptor(FakeTensor(1 << 21)), 7, 0.5),
+                       {"BLOCK": 64, "num_warps": 4}, cache)
+    assert [e[0] for e in fn.log] == ["jit", "fast"]
+    kind, grid, passed = fn.log[1]
+    assert grid == (5, 1, 1)
+    assert passed[-2:] == (64, False)  # BLOCK from meta, CAUSAL from its default, in parameter order
+    assert passed[2:4] == (7, 0.5) and len(cache) == 1
+
+
+@pytest.mark.parametrize("change", ["scalar", "alignment", "descriptor alignment", "constexpr", "option"])
+def test_anything_that_selects_another_kernel_compiles_again(gpu_like, change):
+    fn, cache = _fn(), {}
+    base = dict(x=FakeTensor(4096), d=FakeTensor(8192), n=7, meta={"BLOCK": 64, "num_warps": 4})
+    fast_launch.launch(fn, (1,), (base["x"], FakeDescriptor(base["d"]), base["n"], 0.5), base["meta"], cache)
+    other = dict(base)
+    if change == "scalar":
+        other["n"] = 16  # Triton specializes integers (== 1, divisible by 16)
+    elif change == "alignment":
+        other["x"] = FakeTensor(4098)
+    elif change == "descriptor alignment":
+        other["d"] = FakeTensor(8194)
+    elif change == "constexpr":
+        other["meta"] = {"BLOCK": 128, "num_warps": 4}
+    else:
+        other["meta"] = {"BLOCK": 64, "num_warps": 8}
+    fast_launch.launch(fn, (1,), (other["x"], FakeDescriptor(other["d"]), other["n"], 0.5), other["meta"], cache)
+    assert [e[0] for e in fn.log] == ["jit", "jit"], change
+    assert len(cache) == 2
+
+
+def test_triton_path_with_a_hook_on_cpu_or_when_off(gpu_like, monkeypatch):
+    fn, cache = _fn(), {}
+    args, meta = (FakeTensor(4096), FakeDescriptor(FakeTensor(8192)), 7, 0.5), {"BLOCK": 64}
+    fast_launch.launch(fn, (1,), args, meta, cache)
+    monkeypatch.setattr(fast_launch.knobs.runtime, "launch_enter_hook", lambda *a: None)
+    fast_launch.launch(fn, (1,), args, meta, cache)  # a profiler's hook must see the launch
+    monkeypatch.setattr(fast_launch.knobs.runtime, "launch_enter_hook", None)
+    fast_launch.launch(fn, (1,), (FakeTensor(4096, is_cuda=False), *args[1:]), meta, cache)
+    monkeypatch.setattr(fast_launch, "FAST_LAUNCH", False)
+    fast_launch.launch(fn, (1,), args, meta, cache)
+    assert [e[0] for e in fn.log] == ["jit", "jit", "jit", "jit"]
+
+
+def test_a_refusing_launcher_falls_back_for_good(gpu_like):
+    fn, cache = _fn(refuse=True), {}
+    args, meta = (FakeTensor(4096), FakeDescriptor(FakeTensor(8192)), 7, 0.5), {"BLOCK": 64}
+    fast_launch.launch(fn, (1,), args, meta, cache)
+    fast_launch.launch(fn, (1,), args, meta, cache)  # the launcher raises: nothing ran; Triton's path runs it
+    assert [e[0] for e in fn.log] == ["jit", "jit"] and fast_launch.FAST_LAUNCH is False
+
+
+def test_constexprs_before_other_parameters_keep_tritons_path(gpu_like):
+    fn = FakeJIT(["X", "BLOCK", "n"], {"BLOCK"})
+    cache = {}
+    for _ in range(2):
+        fast_launch.launch(fn, (1,), (FakeTensor(4096), 7), {"BLOCK": 64}, cache)
+    assert [e[0] for e in fn.log] == ["jit", "jit"] and not cache
+    assert fast_launch.constexpr_tail(fn, 2, {"BLOCK": 64}) is None
+
+
+def test_the_cache_is_bounded(gpu_like, monkeypatch):
+    monkeypatch.setattr(fast_launch, "CACHE_LIMIT", 3)
+    fn, cache = _fn(), {}
+    for n in range(5):
+        fast_launch.launch(fn, (1,), (FakeTensor(4096), FakeDescriptor(FakeTensor(8192)), n, 0.5), {"BLOCK": 64},
+                           cache)
+    assert 1 <= len(cache) <= 3
+
+
+def test_real_tensors_key_by_alignment_only():
+    t = torch.empty(64)
+    assert fast_launch._arg_key(t) == ("ptr", t.data_ptr() % 16 == 0)
+    assert fast_launch._arg_key(3) == 3 and fast_launch._arg_key(0.25) == 0.25

@@ -13,7 +13,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-
 from fa2dispatch.backends.triton_fa2 import fast_launch
 
 
@@ -80,7 +79,7 @@ def test_second_call_goes_to_the_compiled_launcher_with_the_constexprs(gpu_like)
     fast_launch.launch(fn, (5,), (FakeTensor(1 << 20), FakeDescriptor(FakeTensor(1 << 21)), 7, 0.5),
                        {"BLOCK": 64, "num_warps": 4}, cache)
     assert [e[0] for e in fn.log] == ["jit", "fast"]
-    kind, grid, passed = fn.log[1]
+    _, grid, passed = fn.log[1]
     assert grid == (5, 1, 1)
     assert passed[-2:] == (64, False)  # BLOCK from meta, CAUSAL from its default, in parameter order
     assert passed[2:4] == (7, 0.5) and len(cache) == 1
@@ -89,7 +88,7 @@ def test_second_call_goes_to_the_compiled_launcher_with_the_constexprs(gpu_like)
 @pytest.mark.parametrize("change", ["scalar", "alignment", "descriptor alignment", "constexpr", "option"])
 def test_anything_that_selects_another_kernel_compiles_again(gpu_like, change):
     fn, cache = _fn(), {}
-    base = dict(x=FakeTensor(4096), d=FakeTensor(8192), n=7, meta={"BLOCK": 64, "num_warps": 4})
+    base = {"x": FakeTensor(4096), "d": FakeTensor(8192), "n": 7, "meta": {"BLOCK": 64, "num_warps": 4}}
     fast_launch.launch(fn, (1,), (base["x"], FakeDescriptor(base["d"]), base["n"], 0.5), base["meta"], cache)
     other = dict(base)
     if change == "scalar":

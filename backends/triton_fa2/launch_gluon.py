@@ -133,24 +133,31 @@ def forward(q, k, v, causal: bool = False, softmax_scale: float | None = None, l
                        maxnreg)
 
 
+def _dense_setup(q, k, v, layout: str, block_m: int, block_n: int):
+    """A dense 16-bit call's output, lse and descriptors: (B, H, Hkv, Mq, Mkv), out, lse, the q, k,
+    v, o descriptors, and the q and k row arguments (rows per z, rows per head, column offset)."""
+    B, H, Hkv, Mq, Mkv = _shapes(q, k, layout)
+    out = torch.empty_like(q)
+    lse = torch.empty((B, H, Mq), dtype=torch.float32, device=q.device)
+    qd, q_rows = _desc(q, layout, block_m)
+    kd, k_rows = _desc(k, layout, block_n)
+    vd, _ = _desc(v, layout, block_n)
+    od, _ = _desc(out, layout, block_m)
+    return (B, H, Hkv, Mq, Mkv), out, lse, (qd, kd, vd, od), (*q_rows, *k_rows)
+
+
 def run_forward(q, k, v, causal: bool, softmax_scale: float, layout: str, block_m: int, block_n: int,
                 k_stages: int, v_stages: int, num_warps: int, q_regs: bool = False, maxnreg: int = 0):
     """The 16-bit forward without ``forward``'s checks: for TritonBackend.forward, which has asked
     ``problem_reasons`` and ``tensor_reasons`` already."""
     from . import fast_launch, kernels_gluon
 
-    B, H, Hkv, Mq, Mkv = _shapes(q, k, layout)
-    out = torch.empty_like(q)
-    lse = torch.empty((B, H, Mq), dtype=torch.float32, device=q.device)
-    qd, (qz, qh, qc) = _desc(q, layout, block_m)
-    kd, (kz, kh, kc) = _desc(k, layout, block_n)
-    vd, _ = _desc(v, layout, block_n)
-    od, _ = _desc(out, layout, block_m)
+    (B, H, Hkv, Mq, Mkv), out, lse, descs, rows = _dense_setup(q, k, v, layout, block_m, block_n)
     one = _one(q.device)
     meta = {"CAUSAL": causal, "K_STAGES": k_stages, "V_STAGES": v_stages, "Q_REGS": q_regs, "FP8": False,
             "VARLEN": False, "num_warps": num_warps, **({"maxnreg": maxnreg} if maxnreg else {})}
     fast_launch.launch(kernels_gluon.attn_fwd_gluon, (triton.cdiv(Mq, block_m) * B * H,),
-                       (qd, kd, vd, od, lse, softmax_scale * LOG2E, H, H // Hkv, Mq, Mkv, qz, qh, qc, kz, kh, kc,
+                       (*descs, lse, softmax_scale * LOG2E, H, H // Hkv, Mq, Mkv, *rows,
                         one, one, one, 0, 0, 0, 0, 0, 0, 1, Hkv, lse, lse, out, 0, 0), meta, _KERNELS)
     return out, lse
 
@@ -166,18 +173,11 @@ def forward_ws(q, k, v, causal: bool = False, softmax_scale: float | None = None
     why = reasons(q, k, v, causal, scale, layout, block_m, block_n)
     if why:
         raise ValueError("the warp-specialized Gluon forward cannot run this call: " + "; ".join(why))
-    B, H, Hkv, Mq, Mkv = _shapes(q, k, layout)
-    out = torch.empty_like(q)
-    lse = torch.empty((B, H, Mq), dtype=torch.float32, device=q.device)
-    qd, (qz, qh, qc) = _desc(q, layout, block_m)
-    kd, (kz, kh, kc) = _desc(k, layout, block_n)
-    vd, _ = _desc(v, layout, block_n)
-    od, _ = _desc(out, layout, block_m)
+    (B, H, Hkv, Mq, Mkv), out, lse, descs, rows = _dense_setup(q, k, v, layout, block_m, block_n)
     grid = (triton.cdiv(Mq, block_m) * B * H,)
-    kernels_gluon_ws.attn_fwd_gluon_ws[grid](qd, kd, vd, od, lse, scale * LOG2E, H, H // Hkv, Mq, Mkv,
-                                             qz, qh, qc, kz, kh, kc, CAUSAL=causal, K_STAGES=k_stages,
-                                             V_STAGES=v_stages, PRODUCER_REGS=producer_regs,
-                                             num_warps=block_m // 16)
+    kernels_gluon_ws.attn_fwd_gluon_ws[grid](*descs, lse, scale * LOG2E, H, H // Hkv, Mq, Mkv, *rows,
+                                             CAUSAL=causal, K_STAGES=k_stages, V_STAGES=v_stages,
+                                             PRODUCER_REGS=producer_regs, num_warps=block_m // 16)
     return out, lse
 
 

@@ -398,10 +398,14 @@ from fa2dispatch.backends.triton_fa2 import launch_gluon
 from fa2dispatch.backends.reference import attention_math
 D, causal, bm, bn, Mq, Mkv, H, Hkv = (int(x) for x in sys.argv[1:9])
 dtype = torch.bfloat16 if sys.argv[9] == "bf16" else torch.float16
+pingpong = sys.argv[10] == "pp"
 g = torch.Generator(device="cuda").manual_seed(0)
 q = torch.randn(2, H, Mq, D, device="cuda", dtype=dtype, generator=g)
 k, v = (torch.randn(2, Hkv, Mkv, D, device="cuda", dtype=dtype, generator=g) for _ in range(2))
-out, lse = launch_gluon.forward_ws(q, k, v, bool(causal), None, "bhsd", bm, bn)
+if pingpong:
+    out, lse = launch_gluon.forward_pingpong(q, k, v, bool(causal), None, "bhsd", bn)
+else:
+    out, lse = launch_gluon.forward_ws(q, k, v, bool(causal), None, "bhsd", bm, bn)
 torch.cuda.synchronize()
 ke, ve = (t.repeat_interleave(H // Hkv, 1) for t in (k, v))
 ref, ref_lse = attention_math(q.double(), ke.double(), ve.double(), causal=bool(causal), softmax_scale=D**-0.5,
@@ -416,18 +420,24 @@ sys.exit(0 if err <= 2 * err_pt + 8 * 2**-23 * max(1.0, ref.abs().max().item()) 
 """
 
 
+_WS_CASES = [(128, 0, 128, 128, 1024, 1024, 4, 4, "fp16"), (128, 1, 128, 128, 1024, 1536, 8, 2, "bf16"),
+             (64, 1, 128, 128, 512, 512, 4, 1, "fp16"), (128, 0, 128, 128, 256, 1000, 4, 2, "bf16")]
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("D, causal, bm, bn, Mq, Mkv, H, Hkv, dtype", [
-    (128, 0, 128, 128, 1024, 1024, 4, 4, "fp16"), (128, 1, 128, 128, 1024, 1536, 8, 2, "bf16"),
-    (64, 1, 128, 128, 512, 512, 4, 1, "fp16"), (128, 0, 128, 128, 256, 1000, 4, 2, "bf16"),
-    (128, 1, 64, 64, 1024, 1024, 4, 4, "fp16")])
-def test_warp_specialized_forward_matches_float64(D, causal, bm, bn, Mq, Mkv, H, Hkv, dtype):
-    """kernels_gluon_ws.py (branch s9-gluon-ws) against float64, each case in a process of its
-    own under a 120 s timeout: a deadlocked barrier protocol fails the case instead of hanging
-    the suite. The tolerance is tests/helpers' rule (2x PyTorch's error in the same precision)."""
+@pytest.mark.parametrize("D, causal, bm, bn, Mq, Mkv, H, Hkv, dtype, kernel", [
+    *[(*c, "ws") for c in _WS_CASES], (128, 1, 64, 64, 1024, 1024, 4, 4, "fp16", "ws"),
+    *[(*c, "pp") for c in _WS_CASES], (128, 1, 128, 128, 128, 128, 2, 2, "fp16", "pp"),  # one key block
+    (128, 1, 128, 128, 256, 64, 2, 1, "bf16", "pp")])  # Mkv < Mq: CTAs with no key block at all
+def test_warp_specialized_forward_matches_float64(D, causal, bm, bn, Mq, Mkv, H, Hkv, dtype, kernel):
+    """kernels_gluon_ws.py against float64: the warp-specialized kernel (ws) and the ping-pong
+    kernel (pp, session 10: its turn barriers alternate the two consumer warpgroups), each case in
+    a process of its own under a 120 s timeout: a deadlocked barrier protocol fails the case
+    instead of hanging the suite. The tolerance is tests/helpers' rule (2x PyTorch's error in
+    the same precision)."""
     if device_info(torch.device("cuda")).capability != (9, 0):
         pytest.skip("the Gluon forward is sm_90 code")
-    args = [str(x) for x in (D, causal, bm, bn, Mq, Mkv, H, Hkv, dtype)]
+    args = [str(x) for x in (D, causal, bm, bn, Mq, Mkv, H, Hkv, dtype, kernel)]
     try:
         proc = subprocess.run([sys.executable, "-c", _WS_CHECK, *args], capture_output=True, text=True, timeout=120,
                               check=False)

@@ -39,8 +39,9 @@ def main(argv=None) -> int:
     ap.add_argument("--causal", default="0,1")
     ap.add_argument("--dtype", default="fp16", choices=("fp16", "bf16"))
     ap.add_argument("--configs", default="64:64:2:2:4:0",
-                    help="block_m:block_n:k_stages:v_stages:warps:q_regs[:ws],... (ws > 0: the warp-specialized "
-                         "kernel, kernels_gluon_ws.py, with ws registers for its producer; warps and q_regs unused)")
+                    help="block_m:block_n:k_stages:v_stages:warps:q_regs[:ws[:pp]],... (ws > 0: the warp-specialized "
+                         "kernel, kernels_gluon_ws.py, with ws registers for its producer; warps and q_regs unused; "
+                         "pp > 0 as well: the ping-pong kernel, block_m 128, pp registers per consumer warpgroup)")
     ap.add_argument("--rep", type=int, default=100)
     ap.add_argument("--fp8", action="store_true",
                     help="e4m3 inputs (per-head descales, V^T given): against the triton-fp8 backend, our bf16 "
@@ -60,7 +61,7 @@ def main(argv=None) -> int:
         print("sweep_gluon needs a CUDA GPU", file=sys.stderr)
         return 2
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
-    configs = [tuple(int(x) for x in (c + ":0").split(":")[:7]) for c in args.configs.split(",")]
+    configs = [tuple(int(x) for x in (c + ":0:0").split(":")[:8]) for c in args.configs.split(",")]
     if args.fp8:
         return fp8_sweep(args, configs)
     rows = []
@@ -93,8 +94,13 @@ def main(argv=None) -> int:
 
                 row["err"]["flash"] = (flash()[:1].float() - ref).abs().max().item()
                 providers = {"cudnn": cudnn, "flash": flash, "triton": ours}
-                for bm, bn, ks, vs, w, qr, ws in configs:
-                    if ws:
+                for bm, bn, ks, vs, w, qr, ws, pp in configs:
+                    if ws and pp:
+                        name = f"pp{bm}x{bn}k{ks}v{vs}r{ws}c{pp}"
+
+                        def call(bn=bn, ks=ks, vs=vs, ws=ws, pp=pp):
+                            return launch_gluon.forward_pingpong(q, k, v, causal, None, "bhsd", bn, ks, vs, ws, pp)
+                    elif ws:
                         name = f"ws{bm}x{bn}k{ks}v{vs}r{ws}"
 
                         def call(bm=bm, bn=bn, ks=ks, vs=vs, ws=ws):

@@ -40,18 +40,10 @@ from .kernels_gluon import LN2, _softmax_block
 @gluon.jit
 def _ws_producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_full, k_empty, v_full, v_empty,
                  q_row, q_col, k_row, k_col, n_blocks, K_STAGES: gl.constexpr, V_STAGES: gl.constexpr):
-    BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
     mbarrier.expect(q_bar, q_desc.block_type.nbytes)
     tma.async_copy_global_to_shared(q_desc, [q_row, q_col], q_bar, q_smem)
-    for j in range(n_blocks):
-        ks = j % K_STAGES
-        mbarrier.wait(k_empty.index(ks), ((j // K_STAGES) & 1) ^ 1)
-        mbarrier.expect(k_full.index(ks), k_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(k_desc, [k_row + j * BLOCK_N, k_col], k_full.index(ks), k_smem.index(ks))
-        vs = j % V_STAGES
-        mbarrier.wait(v_empty.index(vs), ((j // V_STAGES) & 1) ^ 1)
-        mbarrier.expect(v_full.index(vs), v_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(v_desc, [k_row + j * BLOCK_N, k_col], v_full.index(vs), v_smem.index(vs))
+    _ws_producer_kv(k_desc, v_desc, k_smem, v_smem, k_full, k_empty, v_full, v_empty, k_row, k_col, n_blocks,
+                    K_STAGES, V_STAGES)
 
 
 @gluon.jit
@@ -201,3 +193,207 @@ def attn_fwd_gluon_ws(q_desc, k_desc, v_desc, o_desc, Lse, qk_scale, H, GROUP, M
     fence_async_shared()
     tma.async_copy_shared_to_global(o_desc, [q_row, q_col], q_smem)
     tma.store_wait(pendings=0)
+
+
+# ----------------------------------------------------------------------------- ping-pong (FA3)
+
+
+@gluon.jit
+def _pp_producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_full, k_empty, v_full, v_empty,
+                 q_row, q_col, k_row, k_col, n_blocks, K_STAGES: gl.constexpr, V_STAGES: gl.constexpr):
+    """_ws_producer with Q as two tiles of BLOCK_M_WG rows, one per consumer warpgroup."""
+    BLOCK_M_WG: gl.constexpr = q_desc.block_type.shape[0]
+    mbarrier.expect(q_bar, 2 * q_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(q_desc, [q_row, q_col], q_bar, q_smem.index(0))
+    tma.async_copy_global_to_shared(q_desc, [q_row + BLOCK_M_WG, q_col], q_bar, q_smem.index(1))
+    _ws_producer_kv(k_desc, v_desc, k_smem, v_smem, k_full, k_empty, v_full, v_empty, k_row, k_col, n_blocks,
+                    K_STAGES, V_STAGES)
+
+
+@gluon.jit
+def _ws_producer_kv(k_desc, v_desc, k_smem, v_smem, k_full, k_empty, v_full, v_empty, k_row, k_col, n_blocks,
+                    K_STAGES: gl.constexpr, V_STAGES: gl.constexpr):
+    """K_j and V_j into their rings: each buffer refilled once its empty barrier completes."""
+    BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
+    for j in range(n_blocks):
+        ks = j % K_STAGES
+        mbarrier.wait(k_empty.index(ks), ((j // K_STAGES) & 1) ^ 1)
+        mbarrier.expect(k_full.index(ks), k_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(k_desc, [k_row + j * BLOCK_N, k_col], k_full.index(ks), k_smem.index(ks))
+        vs = j % V_STAGES
+        mbarrier.wait(v_empty.index(vs), ((j // V_STAGES) & 1) ^ 1)
+        mbarrier.expect(v_full.index(vs), v_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(v_desc, [k_row + j * BLOCK_N, k_col], v_full.index(vs), v_smem.index(vs))
+
+
+@gluon.jit
+def _pp_consumer(q_smem, k_smem, v_smem, q_bar, k_full, k_empty, v_full, v_empty, turn, o_desc, Lse, qk_scale,
+                 start_m, Mq, Mkv, diag, full_hi, n_blocks, q_row, q_col, bh, CAUSAL: gl.constexpr,
+                 K_STAGES: gl.constexpr, V_STAGES: gl.constexpr, WG: gl.constexpr, WG_WARPS: gl.constexpr):
+    """One consumer warpgroup: rows [start_m + WG * BLOCK_M_WG, + BLOCK_M_WG) of the CTA's tile,
+    the loop of _ws_consumer, then its own epilogue (lse, O through its Q buffer and TMA).
+
+    Ping-pong: before issuing its GEMMs for key block j (S_j and P_{j-1} V_{j-1}) a warpgroup
+    waits for its turn barrier, and right after issuing them it arrives on the other's. So the
+    two take turns at the tensor cores, and one's softmax runs under the other's GEMMs
+    (FlashAttention-3). Turn waits: warpgroup 0's first passes (parity 1 on a fresh barrier),
+    its j-th waits for warpgroup 1's (j-1)-th issue; warpgroup 1's j-th waits for warpgroup 0's
+    j-th. Neither gets two phases ahead of the other's waits. Both run n_blocks + 1 issues
+    (the last P V is the extra one), so every wait has its arrival."""
+    BLOCK_M: gl.constexpr = q_smem.shape[1]
+    BLOCK_D: gl.constexpr = q_smem.shape[2]
+    BLOCK_N: gl.constexpr = k_smem.shape[1]
+    dtype: gl.constexpr = q_smem.dtype
+    BITS: gl.constexpr = dtype.primitive_bitwidth
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WG_WARPS, 1],
+                                                       instr_shape=[16, BLOCK_N, 256 // BITS])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WG_WARPS, 1],
+                                                       instr_shape=[16, BLOCK_D, 256 // BITS])
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=32 // BITS)
+    row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
+    col_s: gl.constexpr = gl.SliceLayout(0, s_layout)
+    row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+
+    my_turn = turn.index(WG)
+    their_turn = turn.index(1 - WG)
+    q_op = q_smem.index(WG)
+    offs_m = start_m + WG * BLOCK_M + gl.arange(0, BLOCK_M, layout=row_s)
+    offs_n0 = gl.arange(0, BLOCK_N, layout=col_s)
+    m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, row_s)
+    l_i = gl.zeros([BLOCK_M], gl.float32, row_s)
+    acc = gl.zeros([BLOCK_M, BLOCK_D], gl.float32, o_layout)
+    zero_s = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
+    mbarrier.wait(q_bar, 0)
+    if n_blocks > 0:
+        mbarrier.wait(my_turn, (1 - WG) & 1)
+        mbarrier.wait(k_full.index(0), 0)
+        s_tok = warpgroup_mma(q_op, k_smem.index(0).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+        mbarrier.arrive(their_turn, count=1)
+        s = warpgroup_mma_wait(num_outstanding=0, deps=[s_tok])
+        mbarrier.arrive(k_empty.index(0), count=1)  # this warpgroup's read of K_0 is done
+        if BLOCK_N > full_hi:
+            p, m_i, l_i, alpha = _softmax_block(s, m_i, l_i, qk_scale, offs_m, offs_n0, Mkv, diag, True, CAUSAL, 0.0)
+        else:
+            p, m_i, l_i, alpha = _softmax_block(s, m_i, l_i, qk_scale, offs_m, offs_n0, Mkv, diag, False, CAUSAL, 0.0)
+        p_op = gl.convert_layout(p.to(dtype), p_layout)
+        for j in range(1, n_blocks):
+            st = j % K_STAGES
+            pst = (j - 1) % V_STAGES
+            mbarrier.wait(my_turn, (j + 1 - WG) & 1)
+            mbarrier.wait(k_full.index(st), (j // K_STAGES) & 1)
+            s_tok = warpgroup_mma(q_op, k_smem.index(st).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+            mbarrier.wait(v_full.index(pst), ((j - 1) // V_STAGES) & 1)
+            o_tok = warpgroup_mma(p_op, v_smem.index(pst), acc, is_async=True)
+            mbarrier.arrive(their_turn, count=1)
+            s = warpgroup_mma_wait(num_outstanding=1, deps=[s_tok])
+            mbarrier.arrive(k_empty.index(st), count=1)
+            offs_n = j * BLOCK_N + offs_n0
+            if (j + 1) * BLOCK_N > full_hi:
+                p, m_new, l_i, alpha = _softmax_block(s, m_i, l_i, qk_scale, offs_m, offs_n, Mkv, diag, True, CAUSAL,
+                                                      0.0)
+            else:
+                p, m_new, l_i, alpha = _softmax_block(s, m_i, l_i, qk_scale, offs_m, offs_n, Mkv, diag, False,
+                                                      CAUSAL, 0.0)
+            acc, p_op = warpgroup_mma_wait(num_outstanding=0, deps=[o_tok, p_op])
+            mbarrier.arrive(v_empty.index(pst), count=1)
+            acc = acc * gl.convert_layout(alpha, row_o)[:, None]
+            p_op = gl.convert_layout(p.to(dtype), p_layout)
+            m_i = m_new
+        last = n_blocks - 1
+        mbarrier.wait(my_turn, (n_blocks + 1 - WG) & 1)
+        mbarrier.wait(v_full.index(last % V_STAGES), (last // V_STAGES) & 1)
+        o_tok = warpgroup_mma(p_op, v_smem.index(last % V_STAGES), acc, is_async=True)
+        mbarrier.arrive(their_turn, count=1)
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=[o_tok])
+        mbarrier.arrive(v_empty.index(last % V_STAGES), count=1)
+
+    empty = l_i == 0.0
+    l_safe = gl.where(empty, 1.0, l_i)
+    out = acc * gl.convert_layout(1.0 / l_safe, row_o)[:, None]
+    lse = gl.where(empty, float("-inf"), (m_i + gl.log2(l_safe)) * LN2)
+    gl.store(Lse + bh.to(gl.int64) * Mq + offs_m, lse, mask=offs_m < Mq)
+    q_op.store(out.to(dtype))  # this warpgroup's Q buffer, no longer read, stages its O for TMA
+    fence_async_shared()
+    tma.async_copy_shared_to_global(o_desc, [q_row + WG * BLOCK_M, q_col], q_op)
+    tma.store_wait(pendings=0)
+
+
+@gluon.jit
+def attn_fwd_gluon_pp(q_desc, k_desc, v_desc, o_desc, Lse, qk_scale, H, GROUP, Mq, Mkv,
+                      q_rows_z, q_rows_h, q_cols_h, k_rows_z, k_rows_h, k_cols_h,
+                      CAUSAL: gl.constexpr, K_STAGES: gl.constexpr, V_STAGES: gl.constexpr,
+                      PRODUCER_REGS: gl.constexpr, CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr):
+    """The ping-pong forward: a CTA takes 2 x BLOCK_M_WG query rows (q_desc's and o_desc's block
+    is one warpgroup's BLOCK_M_WG rows), consumer warpgroup 0 in the default partition (num_warps
+    = 4), consumer warpgroup 1 and the producer in workers (CONSUMER_REGS, PRODUCER_REGS
+    registers). K and V buffers are freed when both consumers have read them (empty barriers
+    count 2). Arguments otherwise as attn_fwd_gluon_ws's; 16-bit, dense."""
+    BLOCK_M_WG: gl.constexpr = q_desc.block_type.shape[0]
+    BLOCK_D: gl.constexpr = q_desc.block_type.shape[1]
+    BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
+    BLOCK_M: gl.constexpr = 2 * BLOCK_M_WG
+    dtype: gl.constexpr = q_desc.dtype
+
+    pid = gl.program_id(0)
+    n_mb = gl.cdiv(Mq, BLOCK_M)
+    mb = pid % n_mb
+    if CAUSAL:
+        mb = n_mb - 1 - mb
+    bh = pid // n_mb
+    z = bh // H
+    h = bh % H
+    hkv = h // GROUP
+    start_m = mb * BLOCK_M
+    q_row = z * q_rows_z + h * q_rows_h + start_m
+    q_col = h * q_cols_h
+    k_row = z * k_rows_z + hkv * k_rows_h
+    k_col = hkv * k_cols_h
+    diag = Mkv - Mq
+    if CAUSAL:
+        hi = gl.minimum(gl.maximum(start_m + BLOCK_M + diag, 0), Mkv)
+        full_hi = (gl.maximum(start_m + diag + 1, 0) // BLOCK_N) * BLOCK_N
+    else:
+        hi = Mkv
+        full_hi = (Mkv // BLOCK_N) * BLOCK_N
+    n_blocks = gl.cdiv(hi, BLOCK_N)
+
+    q_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_M_WG, BLOCK_D], q_desc.layout)
+    k_smem = gl.allocate_shared_memory(dtype, [K_STAGES, BLOCK_N, BLOCK_D], k_desc.layout)
+    v_smem = gl.allocate_shared_memory(dtype, [V_STAGES, BLOCK_N, BLOCK_D], v_desc.layout)
+    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    k_full = gl.allocate_shared_memory(gl.int64, [K_STAGES, 1], mbarrier.MBarrierLayout())
+    k_empty = gl.allocate_shared_memory(gl.int64, [K_STAGES, 1], mbarrier.MBarrierLayout())
+    v_full = gl.allocate_shared_memory(gl.int64, [V_STAGES, 1], mbarrier.MBarrierLayout())
+    v_empty = gl.allocate_shared_memory(gl.int64, [V_STAGES, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(q_bar, count=1)
+    for i in gl.static_range(2):
+        mbarrier.init(turn.index(i), count=1)
+    for i in gl.static_range(K_STAGES):
+        mbarrier.init(k_full.index(i), count=1)
+        mbarrier.init(k_empty.index(i), count=2)  # one arrival per consumer warpgroup
+    for i in gl.static_range(V_STAGES):
+        mbarrier.init(v_full.index(i), count=1)
+        mbarrier.init(v_empty.index(i), count=2)
+    fence_async_shared()
+
+    gl.warp_specialize(
+        [(_pp_consumer, (q_smem, k_smem, v_smem, q_bar, k_full, k_empty, v_full, v_empty, turn, o_desc, Lse,
+                         qk_scale, start_m, Mq, Mkv, diag, full_hi, n_blocks, q_row, q_col, bh, CAUSAL, K_STAGES,
+                         V_STAGES, 0, num_warps)),
+         (_pp_consumer, (q_smem, k_smem, v_smem, q_bar, k_full, k_empty, v_full, v_empty, turn, o_desc, Lse,
+                         qk_scale, start_m, Mq, Mkv, diag, full_hi, n_blocks, q_row, q_col, bh, CAUSAL, K_STAGES,
+                         V_STAGES, 1, 4)),
+         (_pp_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_full, k_empty, v_full, v_empty,
+                         q_row, q_col, k_row, k_col, n_blocks, K_STAGES, V_STAGES))],
+        [4, 4], [CONSUMER_REGS, PRODUCER_REGS])
+
+    mbarrier.invalidate(q_bar)
+    for i in gl.static_range(2):
+        mbarrier.invalidate(turn.index(i))
+    for i in gl.static_range(K_STAGES):
+        mbarrier.invalidate(k_full.index(i))
+        mbarrier.invalidate(k_empty.index(i))
+    for i in gl.static_range(V_STAGES):
+        mbarrier.invalidate(v_full.index(i))
+        mbarrier.invalidate(v_empty.index(i))

@@ -257,10 +257,37 @@ def forward_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_s
     return out, lse
 
 
+def forward_pingpong(q, k, v, causal: bool = False, softmax_scale: float | None = None, layout: str = "bhsd",
+                     block_n: int = 128, k_stages: int = 2, v_stages: int = 2, producer_regs: int = 24,
+                     consumer_regs: int = 240):
+    """The ping-pong kernel (``kernels_gluon_ws.attn_fwd_gluon_pp``, session 10: never run on a
+    GPU yet): 16-bit, dense; 128 query rows per CTA, 64 per consumer warpgroup."""
+    from . import kernels_gluon_ws
+
+    block_m = 128  # the CTA's rows: two warpgroups of 64
+    D = q.shape[-1]
+    scale = D**-0.5 if softmax_scale is None else softmax_scale
+    why = reasons(q, k, v, causal, scale, layout, block_m, block_n)
+    if not (producer_regs + consumer_regs) * 128 + consumer_regs * 128 <= 65536 or consumer_regs % 8 \
+            or producer_regs % 8 or not 24 <= producer_regs <= consumer_regs <= 256:
+        why.append(f"producer_regs={producer_regs} consumer_regs={consumer_regs} (multiples of 8 in [24, 256], "
+                   "producer <= consumer, 128 x (producer + 2 x consumer) <= 65536)")
+    if why:
+        raise ValueError("the ping-pong Gluon forward cannot run this call: " + "; ".join(why))
+    (B, H, Hkv, Mq, Mkv), out, lse, descs, rows = _dense_setup(q, k, v, layout, block_m // 2, block_n)
+    grid = (triton.cdiv(Mq, block_m) * B * H,)
+    kernels_gluon_ws.attn_fwd_gluon_pp[grid](*descs, lse, scale * LOG2E, H, H // Hkv, Mq, Mkv, *rows,
+                                             CAUSAL=causal, K_STAGES=k_stages, V_STAGES=v_stages,
+                                             PRODUCER_REGS=producer_regs, CONSUMER_REGS=consumer_regs, num_warps=4)
+    return out, lse
+
+
 def compile_ws_sm90(dtype: torch.dtype, head_dim: int, causal: bool, block_m: int = 128, block_n: int = 128,
-                    k_stages: int = 2, v_stages: int = 2, producer_regs: int = 24) -> dict:
-    """``compile_sm90`` for the warp-specialized kernel (kernels_gluon_ws.py): resources, wgmma
-    and setmaxnreg counts, and the warps of both partitions."""
+                    k_stages: int = 2, v_stages: int = 2, producer_regs: int = 24, pingpong: bool = False,
+                    consumer_regs: int = 240) -> dict:
+    """``compile_sm90`` for the warp-specialized kernels (kernels_gluon_ws.py): resources, wgmma
+    and setmaxnreg counts, and the warps of all partitions. pingpong: ``attn_fwd_gluon_pp``
+    (block_m is then the CTA's rows, two warpgroups' worth)."""
     import triton.language
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -269,22 +296,24 @@ def compile_ws_sm90(dtype: torch.dtype, head_dim: int, causal: bool, block_m: in
     from . import kernels_gluon_ws
     from .launch_hopper import _cubin_usage
 
-    warps = block_m // 16
+    fn = kernels_gluon_ws.attn_fwd_gluon_pp if pingpong else kernels_gluon_ws.attn_fwd_gluon_ws
+    warps = 4 if pingpong else block_m // 16
+    rows = block_m // 2 if pingpong else block_m  # q and o blocks: one warpgroup's rows when ping-ponging
 
     def desc(cols, block):
         t = torch.zeros((256, cols), dtype=dtype)  # metadata only: never read
         return mangle_type(_gl_desc(t, [256, cols], [cols, 1], block))
 
-    sig = {"q_desc": desc(head_dim, [block_m, head_dim]), "k_desc": desc(head_dim, [block_n, head_dim]),
-           "v_desc": desc(head_dim, [block_n, head_dim]), "o_desc": desc(head_dim, [block_m, head_dim]),
+    sig = {"q_desc": desc(head_dim, [rows, head_dim]), "k_desc": desc(head_dim, [block_n, head_dim]),
+           "v_desc": desc(head_dim, [block_n, head_dim]), "o_desc": desc(head_dim, [rows, head_dim]),
            "Lse": "*fp32", "qk_scale": "fp32"}
-    for name in kernels_gluon_ws.attn_fwd_gluon_ws.arg_names:
+    for name in fn.arg_names:
         sig.setdefault(name, "i32")
     constexprs = {"CAUSAL": causal, "K_STAGES": k_stages, "V_STAGES": v_stages, "PRODUCER_REGS": producer_regs,
-                  "num_warps": warps}
+                  "num_warps": warps, **({"CONSUMER_REGS": consumer_regs} if pingpong else {})}
     sig.update({name: "constexpr" for name in constexprs})
-    kernel = triton.compile(GluonASTSource(kernels_gluon_ws.attn_fwd_gluon_ws, sig, constexprs),
-                            target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+    kernel = triton.compile(GluonASTSource(fn, sig, constexprs), target=GPUTarget("cuda", 90, 32),
+                            options={"num_warps": warps})
     usage = _cubin_usage(kernel.asm["cubin"])
     usage.update(smem=kernel.metadata.shared, wgmma=kernel.asm["ptx"].count("wgmma.mma_async"),
                  setmaxnreg=kernel.asm["ptx"].count("setmaxnreg"), num_warps=kernel.metadata.num_warps)

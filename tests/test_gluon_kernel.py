@@ -166,9 +166,9 @@ def test_gluon_takes_plain_varlen_calls_and_refuses_varlen_with_features():
 _COMPILE_WS = r"""
 import json, sys, torch
 from fa2dispatch.backends.triton_fa2.launch_gluon import compile_ws_sm90
-print(json.dumps([dict(compile_ws_sm90(getattr(torch, dt), d, c, bm, bn, pingpong=pp), dtype=dt, d=d, causal=c,
-                       bm=bm, bn=bn, pp=pp)
-                  for dt, d, c, bm, bn, pp in json.loads(sys.argv[1])]))
+print(json.dumps([dict(compile_ws_sm90(getattr(torch, dt), d, c, bm, bn, pingpong=pp, fp8=f8), dtype=dt, d=d,
+                       causal=c, bm=bm, bn=bn, pp=pp, fp8=f8)
+                  for dt, d, c, bm, bn, pp, f8 in json.loads(sys.argv[1])]))
 """
 
 
@@ -176,11 +176,13 @@ print(json.dumps([dict(compile_ws_sm90(getattr(torch, dt), d, c, bm, bn, pingpon
 def test_warp_specialized_kernel_compiles_for_sm90():
     """kernels_gluon_ws.py: the warp-specialized kernel (the consumers' warps plus a producer
     warpgroup) and the ping-pong kernel (two consumer warpgroups of 64 rows plus the producer:
-    12 warps at 128 rows), register reallocation, wgmma, no local memory, 1 CTA per SM at most."""
-    jobs = [("float16", 128, False, 128, 128, False), ("bfloat16", 128, True, 128, 128, False),
-            ("float16", 64, True, 128, 128, False), ("bfloat16", 128, False, 64, 64, False),
-            ("float16", 128, False, 128, 128, True), ("bfloat16", 128, True, 128, 128, True),
-            ("float16", 64, True, 128, 128, True)]
+    12 warps at 128 rows; 16-bit and fp8 with a bf16 output), register reallocation, wgmma, no
+    local memory, 1 CTA per SM at most."""
+    jobs = [("float16", 128, False, 128, 128, False, False), ("bfloat16", 128, True, 128, 128, False, False),
+            ("float16", 64, True, 128, 128, False, False), ("bfloat16", 128, False, 64, 64, False, False),
+            ("float16", 128, False, 128, 128, True, False), ("bfloat16", 128, True, 128, 128, True, False),
+            ("float16", 64, True, 128, 128, True, False),
+            ("bfloat16", 128, True, 128, 128, True, True), ("bfloat16", 64, False, 128, 128, True, True)]
     env = dict(os.environ, TRITON_INTERPRET="0")
     proc = subprocess.run([sys.executable, "-c", _COMPILE_WS, json.dumps(jobs)], capture_output=True, text=True,
                           env=env, timeout=600, check=False)

@@ -420,6 +420,41 @@ sys.exit(0 if err <= 2 * err_pt + 8 * 2**-23 * max(1.0, ref.abs().max().item()) 
 """
 
 
+_PP_FP8_CHECK = r"""
+import sys, torch
+sys.path.insert(0, sys.argv[1])  # tests/, for helpers
+from helpers import Case, check_fp8, make_fp8_inputs
+from fa2dispatch.backends.triton_fa2 import launch_gluon
+D, causal, Mq, Mkv, H, Hkv = (int(x) for x in sys.argv[2:8])
+case = Case(2, H, Hkv, Mq, Mkv, D, torch.float8_e4m3fn, causal=bool(causal), layout="bhsd")
+q8, k8, v8, qd, kd, vd = make_fp8_inputs(case, device="cuda", q_per_head=True)
+out, lse = launch_gluon.forward_pingpong(q8, k8, v8, bool(causal), None, "bhsd", q_descale=qd, k_descale=kd,
+                                         v_descale=vd)
+torch.cuda.synchronize()
+check_fp8(out, lse, q8, k8, v8, qd, kd, vd, causal=bool(causal), layout="bhsd")
+print("fp8 ping-pong: within the rule")
+"""
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("D, causal, Mq, Mkv, H, Hkv", [(128, 0, 1024, 1024, 4, 4), (128, 1, 1024, 1536, 8, 2),
+                                                         (64, 1, 512, 512, 4, 1), (128, 1, 256, 64, 2, 1)])
+def test_pingpong_fp8_forward_matches_the_rule(D, causal, Mq, Mkv, H, Hkv):
+    """The ping-pong kernel's fp8 path (kernels_gluon_ws.attn_fwd_gluon_pp, FP8; session 10)
+    against STYLE.md's fp8 rule (tests/helpers.check_fp8: float64 on the dequantized inputs,
+    PyTorch's error = the emulated fp8 pipeline's), each case in its own process under a 120 s
+    timeout."""
+    if device_info(torch.device("cuda")).capability != (9, 0):
+        pytest.skip("the Gluon forward is sm_90 code")
+    args = [os.path.dirname(os.path.abspath(__file__)), *(str(x) for x in (D, causal, Mq, Mkv, H, Hkv))]
+    try:
+        proc = subprocess.run([sys.executable, "-c", _PP_FP8_CHECK, *args], capture_output=True, text=True,
+                              timeout=120, check=False)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"fp8 ping-pong forward hung (> 120 s): {args[1:]}")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+
+
 _WS_CASES = [(128, 0, 128, 128, 1024, 1024, 4, 4, "fp16"), (128, 1, 128, 128, 1024, 1536, 8, 2, "bf16"),
              (64, 1, 128, 128, 512, 512, 4, 1, "fp16"), (128, 0, 128, 128, 256, 1000, 4, 2, "bf16")]
 

@@ -34,7 +34,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 
-from .kernels_gluon import LN2, _softmax_block
+from .kernels_gluon import LN2, _load_v, _softmax_block, _stage_p, _v_operand
 
 
 @gluon.jit
@@ -42,8 +42,8 @@ def _ws_producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_full, 
                  q_row, q_col, k_row, k_col, n_blocks, K_STAGES: gl.constexpr, V_STAGES: gl.constexpr):
     mbarrier.expect(q_bar, q_desc.block_type.nbytes)
     tma.async_copy_global_to_shared(q_desc, [q_row, q_col], q_bar, q_smem)
-    _ws_producer_kv(k_desc, v_desc, k_smem, v_smem, k_full, k_empty, v_full, v_empty, k_row, k_col, n_blocks,
-                    K_STAGES, V_STAGES)
+    _ws_producer_kv(k_desc, v_desc, k_smem, v_smem, k_full, k_empty, v_full, v_empty, k_row, k_col, 0, n_blocks,
+                    K_STAGES, V_STAGES, False)
 
 
 @gluon.jit
@@ -200,20 +200,23 @@ def attn_fwd_gluon_ws(q_desc, k_desc, v_desc, o_desc, Lse, qk_scale, H, GROUP, M
 
 @gluon.jit
 def _pp_producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_full, k_empty, v_full, v_empty,
-                 q_row, q_col, k_row, k_col, n_blocks, K_STAGES: gl.constexpr, V_STAGES: gl.constexpr):
-    """_ws_producer with Q as two tiles of BLOCK_M_WG rows, one per consumer warpgroup."""
+                 q_row, q_col, k_row, k_col, v_row, n_blocks, K_STAGES: gl.constexpr, V_STAGES: gl.constexpr,
+                 FP8: gl.constexpr):
+    """_ws_producer with Q as two tiles of BLOCK_M_WG rows, one per consumer warpgroup (and, for
+    fp8, V^T's columns: v_row is the kv head's first row of V^T)."""
     BLOCK_M_WG: gl.constexpr = q_desc.block_type.shape[0]
     mbarrier.expect(q_bar, 2 * q_desc.block_type.nbytes)
     tma.async_copy_global_to_shared(q_desc, [q_row, q_col], q_bar, q_smem.index(0))
     tma.async_copy_global_to_shared(q_desc, [q_row + BLOCK_M_WG, q_col], q_bar, q_smem.index(1))
-    _ws_producer_kv(k_desc, v_desc, k_smem, v_smem, k_full, k_empty, v_full, v_empty, k_row, k_col, n_blocks,
-                    K_STAGES, V_STAGES)
+    _ws_producer_kv(k_desc, v_desc, k_smem, v_smem, k_full, k_empty, v_full, v_empty, k_row, k_col, v_row, n_blocks,
+                    K_STAGES, V_STAGES, FP8)
 
 
 @gluon.jit
-def _ws_producer_kv(k_desc, v_desc, k_smem, v_smem, k_full, k_empty, v_full, v_empty, k_row, k_col, n_blocks,
-                    K_STAGES: gl.constexpr, V_STAGES: gl.constexpr):
-    """K_j and V_j into their rings: each buffer refilled once its empty barrier completes."""
+def _ws_producer_kv(k_desc, v_desc, k_smem, v_smem, k_full, k_empty, v_full, v_empty, k_row, k_col, v_row, n_blocks,
+                    K_STAGES: gl.constexpr, V_STAGES: gl.constexpr, FP8: gl.constexpr):
+    """K_j and V_j (fp8: V^T's block j) into their rings: each buffer refilled once its empty
+    barrier completes."""
     BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
     for j in range(n_blocks):
         ks = j % K_STAGES
@@ -222,14 +225,14 @@ def _ws_producer_kv(k_desc, v_desc, k_smem, v_smem, k_full, k_empty, v_full, v_e
         tma.async_copy_global_to_shared(k_desc, [k_row + j * BLOCK_N, k_col], k_full.index(ks), k_smem.index(ks))
         vs = j % V_STAGES
         mbarrier.wait(v_empty.index(vs), ((j // V_STAGES) & 1) ^ 1)
-        mbarrier.expect(v_full.index(vs), v_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(v_desc, [k_row + j * BLOCK_N, k_col], v_full.index(vs), v_smem.index(vs))
+        _load_v(v_desc, v_full, v_smem, vs, j, k_row, k_col, v_row, True, BLOCK_N, FP8)
 
 
 @gluon.jit
-def _pp_consumer(q_smem, k_smem, v_smem, q_bar, k_full, k_empty, v_full, v_empty, turn, o_desc, Lse, qk_scale,
-                 start_m, Mq, Mkv, diag, full_hi, n_blocks, q_row, q_col, bh, CAUSAL: gl.constexpr,
-                 K_STAGES: gl.constexpr, V_STAGES: gl.constexpr, WG: gl.constexpr, WG_WARPS: gl.constexpr):
+def _pp_consumer(q_smem, k_smem, v_smem, p_smem, o_smem, q_bar, k_full, k_empty, v_full, v_empty, turn, o_desc, Lse,
+                 qk_scale, v_scale, start_m, Mq, Mkv, diag, full_hi, n_blocks, q_row, q_col, bh, CAUSAL: gl.constexpr,
+                 K_STAGES: gl.constexpr, V_STAGES: gl.constexpr, FP8: gl.constexpr, WG: gl.constexpr,
+                 WG_WARPS: gl.constexpr):
     """One consumer warpgroup: rows [start_m + WG * BLOCK_M_WG, + BLOCK_M_WG) of the CTA's tile,
     the loop of _ws_consumer, then its own epilogue (lse, O through its Q buffer and TMA).
 
@@ -239,12 +242,18 @@ def _pp_consumer(q_smem, k_smem, v_smem, q_bar, k_full, k_empty, v_full, v_empty
     (FlashAttention-3). Turn waits: warpgroup 0's first passes (parity 1 on a fresh barrier),
     its j-th waits for warpgroup 1's (j-1)-th issue; warpgroup 1's j-th waits for warpgroup 0's
     j-th. Neither gets two phases ahead of the other's waits. Both run n_blocks + 1 issues
-    (the last P V is the extra one), so every wait has its arrival."""
+    (the last P V is the extra one), so every wait has its arrival.
+
+    FP8 (e4m3 q, k and V^T, as attn_fwd_gluon's FP8): qk_scale carries the q and k descales,
+    v_scale the v descale; P goes through this warpgroup's p_smem buffer scaled by 2^SHIFT;
+    O leaves through o_smem (the output dtype). 16-bit: P stays in registers and O reuses the
+    warpgroup's Q buffer (p_smem and o_smem are not read)."""
     BLOCK_M: gl.constexpr = q_smem.shape[1]
     BLOCK_D: gl.constexpr = q_smem.shape[2]
     BLOCK_N: gl.constexpr = k_smem.shape[1]
     dtype: gl.constexpr = q_smem.dtype
     BITS: gl.constexpr = dtype.primitive_bitwidth
+    SHIFT: gl.constexpr = 8.0 if FP8 else 0.0
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WG_WARPS, 1],
                                                        instr_shape=[16, BLOCK_N, 256 // BITS])
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WG_WARPS, 1],
@@ -272,10 +281,13 @@ def _pp_consumer(q_smem, k_smem, v_smem, q_bar, k_full, k_empty, v_full, v_empty
         s = warpgroup_mma_wait(num_outstanding=0, deps=[s_tok])
         mbarrier.arrive(k_empty.index(0), count=1)  # this warpgroup's read of K_0 is done
         if BLOCK_N > full_hi:
-            p, m_i, l_i, alpha = _softmax_block(s, m_i, l_i, qk_scale, offs_m, offs_n0, Mkv, diag, True, CAUSAL, 0.0)
+            p, m_i, l_i, alpha = _softmax_block(s, m_i, l_i, qk_scale, offs_m, offs_n0, Mkv, diag, True, CAUSAL, SHIFT)
         else:
-            p, m_i, l_i, alpha = _softmax_block(s, m_i, l_i, qk_scale, offs_m, offs_n0, Mkv, diag, False, CAUSAL, 0.0)
-        p_op = gl.convert_layout(p.to(dtype), p_layout)
+            p, m_i, l_i, alpha = _softmax_block(s, m_i, l_i, qk_scale, offs_m, offs_n0, Mkv, diag, False, CAUSAL, SHIFT)
+        if FP8:
+            p_op = _stage_p(p_smem.index(WG), p, dtype)
+        else:
+            p_op = gl.convert_layout(p.to(dtype), p_layout)
         for j in range(1, n_blocks):
             st = j % K_STAGES
             pst = (j - 1) % V_STAGES
@@ -283,51 +295,65 @@ def _pp_consumer(q_smem, k_smem, v_smem, q_bar, k_full, k_empty, v_full, v_empty
             mbarrier.wait(k_full.index(st), (j // K_STAGES) & 1)
             s_tok = warpgroup_mma(q_op, k_smem.index(st).permute((1, 0)), zero_s, use_acc=False, is_async=True)
             mbarrier.wait(v_full.index(pst), ((j - 1) // V_STAGES) & 1)
-            o_tok = warpgroup_mma(p_op, v_smem.index(pst), acc, is_async=True)
+            o_tok = warpgroup_mma(p_op, _v_operand(v_smem, pst, FP8), acc, is_async=True)
             mbarrier.arrive(their_turn, count=1)
             s = warpgroup_mma_wait(num_outstanding=1, deps=[s_tok])
             mbarrier.arrive(k_empty.index(st), count=1)
             offs_n = j * BLOCK_N + offs_n0
             if (j + 1) * BLOCK_N > full_hi:
                 p, m_new, l_i, alpha = _softmax_block(s, m_i, l_i, qk_scale, offs_m, offs_n, Mkv, diag, True, CAUSAL,
-                                                      0.0)
+                                                      SHIFT)
             else:
                 p, m_new, l_i, alpha = _softmax_block(s, m_i, l_i, qk_scale, offs_m, offs_n, Mkv, diag, False,
-                                                      CAUSAL, 0.0)
-            acc, p_op = warpgroup_mma_wait(num_outstanding=0, deps=[o_tok, p_op])
+                                                      CAUSAL, SHIFT)
+            if FP8:
+                acc = warpgroup_mma_wait(num_outstanding=0, deps=[o_tok])
+            else:
+                acc, p_op = warpgroup_mma_wait(num_outstanding=0, deps=[o_tok, p_op])
             mbarrier.arrive(v_empty.index(pst), count=1)
             acc = acc * gl.convert_layout(alpha, row_o)[:, None]
-            p_op = gl.convert_layout(p.to(dtype), p_layout)
+            if FP8:
+                p_op = _stage_p(p_smem.index(WG), p, dtype)
+            else:
+                p_op = gl.convert_layout(p.to(dtype), p_layout)
             m_i = m_new
         last = n_blocks - 1
         mbarrier.wait(my_turn, (n_blocks + 1 - WG) & 1)
         mbarrier.wait(v_full.index(last % V_STAGES), (last // V_STAGES) & 1)
-        o_tok = warpgroup_mma(p_op, v_smem.index(last % V_STAGES), acc, is_async=True)
+        o_tok = warpgroup_mma(p_op, _v_operand(v_smem, last % V_STAGES, FP8), acc, is_async=True)
         mbarrier.arrive(their_turn, count=1)
         acc = warpgroup_mma_wait(num_outstanding=0, deps=[o_tok])
         mbarrier.arrive(v_empty.index(last % V_STAGES), count=1)
 
     empty = l_i == 0.0
     l_safe = gl.where(empty, 1.0, l_i)
-    out = acc * gl.convert_layout(1.0 / l_safe, row_o)[:, None]
-    lse = gl.where(empty, float("-inf"), (m_i + gl.log2(l_safe)) * LN2)
+    out = acc * gl.convert_layout(v_scale / l_safe, row_o)[:, None]
+    lse = gl.where(empty, float("-inf"), (m_i + gl.log2(l_safe) - SHIFT) * LN2)
     gl.store(Lse + bh.to(gl.int64) * Mq + offs_m, lse, mask=offs_m < Mq)
-    q_op.store(out.to(dtype))  # this warpgroup's Q buffer, no longer read, stages its O for TMA
+    if FP8:  # a 16-bit output: a buffer of its own
+        o_buf = o_smem.index(WG)
+    else:
+        o_buf = q_op  # this warpgroup's Q buffer, no longer read, stages its O for TMA
+    o_buf.store(out.to(o_desc.dtype))
     fence_async_shared()
-    tma.async_copy_shared_to_global(o_desc, [q_row + WG * BLOCK_M, q_col], q_op)
+    tma.async_copy_shared_to_global(o_desc, [q_row + WG * BLOCK_M, q_col], o_buf)
     tma.store_wait(pendings=0)
 
 
 @gluon.jit
 def attn_fwd_gluon_pp(q_desc, k_desc, v_desc, o_desc, Lse, qk_scale, H, GROUP, Mq, Mkv,
                       q_rows_z, q_rows_h, q_cols_h, k_rows_z, k_rows_h, k_cols_h,
+                      QDs, KDs, VDs, stride_qdz, stride_qdh, stride_kdz, stride_kdh, stride_vdz, stride_vdh,
+                      QD_GROUP, Hkv,
                       CAUSAL: gl.constexpr, K_STAGES: gl.constexpr, V_STAGES: gl.constexpr,
-                      PRODUCER_REGS: gl.constexpr, CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr):
+                      PRODUCER_REGS: gl.constexpr, CONSUMER_REGS: gl.constexpr, FP8: gl.constexpr,
+                      num_warps: gl.constexpr):
     """The ping-pong forward: a CTA takes 2 x BLOCK_M_WG query rows (q_desc's and o_desc's block
     is one warpgroup's BLOCK_M_WG rows), consumer warpgroup 0 in the default partition (num_warps
     = 4), consumer warpgroup 1 and the producer in workers (CONSUMER_REGS, PRODUCER_REGS
     registers). K and V buffers are freed when both consumers have read them (empty barriers
-    count 2). Arguments otherwise as attn_fwd_gluon_ws's; 16-bit, dense."""
+    count 2). Dense; the arguments are attn_fwd_gluon's dense ones, FP8 included (e4m3 q, k,
+    v_desc over V^T, float32 descales; o_desc 16-bit)."""
     BLOCK_M_WG: gl.constexpr = q_desc.block_type.shape[0]
     BLOCK_D: gl.constexpr = q_desc.block_type.shape[1]
     BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
@@ -348,6 +374,14 @@ def attn_fwd_gluon_pp(q_desc, k_desc, v_desc, o_desc, Lse, qk_scale, H, GROUP, M
     q_col = h * q_cols_h
     k_row = z * k_rows_z + hkv * k_rows_h
     k_col = hkv * k_cols_h
+    v_scale = 1.0
+    v_row = 0
+    if FP8:  # the head's descales: one multiplier of the raw scores, one of the output
+        zz = z.to(gl.int64)
+        qk_scale = qk_scale * gl.load(QDs + zz * stride_qdz + (h // QD_GROUP) * stride_qdh) \
+            * gl.load(KDs + zz * stride_kdz + hkv * stride_kdh)
+        v_scale = gl.load(VDs + zz * stride_vdz + hkv * stride_vdh)
+        v_row = (z * Hkv + hkv) * BLOCK_D  # V^T rows of this kv head
     diag = Mkv - Mq
     if CAUSAL:
         hi = gl.minimum(gl.maximum(start_m + BLOCK_M + diag, 0), Mkv)
@@ -359,7 +393,14 @@ def attn_fwd_gluon_pp(q_desc, k_desc, v_desc, o_desc, Lse, qk_scale, H, GROUP, M
 
     q_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_M_WG, BLOCK_D], q_desc.layout)
     k_smem = gl.allocate_shared_memory(dtype, [K_STAGES, BLOCK_N, BLOCK_D], k_desc.layout)
-    v_smem = gl.allocate_shared_memory(dtype, [V_STAGES, BLOCK_N, BLOCK_D], v_desc.layout)
+    v_smem = gl.allocate_shared_memory(dtype, [V_STAGES] + v_desc.block_type.shape, v_desc.layout)
+    if FP8:  # per warpgroup: P for P V (an 8-bit register A operand cannot cross an async wgmma), O out
+        p_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_M_WG, BLOCK_N],
+                                           gl.NVMMASharedLayout.get_default_for([BLOCK_M_WG, BLOCK_N], dtype))
+        o_smem = gl.allocate_shared_memory(o_desc.dtype, [2, BLOCK_M_WG, BLOCK_D], o_desc.layout)
+    else:
+        p_smem = q_smem  # not read
+        o_smem = q_smem
     q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     k_full = gl.allocate_shared_memory(gl.int64, [K_STAGES, 1], mbarrier.MBarrierLayout())
@@ -378,14 +419,14 @@ def attn_fwd_gluon_pp(q_desc, k_desc, v_desc, o_desc, Lse, qk_scale, H, GROUP, M
     fence_async_shared()
 
     gl.warp_specialize(
-        [(_pp_consumer, (q_smem, k_smem, v_smem, q_bar, k_full, k_empty, v_full, v_empty, turn, o_desc, Lse,
-                         qk_scale, start_m, Mq, Mkv, diag, full_hi, n_blocks, q_row, q_col, bh, CAUSAL, K_STAGES,
-                         V_STAGES, 0, num_warps)),
-         (_pp_consumer, (q_smem, k_smem, v_smem, q_bar, k_full, k_empty, v_full, v_empty, turn, o_desc, Lse,
-                         qk_scale, start_m, Mq, Mkv, diag, full_hi, n_blocks, q_row, q_col, bh, CAUSAL, K_STAGES,
-                         V_STAGES, 1, 4)),
+        [(_pp_consumer, (q_smem, k_smem, v_smem, p_smem, o_smem, q_bar, k_full, k_empty, v_full, v_empty, turn,
+                         o_desc, Lse, qk_scale, v_scale, start_m, Mq, Mkv, diag, full_hi, n_blocks, q_row, q_col,
+                         bh, CAUSAL, K_STAGES, V_STAGES, FP8, 0, num_warps)),
+         (_pp_consumer, (q_smem, k_smem, v_smem, p_smem, o_smem, q_bar, k_full, k_empty, v_full, v_empty, turn,
+                         o_desc, Lse, qk_scale, v_scale, start_m, Mq, Mkv, diag, full_hi, n_blocks, q_row, q_col,
+                         bh, CAUSAL, K_STAGES, V_STAGES, FP8, 1, 4)),
          (_pp_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_full, k_empty, v_full, v_empty,
-                         q_row, q_col, k_row, k_col, n_blocks, K_STAGES, V_STAGES))],
+                         q_row, q_col, k_row, k_col, v_row, n_blocks, K_STAGES, V_STAGES, FP8))],
         [4, 4], [CONSUMER_REGS, PRODUCER_REGS])
 
     mbarrier.invalidate(q_bar)

@@ -259,32 +259,60 @@ def forward_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_s
 
 def forward_pingpong(q, k, v, causal: bool = False, softmax_scale: float | None = None, layout: str = "bhsd",
                      block_n: int = 128, k_stages: int = 2, v_stages: int = 2, producer_regs: int = 24,
-                     consumer_regs: int = 240):
+                     consumer_regs: int = 240, q_descale=None, k_descale=None, v_descale=None, v_transposed=None,
+                     out_dtype: torch.dtype = torch.bfloat16):
     """The ping-pong kernel (``kernels_gluon_ws.attn_fwd_gluon_pp``, session 10: never run on a
-    GPU yet): 16-bit, dense; 128 query rows per CTA, 64 per consumer warpgroup."""
+    GPU yet): dense; 128 query rows per CTA, 64 per consumer warpgroup. 16-bit q, k, v; or e4m3
+    with float32 descales and an ``out_dtype`` output, as ``forward_fp8`` takes them."""
+    from ..triton_fp8.launch import transpose_v
     from . import kernels_gluon_ws
 
     block_m = 128  # the CTA's rows: two warpgroups of 64
+    fp8 = q.dtype == torch.float8_e4m3fn
     D = q.shape[-1]
     scale = D**-0.5 if softmax_scale is None else softmax_scale
-    why = reasons(q, k, v, causal, scale, layout, block_m, block_n)
-    if not (producer_regs + consumer_regs) * 128 + consumer_regs * 128 <= 65536 or consumer_regs % 8 \
-            or producer_regs % 8 or not 24 <= producer_regs <= consumer_regs <= 256:
+    B, H, Hkv, Mq, Mkv = _shapes(q, k, layout)
+    if fp8:
+        why = [] if D in (64, 128) and scale > 0 and Mq % block_m == 0 else \
+            [f"fp8 takes D in (64, 128), softmax_scale > 0, Mq % {block_m} == 0"]
+        why += tensor_reasons(q, k, v, layout)
+    else:
+        why = reasons(q, k, v, causal, scale, layout, block_m, block_n)
+    if not 128 * (producer_regs + 2 * consumer_regs) <= 65536 or consumer_regs % 8 or producer_regs % 8 \
+            or not 24 <= producer_regs <= consumer_regs <= 256:
         why.append(f"producer_regs={producer_regs} consumer_regs={consumer_regs} (multiples of 8 in [24, 256], "
                    "producer <= consumer, 128 x (producer + 2 x consumer) <= 65536)")
     if why:
         raise ValueError("the ping-pong Gluon forward cannot run this call: " + "; ".join(why))
-    (B, H, Hkv, Mq, Mkv), out, lse, descs, rows = _dense_setup(q, k, v, layout, block_m // 2, block_n)
+    rows_wg = block_m // 2
+    out = torch.empty(q.shape, dtype=out_dtype if fp8 else q.dtype, device=q.device)
+    lse = torch.empty((B, H, Mq), dtype=torch.float32, device=q.device)
+    qd, q_rows = _desc(q, layout, rows_wg)
+    kd, k_rows = _desc(k, layout, block_n)
+    od, _ = _desc(out, layout, rows_wg)
+    one = _one(q.device)
+    if fp8:
+        vt = v_transposed if v_transposed is not None else transpose_v(v, layout)
+        vd = _gl_desc(vt, [B * Hkv * D, Mkv], [vt.stride(2), 1], [D, block_n])
+        qs, ks, vs = (t if t is not None else one for t in (q_descale, k_descale, v_descale))
+        strides = [x for t, given in ((qs, q_descale), (ks, k_descale), (vs, v_descale))
+                   for x in ((t.stride(0), t.stride(1)) if given is not None else (0, 0))]
+        qd_group = 1 if q_descale is None or q_descale.shape[1] == H else H // Hkv
+    else:
+        vd, _ = _desc(v, layout, block_n)
+        qs = ks = vs = one
+        strides, qd_group = [0] * 6, 1
     grid = (triton.cdiv(Mq, block_m) * B * H,)
-    kernels_gluon_ws.attn_fwd_gluon_pp[grid](*descs, lse, scale * LOG2E, H, H // Hkv, Mq, Mkv, *rows,
-                                             CAUSAL=causal, K_STAGES=k_stages, V_STAGES=v_stages,
-                                             PRODUCER_REGS=producer_regs, CONSUMER_REGS=consumer_regs, num_warps=4)
+    kernels_gluon_ws.attn_fwd_gluon_pp[grid](qd, kd, vd, od, lse, scale * LOG2E, H, H // Hkv, Mq, Mkv, *q_rows,
+                                             *k_rows, qs, ks, vs, *strides, qd_group, Hkv, CAUSAL=causal,
+                                             K_STAGES=k_stages, V_STAGES=v_stages, PRODUCER_REGS=producer_regs,
+                                             CONSUMER_REGS=consumer_regs, FP8=fp8, num_warps=4)
     return out, lse
 
 
 def compile_ws_sm90(dtype: torch.dtype, head_dim: int, causal: bool, block_m: int = 128, block_n: int = 128,
                     k_stages: int = 2, v_stages: int = 2, producer_regs: int = 24, pingpong: bool = False,
-                    consumer_regs: int = 240) -> dict:
+                    consumer_regs: int = 240, fp8: bool = False) -> dict:
     """``compile_sm90`` for the warp-specialized kernels (kernels_gluon_ws.py): resources, wgmma
     and setmaxnreg counts, and the warps of all partitions. pingpong: ``attn_fwd_gluon_pp``
     (block_m is then the CTA's rows, two warpgroups' worth)."""
@@ -300,17 +328,20 @@ def compile_ws_sm90(dtype: torch.dtype, head_dim: int, causal: bool, block_m: in
     warps = 4 if pingpong else block_m // 16
     rows = block_m // 2 if pingpong else block_m  # q and o blocks: one warpgroup's rows when ping-ponging
 
-    def desc(cols, block):
-        t = torch.zeros((256, cols), dtype=dtype)  # metadata only: never read
-        return mangle_type(_gl_desc(t, [256, cols], [cols, 1], block))
+    def desc(dt, block):
+        t = torch.zeros((256, 256), dtype=dt)  # metadata only: never read
+        return mangle_type(_gl_desc(t, [256, 256], [256, 1], block))
 
-    sig = {"q_desc": desc(head_dim, [rows, head_dim]), "k_desc": desc(head_dim, [block_n, head_dim]),
-           "v_desc": desc(head_dim, [block_n, head_dim]), "o_desc": desc(head_dim, [rows, head_dim]),
-           "Lse": "*fp32", "qk_scale": "fp32"}
+    # fp8 (the ping-pong kernel only): e4m3 q, k and V^T (blocks (D, block_n)); ``dtype`` is the output's
+    ins = torch.float8_e4m3fn if fp8 else dtype
+    sig = {"q_desc": desc(ins, [rows, head_dim]), "k_desc": desc(ins, [block_n, head_dim]),
+           "v_desc": desc(ins, [head_dim, block_n] if fp8 else [block_n, head_dim]),
+           "o_desc": desc(dtype, [rows, head_dim]), "Lse": "*fp32", "qk_scale": "fp32"}
     for name in fn.arg_names:
-        sig.setdefault(name, "i32")
+        sig.setdefault(name, "*fp32" if name in ("QDs", "KDs", "VDs") else "i32")
     constexprs = {"CAUSAL": causal, "K_STAGES": k_stages, "V_STAGES": v_stages, "PRODUCER_REGS": producer_regs,
-                  "num_warps": warps, **({"CONSUMER_REGS": consumer_regs} if pingpong else {})}
+                  "num_warps": warps,
+                  **({"CONSUMER_REGS": consumer_regs, "FP8": fp8} if pingpong else {})}
     sig.update({name: "constexpr" for name in constexprs})
     kernel = triton.compile(GluonASTSource(fn, sig, constexprs), target=GPUTarget("cuda", 90, 32),
                             options={"num_warps": warps})

@@ -180,10 +180,15 @@ def fp8_sweep(args, configs) -> int:
                                                                          backend="triton")}
                 base_err = (providers["triton-fp8"]()[:1].float() - ref).abs().max().item()
                 row["err"]["triton-fp8"] = base_err
-                for bm, bn, ks, vs, w, *_ in configs:  # (the fp8 sweep has no warp-specialized kernel)
-                    name = f"g{bm}x{bn}k{ks}v{vs}w{w}"
-                    call = (lambda bm=bm, bn=bn, ks=ks, vs=vs, w=w: launch_gluon.forward_fp8(
-                        q8, k8, v8, qd, kd, vd, causal, None, "bhsd", vt, bm, bn, ks, vs, w))
+                for bm, bn, ks, vs, w, _, ws, pp in configs:  # ws and pp: the ping-pong kernel (ws alone: none)
+                    if ws and pp:
+                        name = f"pp{bm}x{bn}k{ks}v{vs}r{ws}c{pp}"
+                        call = (lambda bn=bn, ks=ks, vs=vs, ws=ws, pp=pp: launch_gluon.forward_pingpong(
+                            q8, k8, v8, causal, None, "bhsd", bn, ks, vs, ws, pp, qd, kd, vd, vt))
+                    else:
+                        name = f"g{bm}x{bn}k{ks}v{vs}w{w}"
+                        call = (lambda bm=bm, bn=bn, ks=ks, vs=vs, w=w: launch_gluon.forward_fp8(
+                            q8, k8, v8, qd, kd, vd, causal, None, "bhsd", vt, bm, bn, ks, vs, w))
                     result = _first_run(call, row, name, D, S, causal)
                     if result is None:
                         continue

@@ -189,7 +189,7 @@ class _Launch:
     part_rows: int  # float32 partial rows (0: no split)
     fused: bool  # decode_fwd combines (FUSED_COMBINE): no decode_combine launch, an arrival counter per program
     grid: tuple
-    scalars: tuple  # decode_fwd's arguments after the 10 tensors
+    scalars: tuple  # decode_fwd's arguments after the 11 tensors
     meta: dict  # decode_fwd's constexprs and options
     combine_grid: tuple
     combine_scalars: tuple

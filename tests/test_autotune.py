@@ -329,6 +329,86 @@ def test_run_retunes_stale_entries(isolated_cache, monkeypatch):
                                                       _cpu())
 
 
+def _stale_triton_sources(entry: dict) -> dict:
+    """The entry as if Triton's kernel sources changed after it was measured."""
+    out = {**entry, "kernel_hash": "0" * 16 if entry["backend"] == "triton" else entry.get("kernel_hash")}
+    out["per_backend"] = {name: ({**alt, "kernel_hash": "0" * 16} if name == "triton" else alt)
+                          for name, alt in (entry.get("per_backend") or {}).items()}
+    return out
+
+
+def test_a_kernel_source_change_re_tunes_that_backend_and_times_the_others_picks_again(isolated_cache, monkeypatch):
+    """Partial re-tune (tuner module docstring): only the changed backend's candidates are all
+    timed; the other backend (the reference: no sources of ours) is timed once, with its stored
+    pick, in the same run; the winner comes from these fresh timings; --whole times everything."""
+    monkeypatch.setattr(tuner, "TOKENS", 32)
+    monkeypatch.setattr(tuner, "HIDDEN", 32)
+    grid = _grid(causal=(False,), lengths=((16, 16),))
+    timer = ScriptedTimer({"reference": 2.0, "triton": 1.0})
+    [first] = tuner.run(grid, _cpu(), timer, isolated_cache, on_candidate=timer.announce, verifier=lambda *a: None)
+    n_triton = sum(label.startswith("triton") for label in timer.calls)
+    assert n_triton >= 2 and first.entry["backend"] == "triton" and "partial" not in first.entry
+    stale = _stale_triton_sources(first.entry)
+    assert cache.changed_backends(stale, _cpu(), grid.backends) == {"triton"}
+    assert cache.changed_backends(first.entry, _cpu(), grid.backends) is None  # fresh: nothing to search
+    other_versions = {**stale, "versions": {**stale["versions"], "torch": "0.0"}}
+    assert cache.changed_backends(other_versions, _cpu(), grid.backends) is None  # whole re-tune
+
+    # the new Triton sources are slower than the reference now: the fresh timings decide
+    cache.store(_cpu(), {first.bucket.key: stale}, isolated_cache)
+    slower = ScriptedTimer({"reference": 2.0, "triton": 3.0})
+    [again] = tuner.run(grid, _cpu(), slower, isolated_cache, on_candidate=slower.announce, verifier=lambda *a: None)
+    assert again.status == "tuned" and again.entry["backend"] == "reference"
+    assert [c for c in slower.calls if c.startswith("reference")] == ["reference"]
+    assert sum(c.startswith("triton") for c in slower.calls) == n_triton
+    assert again.entry["partial"] == {"searched": ["triton"], "picks_timed_again": ["reference"],
+                                      "previous": first.entry["tuned_at"]}
+    assert all(t["ms"] in (2.0, 3.0) for t in again.entry["tried"] if "ms" in t)  # this run's timings only
+    assert cache.is_fresh(cache.read_entries(_cpu(), isolated_cache)[first.bucket.key], _cpu())
+
+    # --whole (full=True): the same stale entry re-tuned whole, no "partial" record
+    cache.store(_cpu(), {first.bucket.key: stale}, isolated_cache)
+    whole = ScriptedTimer({"reference": 2.0, "triton": 1.0})
+    [full] = tuner.run(grid, _cpu(), whole, isolated_cache, full=True, on_candidate=whole.announce,
+                       verifier=lambda *a: None)
+    assert "partial" not in full.entry and sum(c.startswith("triton") for c in whole.calls) == n_triton
+
+
+def test_a_partial_re_tune_times_unchanged_backends_only_at_their_stored_pick():
+    """With Triton unchanged and the reference searched (as if it had sources that changed),
+    Triton is timed once, at its stored config, not at every config of its space."""
+    p = problem(B=1, H=2, Hkv=2, Mq=16, Mkv=16, D=16)
+    timer = ScriptedTimer({"reference": 3.0, "triton block_m=32": 2.0, "triton block_m=16": 1.0})
+    first = _tune(timer, p).entry
+    assert first["config"]["block_m"] == 16
+    timer = ScriptedTimer({"reference": 3.0, "triton block_m=32": 2.0, "triton block_m=16": 1.0})
+    entry = _tune(timer, p, incumbent=first, search={"reference"}).entry
+    triton_calls = [c for c in timer.calls if c.startswith("triton")]
+    assert len(triton_calls) == 1 and triton_calls[0].startswith("triton block_m=16")
+    assert entry["backend"] == "triton" and entry["config"] == first["config"]
+    # a stored pick that no longer parses: that backend is searched whole
+    broken = {**first, "config": {"no_such_field": 1}}
+    timer = ScriptedTimer({"reference": 3.0, "triton": 1.0})
+    entry = _tune(timer, p, incumbent=broken, search={"reference"}).entry
+    assert entry["partial"]["searched"] == ["reference", "triton"]
+    assert sum(c.startswith("triton") for c in timer.calls) >= 2
+
+
+def test_dry_run_says_which_stale_buckets_re_tune_in_part(isolated_cache, monkeypatch, capsys):
+    from fa2dispatch.autotune import command
+
+    monkeypatch.setattr(tuner, "TOKENS", 32)
+    monkeypatch.setattr(tuner, "HIDDEN", 32)
+    grid = _grid(causal=(False,), lengths=((16, 16),))
+    timer = ScriptedTimer({"reference": 2.0, "triton": 1.0})
+    [first] = tuner.run(grid, _cpu(), timer, isolated_cache, on_candidate=timer.announce, verifier=lambda *a: None)
+    cache.store(_cpu(), {first.bucket.key: _stale_triton_sources(first.entry)}, isolated_cache)
+    command.dry_run(grid, _cpu(), isolated_cache, None, force=False)
+    assert "[stale: partial re-tune, all of triton and the other backends' stored picks]" in capsys.readouterr().out
+    command.dry_run(grid, _cpu(), isolated_cache, None, force=False, full=True)
+    assert "partial re-tune" not in capsys.readouterr().out
+
+
 def test_run_notes_an_unwritable_cache_and_goes_on(isolated_cache, monkeypatch):
     monkeypatch.setattr(tuner, "TOKENS", 32)
     monkeypatch.setattr(tuner, "HIDDEN", 32)

@@ -8,7 +8,9 @@
 #   OUT=/tmp/out DEADLINE=560 bash tools/retune_shipped.sh
 #
 # The file lands in $OUT/ (the device tool returns it); tests/test_shipped_cache.py checks that
-# it covers every bucket on the current sources.
+# it covers every bucket on the current sources. A bucket stale only because some backends'
+# kernel sources changed is re-tuned in part (fa2dispatch/autotune/tuner.py): those backends'
+# candidates, and the others' stored picks timed again. WHOLE=1 passes --whole (everything).
 set -uo pipefail
 
 OUT="${OUT:-/tmp/out}"
@@ -32,6 +34,7 @@ for args in "${commands[@]}"; do
     fi
     read -r -a argv <<< "$args"
     echo "== fa2dispatch autotune ${args:-(default grid)} (${left}s left)"
+    [ "${WHOLE:-0}" = 1 ] && argv+=(--whole)
     COLUMNS=160 timeout "$left" fa2dispatch autotune ${argv[@]+"${argv[@]}"} --cache-dir autotune_cache \
         >> "$OUT/retune.log" 2>&1
     rc=$?

@@ -395,6 +395,19 @@ def is_fresh(entry: dict, device: DeviceInfo) -> bool:
     return all(_current(name, alt.get("kernel_hash")) for name, alt in others.items() if isinstance(alt, dict))
 
 
+def changed_backends(entry: dict, device: DeviceInfo, backends) -> set[str] | None:
+    """For a stale entry: which of ``backends`` a partial re-tune must search again, the ones
+    with kernel sources of ours not measured on today's sources (recorded with another hash, or
+    not recorded at all). None when the entry must be re-tuned whole: measured with other
+    versions (torch, triton, driver ...), fresh, or malformed."""
+    if entry.get("versions") != soft_stamp(device) or _malformed(entry):
+        return None
+    recorded = {name: alt.get("kernel_hash") for name, alt in (entry.get("per_backend") or {}).items()}
+    recorded[entry["backend"]] = entry.get("kernel_hash")
+    changed = {name for name in backends if kernel_hash(name) is not None and recorded.get(name) != kernel_hash(name)}
+    return changed or None
+
+
 def write_dir(cache_dir: str | os.PathLike | None = None) -> Path:
     """Where the autotuner writes: ``cache_dir`` if given, else the user cache dir."""
     return Path(cache_dir).expanduser() if cache_dir is not None else user_dir()

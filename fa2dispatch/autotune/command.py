@@ -123,6 +123,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--runs", type=_runs, default=MIN_RUNS, help=f"timed runs (>= {MIN_RUNS})")
     add("--cache-dir", metavar="PATH", help="write here (default: the user cache dir)")
     add("--force", action="store_true", help="re-tune buckets that have a fresh entry")
+    add("--whole", action="store_true",
+        help="re-tune stale buckets whole: without it, a bucket stale only because some backends' kernel "
+             "sources changed times those backends' candidates and the other backends' stored picks")
     add("--dry-run", action="store_true", help="print the search space; run nothing")
 
 
@@ -140,7 +143,7 @@ def run_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
     except cache.CacheError as exc:
         directory, no_dir = None, str(exc)
     if args.dry_run:
-        return dry_run(grid, device, directory, no_dir, args.force)
+        return dry_run(grid, device, directory, no_dir, args.force, args.whole)
     if simulate is not None:
         source = "--simulate" if args.simulate else ENV_SIMULATE
         parser.error(f"{source}={simulate}: a simulated device cannot be timed "
@@ -148,7 +151,7 @@ def run_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
     timer = _timer(device, args.runs, parser)
     if directory is None:
         parser.error(f"nowhere to store results ({no_dir}): pass --cache-dir PATH")
-    return tune(grid, device, timer, directory, args.force)
+    return tune(grid, device, timer, directory, args.force, args.whole)
 
 
 def _grid(args: argparse.Namespace) -> tuner.Grid:
@@ -175,7 +178,7 @@ def _timer(device, runs: int, parser: argparse.ArgumentParser):
     return WallTimer(runs=runs)
 
 
-def dry_run(grid, device, directory, no_dir: str | None, force: bool) -> int:
+def dry_run(grid, device, directory, no_dir: str | None, force: bool, full: bool = False) -> int:
     # As tuner.run does; the torch device only places problems, candidates() judges.
     where = torch.device("cuda", device.index) if device.is_gpu else torch.device("cpu")
     problems = grid.problems(where)
@@ -189,10 +192,14 @@ def dry_run(grid, device, directory, no_dir: str | None, force: bool) -> int:
         keep, pruned = candidates(problem, device, list(grid.backends), grid.level)
         fresh = not force and key in existing and cache.is_fresh(existing[key], device)
         skipped += fresh
+        search = None if fresh or force or full or key not in existing else \
+            cache.changed_backends(existing[key], device, grid.backends)
         kept, pruned_total = kept + len(keep), pruned_total + len(pruned)
         print(f"{key} (B={problem.B} H={problem.H} Hkv={problem.Hkv}): "
               f"{len(keep)} to time, {len(pruned)} pruned"
-              + (" [fresh in the cache: skipped without --force]" if fresh else ""))
+              + (" [fresh in the cache: skipped without --force]" if fresh else "")
+              + (f" [stale: partial re-tune, all of {', '.join(sorted(search))} and the other backends' "
+                 "stored picks]" if search else ""))
         for line in _backend_lines(grid.backends, keep, pruned):
             print("  " + line)
     skip = f"; {_count(skipped, 'bucket')} fresh in the cache (skipped without --force)"
@@ -257,7 +264,7 @@ class _Bars:
         self.progress.advance(self.buckets)
 
 
-def tune(grid, device, timer, directory, force: bool) -> int:
+def tune(grid, device, timer, directory, force: bool, full: bool = False) -> int:
     console = Console()
     console.print(f"autotune on {device.key}: level {grid.level}", markup=False)
     start = time.perf_counter()
@@ -265,7 +272,7 @@ def tune(grid, device, timer, directory, force: bool) -> int:
                bars.MofNCompleteColumn(), bars.TimeRemainingColumn())
     with bars.Progress(*columns, console=console) as progress:
         hooks = _Bars(progress, grid, device)
-        results = tuner.run(grid, device, timer, directory, force=force,
+        results = tuner.run(grid, device, timer, directory, force=force, full=full,
                             on_bucket=hooks.on_bucket, on_candidate=hooks.on_candidate,
                             on_result=hooks.on_result)
     console.print(_table(results))

@@ -17,18 +17,18 @@ from fa2dispatch.backends.triton_fa2 import fast_launch
 
 
 class FakeTensor:
-    """What fast_launch reads of a CUDA tensor: data_ptr and is_cuda."""
+    """What fast_launch reads of a CUDA tensor: data_ptr, dtype and is_cuda."""
 
-    def __init__(self, ptr: int, is_cuda: bool = True):
-        self.ptr, self.is_cuda = ptr, is_cuda
+    def __init__(self, ptr: int, is_cuda: bool = True, dtype=torch.float16):
+        self.ptr, self.is_cuda, self.dtype = ptr, is_cuda, dtype
 
     def data_ptr(self) -> int:
         return self.ptr
 
 
 class FakeDescriptor:
-    def __init__(self, base):
-        self.base = base
+    def __init__(self, base, block_shape=(64, 128), layout="nvmma-128B"):
+        self.base, self.block_shape, self.layout, self.padding = base, list(block_shape), layout, "zero"
 
 
 class FakeKernel:
@@ -65,6 +65,7 @@ def gpu_like(monkeypatch):
     monkeypatch.setattr(fast_launch, "_device_and_stream", lambda: (0, 1234))
     monkeypatch.setattr(fast_launch, "FAST_LAUNCH", True)
     monkeypatch.setattr(fast_launch.knobs.runtime, "launch_enter_hook", None)
+    monkeypatch.setattr(fast_launch, "REFUSED", None)
 
 
 def _fn(refuse=False):
@@ -85,23 +86,43 @@ def test_second_call_goes_to_the_compiled_launcher_with_the_constexprs(gpu_like)
     assert passed[2:4] == (7, 0.5) and len(cache) == 1
 
 
-@pytest.mark.parametrize("change", ["scalar", "alignment", "descriptor alignment", "constexpr", "option"])
+@pytest.mark.parametrize("change", ["scalar", "scalar type", "alignment", "dtype", "descriptor alignment",
+                                    "descriptor dtype", "descriptor block", "descriptor layout", "constexpr",
+                                    "option"])
 def test_anything_that_selects_another_kernel_compiles_again(gpu_like, change):
     fn, cache = _fn(), {}
-    base = {"x": FakeTensor(4096), "d": FakeTensor(8192), "n": 7, "meta": {"BLOCK": 64, "num_warps": 4}}
-    fast_launch.launch(fn, (1,), (base["x"], FakeDescriptor(base["d"]), base["n"], 0.5), base["meta"], cache)
+    base = {"x": FakeTensor(4096), "d": FakeTensor(8192), "n": 7, "block": (64, 128), "layout": "nvmma-128B",
+            "meta": {"BLOCK": 64, "num_warps": 4}}
+
+    def call(a):
+        fast_launch.launch(fn, (1,), (a["x"], FakeDescriptor(a["d"], a["block"], a["layout"]), a["n"], 0.5),
+                           a["meta"], cache)
+
+    if change == "scalar type":
+        base["n"] = 1
+    call(base)
     other = dict(base)
     if change == "scalar":
         other["n"] = 16  # Triton specializes integers (== 1, divisible by 16)
+    elif change == "scalar type":
+        other["n"] = True  # equal to 1 in Python, another argument type to Triton
     elif change == "alignment":
         other["x"] = FakeTensor(4098)
+    elif change == "dtype":
+        other["x"] = FakeTensor(4096, dtype=torch.bfloat16)
     elif change == "descriptor alignment":
         other["d"] = FakeTensor(8194)
+    elif change == "descriptor dtype":
+        other["d"] = FakeTensor(8192, dtype=torch.bfloat16)
+    elif change == "descriptor block":  # block_m 128 after 64: only the descriptors say so
+        other["block"] = (128, 128)
+    elif change == "descriptor layout":
+        other["layout"] = "nvmma-64B"
     elif change == "constexpr":
         other["meta"] = {"BLOCK": 128, "num_warps": 4}
     else:
         other["meta"] = {"BLOCK": 64, "num_warps": 8}
-    fast_launch.launch(fn, (1,), (other["x"], FakeDescriptor(other["d"]), other["n"], 0.5), other["meta"], cache)
+    call(other)
     assert [e[0] for e in fn.log] == ["jit", "jit"], change
     assert len(cache) == 2
 
@@ -123,8 +144,10 @@ def test_a_refusing_launcher_falls_back_for_good(gpu_like):
     fn, cache = _fn(refuse=True), {}
     args, meta = (FakeTensor(4096), FakeDescriptor(FakeTensor(8192)), 7, 0.5), {"BLOCK": 64}
     fast_launch.launch(fn, (1,), args, meta, cache)
-    fast_launch.launch(fn, (1,), args, meta, cache)  # the launcher raises: nothing ran; Triton's path runs it
+    with pytest.warns(RuntimeWarning, match="TypeError: launcher refused"):
+        fast_launch.launch(fn, (1,), args, meta, cache)  # the launcher raises: nothing ran; Triton's path runs it
     assert [e[0] for e in fn.log] == ["jit", "jit"] and fast_launch.FAST_LAUNCH is False
+    assert fast_launch.REFUSED == "TypeError: launcher refused"
 
 
 def test_constexprs_before_other_parameters_keep_tritons_path(gpu_like):
@@ -145,7 +168,28 @@ def test_the_cache_is_bounded(gpu_like, monkeypatch):
     assert 1 <= len(cache) <= 3
 
 
-def test_real_tensors_key_by_alignment_only():
-    t = torch.empty(64)
-    assert fast_launch._arg_key(t) == ("ptr", t.data_ptr() % 16 == 0)
-    assert fast_launch._arg_key(3) == 3 and fast_launch._arg_key(0.25) == 0.25
+def test_real_tensors_and_descriptors_key_by_what_triton_specializes_on():
+    t = torch.empty(64, dtype=torch.float16)
+    assert fast_launch._arg_key(t) == ("ptr", torch.float16, t.data_ptr() % 16 == 0)
+    assert fast_launch._arg_key(t[1:]) == ("ptr", torch.float16, False)  # 2 bytes past an aligned base
+    assert fast_launch._arg_key(3) == (int, 3) and fast_launch._arg_key(0.25) == (float, 0.25)
+    assert fast_launch._arg_key(True) != fast_launch._arg_key(1)
+    pytest.importorskip("triton.experimental.gluon")
+    from fa2dispatch.backends.triton_fa2.launch_gluon import _gl_desc
+
+    x = torch.zeros(256, 128, dtype=torch.bfloat16)
+    key64, key128 = (fast_launch._arg_key(_gl_desc(x, [256, 128], [128, 1], [m, 128])) for m in (64, 128))
+    assert key64 != key128 and key64[:4] == ("desc", torch.bfloat16, True, (64, 128))
+    assert key64 == fast_launch._arg_key(_gl_desc(x.clone(), [256, 128], [128, 1], [64, 128]))
+    hash(key64)
+
+
+def test_a_cuda_tensor_that_is_no_view_counts_as_on_the_gpu():
+    """A tensor's ``base`` is None unless it is a view: the first argument of a decode launch is
+    a plain tensor, and must not be mistaken for a descriptor without a base."""
+    t = FakeTensor(4096)
+    t.base = None
+    assert fast_launch._on_gpu(t)
+    assert fast_launch._on_gpu(FakeDescriptor(FakeTensor(8192)))
+    assert not fast_launch._on_gpu(FakeDescriptor(FakeTensor(8192, is_cuda=False)))
+    assert not fast_launch._on_gpu(torch.empty(4))

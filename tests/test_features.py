@@ -206,7 +206,7 @@ def test_features_under_torch_compile_match_eager(monkeypatch):
 
 def test_hopper_forward_is_the_default_for_plain_calls_only():
     """On sm_90 the sm_90 forwards are the default for plain fp16/bf16 calls with D <= 128: the
-    Gluon kernel at D 64 and 128, the Hopper kernel (tensor descriptors, register cap) at the
+    Gluon kernels at D 64 and 128 (ping-pong at D=128), the Hopper kernel (tensor descriptors, register cap) at the
     other head dims; feature calls, D > 128 and float32 keep the plain kernel, which has every
     feature."""
     h100, a100 = simulated_device("h100"), simulated_device("a100")
@@ -216,7 +216,7 @@ def test_hopper_forward_is_the_default_for_plain_calls_only():
         q = torch.empty(1, 4096, 8, D, dtype=dtype, device="meta")
         return triton.default_config(make_problem(q, q, q, causal=True, **features), device)
 
-    assert config(h100).fwd_kernel == "gluon" and config(h100, torch.bfloat16, 64).fwd_kernel == "gluon"
+    assert config(h100).fwd_kernel == "gluon-pp" and config(h100, torch.bfloat16, 64).fwd_kernel == "gluon"
     assert config(h100, D=96).fwd_kernel == "hopper" and config(h100, D=96).fwd_maxnreg == 128
     assert config(h100, window_size=(256, -1)).fwd_kernel == ""
     assert config(h100, softcap=5.0).fwd_kernel == ""

@@ -90,7 +90,8 @@ GLUON_CASES = [
 
 @pytest.mark.parametrize("case", GLUON_CASES, ids=lambda c: c.id)
 def test_gluon_kernel_with_every_gluon_config(case, nan_poison):
-    """The Gluon fp8 kernel (triton_fa2/kernels_gluon.py) under each of its tuner configs: the
+    """The Gluon fp8 kernels (triton_fa2/kernels_gluon.py, the ping-pong kernel of
+    kernels_gluon_ws.py where Mq is a multiple of 128) under each of their tuner configs: the
     STYLE.md rule for out and lse, natural and pre-transposed V, both output dtypes; and it is
     the kernel that ran (gluon_reasons empty), not the Triton fallback."""
     from fa2dispatch.backends import BACKENDS
@@ -109,8 +110,9 @@ def test_gluon_kernel_with_every_gluon_config(case, nan_poison):
     for out_dtype in (torch.bfloat16, torch.float16):
         problem = make_problem(q8, k8, vt, causal=case.causal, layout=case.layout, out_dtype=out_dtype,
                                v_layout="transposed")
-        configs = [c for c in backend.config_space(problem, device) if c.kernel == "gluon"]
-        assert len(configs) >= 2
+        configs = [c for c in backend.config_space(problem, device) if c.kernel in ("gluon", "gluon-pp")]
+        pingpong = sum(c.kernel == "gluon-pp" for c in configs)
+        assert len(configs) - pingpong >= 2 and pingpong == (2 if case.Mq % 128 == 0 else 0)
         for config in configs:
             assert gluon_reasons(problem, q8, k8, vt, config, device) == [], config
             out, lse = backend.forward(problem, q8, k8, vt, config, fp8_args=FP8Args(qd, kd, vd))
@@ -135,11 +137,12 @@ def test_gluon_config_falls_back_to_the_triton_kernel_where_it_cannot_run(nan_po
     q8, k8, v8, qd, kd, vd = make_fp8_inputs(case, device="cuda")
     vt = transpose_v(v8, case.layout)
     problem = make_problem(q8, k8, vt, causal=True, layout=case.layout, v_layout="transposed")
-    config = FP8Config(block_m=64, block_n=128, num_warps=4, num_stages=2, kernel="gluon", v_stages=1)
     device = device_info(torch.device("cuda"))
-    assert any("Mq=1000" in r for r in gluon_reasons(problem, q8, k8, vt, config, device))
-    out, lse = BACKENDS["triton-fp8"].forward(problem, q8, k8, vt, config, fp8_args=FP8Args(qd, kd, vd))
-    check_fp8(out, lse, q8, k8, v8, qd, kd, vd, causal=True, layout=case.layout)
+    for config in (FP8Config(block_m=64, block_n=128, num_warps=4, num_stages=2, kernel="gluon", v_stages=1),
+                   FP8Config(block_m=128, block_n=128, num_warps=12, num_stages=2, kernel="gluon-pp", v_stages=2)):
+        assert any("Mq=1000" in r for r in gluon_reasons(problem, q8, k8, vt, config, device))
+        out, lse = BACKENDS["triton-fp8"].forward(problem, q8, k8, vt, config, fp8_args=FP8Args(qd, kd, vd))
+        check_fp8(out, lse, q8, k8, v8, qd, kd, vd, causal=True, layout=case.layout)
 
 
 @pytest.mark.parametrize("use_hadamard", [False, True], ids=["plain", "hadamard"])

@@ -94,7 +94,12 @@ def test_gluon_reasons_name_what_the_kernel_cannot_take():
     assert "needs sm_90" in " | ".join(gluon_reasons(p, q, q, vt, cfg, simulated_device("a100")))
 
 
-def test_16bit_default_on_the_h100_is_the_gluon_kernel_for_plain_calls_at_d64_and_d128():
+def test_16bit_default_on_the_h100_is_a_gluon_kernel_for_plain_calls_at_d64_and_d128():
+    """D=128 with Mq a multiple of 128: the ping-pong kernel; D=64, or Mq a multiple of 64 only:
+    the one-warpgroup kernel; D=96: the Hopper kernel; other parts and feature calls: plain."""
+    from dataclasses import replace
+
+    from fa2dispatch.backends.triton_fa2 import launch_gluon
     from fa2dispatch.backends.triton_fa2.config import default_config
 
     from fa2dispatch.problem import AttentionProblem
@@ -105,27 +110,41 @@ def test_16bit_default_on_the_h100_is_the_gluon_kernel_for_plain_calls_at_d64_an
         return AttentionProblem(B=2, H=8, Hkv=8, Mq=2048, Mkv=2048, D=D, dtype=torch.float16, device=torch.device("cpu"),
                                 layout="bshd", causal=True, softmax_scale=D**-0.5, **kw)
 
-    for D in (64, 128):
-        cfg = default_config(problem(D), h100)
-        assert cfg.fwd_kernel == "gluon" and cfg.num_warps == cfg.block_m // 16, cfg
+    cfg = default_config(problem(64), h100)
+    assert cfg.fwd_kernel == "gluon" and cfg.num_warps == cfg.block_m // 16, cfg
+    cfg = default_config(problem(128), h100)
+    assert (cfg.fwd_kernel, cfg.block_m, cfg.num_warps, cfg.fwd_maxnreg) == ("gluon-pp", 128, 12, 240), cfg
+    assert launch_gluon.pp_problem_reasons(problem(128), cfg, h100) == []
+    assert default_config(replace(problem(128), Mq=2112), h100).fwd_kernel == "gluon"  # 33 x 64 rows
     assert default_config(problem(96), h100).fwd_kernel == "hopper"
     assert default_config(problem(128), simulated_device("a100")).fwd_kernel == ""
     assert default_config(problem(128, softcap=30.0), h100).fwd_kernel == ""  # features: the plain kernel
 
 
-def test_gluon_problem_reasons_and_the_hopper_fallback():
+def test_gluon_problem_reasons_and_the_fallbacks():
+    """A gluon-pp config on a call the ping-pong kernel cannot take becomes the one-warpgroup
+    kernel's default (``_gluon_default``); a gluon config on a call that kernel cannot take, the
+    Hopper kernel's measured choice (``_hopper_fallback``)."""
     from dataclasses import replace
 
-    from fa2dispatch.backends.triton_fa2 import _hopper_fallback, launch_gluon
-    from fa2dispatch.backends.triton_fa2.config import default_config
+    from fa2dispatch.backends.triton_fa2 import _gluon_default, _hopper_fallback, launch_gluon
+    from fa2dispatch.backends.triton_fa2.config import GLUON_DEFAULTS, TritonConfig, default_config
 
     from fa2dispatch.problem import AttentionProblem
 
     h100 = simulated_device("h100")
     p = AttentionProblem(B=1, H=4, Hkv=4, Mq=1000, Mkv=1000, D=128, dtype=torch.bfloat16, device=torch.device("cpu"),
                          layout="bshd", causal=False, softmax_scale=0.1)
-    cfg = default_config(replace(p, Mq=1024, Mkv=1024), h100)
-    assert launch_gluon.problem_reasons(replace(p, Mq=1024, Mkv=1024), cfg, h100) == []
+    pp = default_config(replace(p, Mq=1024, Mkv=1024), h100)
+    assert pp.fwd_kernel == "gluon-pp" and launch_gluon.pp_problem_reasons(replace(p, Mq=1024, Mkv=1024), pp, h100) == []
+    assert any("Mq=960" in r for r in launch_gluon.pp_problem_reasons(replace(p, Mq=960), pp, h100))
+    assert any("device sm_80" in r for r in launch_gluon.pp_problem_reasons(p, pp, simulated_device("a100")))
+    assert any("fwd_maxnreg=200" in r for r in launch_gluon.pp_problem_reasons(replace(p, Mq=1024), replace(pp, fwd_maxnreg=200), h100))
+    one_wg = _gluon_default(replace(p, Mq=960), pp)
+    m, n, ks, vs = GLUON_DEFAULTS[128]
+    assert (one_wg.fwd_kernel, one_wg.block_m, one_wg.block_n, one_wg.num_warps, one_wg.fwd_maxnreg) == ("gluon", m, n, 4, 0)
+    assert launch_gluon.problem_reasons(replace(p, Mq=960), one_wg, h100) == []
+    cfg = TritonConfig(block_m=m, block_n=n, num_warps=m // 16, num_stages=ks, fwd_v_stages=vs, fwd_kernel="gluon")
     assert any("Mq=1000" in r for r in launch_gluon.problem_reasons(p, cfg, h100))
     assert any("device sm_80" in r for r in launch_gluon.problem_reasons(p, cfg, simulated_device("a100")))
     fallback = _hopper_fallback(p, cfg)
@@ -150,9 +169,11 @@ def test_gluon_takes_plain_varlen_calls_and_refuses_varlen_with_features():
     h100 = simulated_device("h100")
     p = AttentionProblem(B=3, H=8, Hkv=2, Mq=1000, Mkv=1500, D=128, dtype=torch.float16, device=torch.device("cpu"),
                          layout="thd", causal=True, softmax_scale=0.1, varlen=True)
-    cfg = default_config(replace(p, varlen=False, layout="bshd", Mq=1024, Mkv=1024), h100)
-    assert cfg.fwd_kernel == "gluon"
+    cfg = default_config(p, h100)
+    assert cfg.fwd_kernel == "gluon"  # the ping-pong kernel has no varlen
     assert launch_gluon.problem_reasons(p, cfg, h100) == []
+    pp = default_config(replace(p, varlen=False, layout="bshd", Mq=1024, Mkv=1024), h100)
+    assert any("varlen" in r for r in launch_gluon.pp_problem_reasons(replace(p, Mq=1024), pp, h100))
     assert launch_gluon.problem_reasons(replace(p, softcap=5.0), cfg, h100) != []
     assert launch_gluon.problem_reasons(replace(p, window=(16, 0)), cfg, h100) != []
     assert launch_gluon.problem_reasons(replace(p, causal_alignment="top_left"), cfg, h100) != []

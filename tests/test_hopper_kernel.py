@@ -268,8 +268,9 @@ GLUON_GPU = [Case(2, 4, 4, 1024, 1024, 128, torch.float16, True),
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", GLUON_GPU, ids=[c.id for c in GLUON_GPU])
 def test_gpu_gluon_forward_with_every_tuner_config(case, nan_poison):
-    """Every gluon config the tuner may pick, through the backend (out, lse), against float64;
-    the Gluon kernel is what ran (its reasons are empty). Then the backward on its output."""
+    """Every gluon and gluon-pp (ping-pong) config the tuner may pick, through the backend (out,
+    lse), against float64; the Gluon kernel is what ran (its reasons are empty). Then the
+    backward on its output."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     from fa2dispatch.backends import BACKENDS
@@ -288,10 +289,12 @@ def test_gpu_gluon_forward_with_every_tuner_config(case, nan_poison):
     assert not problem.requires_grad  # forward buckets vary the forward fields
     backend = BACKENDS["triton"]
     configs = [c.config for c in space.candidates(problem, device, ["triton"], "full")[0]
-               if c.config.fwd_kernel == "gluon"]
-    assert len(configs) >= 4
+               if c.config.fwd_kernel in ("gluon", "gluon-pp")]
+    pingpong = sum(cfg.fwd_kernel == "gluon-pp" for cfg in configs)
+    assert len(configs) - pingpong >= 4 and pingpong == (16 if problem.Mq % 128 == 0 else 0)
     for cfg in configs:
-        assert launch_gluon.problem_reasons(problem, cfg, device) == [], cfg
+        why = (launch_gluon.pp_problem_reasons if cfg.fwd_kernel == "gluon-pp" else launch_gluon.problem_reasons)
+        assert why(problem, cfg, device) == [], cfg
         out, lse = backend.forward(problem, q.detach(), k.detach(), v.detach(), cfg)
         check_close(f"out [{cfg.short()}]", out, truth[0], low[0], magnitude)
         check_lse(lse, truth[1], low[1])
@@ -314,44 +317,59 @@ def test_gpu_gluon_calls_after_the_first_take_the_fast_launch(monkeypatch, nan_p
     if device_info(torch.device("cuda")).capability != (9, 0):
         pytest.skip("the Gluon forward is sm_90 code")
     monkeypatch.setattr(fast_launch, "FAST_LAUNCH", True)
+    monkeypatch.setattr(fast_launch, "REFUSED", None)
     monkeypatch.setattr(launch_gluon, "_KERNELS", {})
     runs = []
     real_run = kernels_gluon.attn_fwd_gluon.run
     monkeypatch.setattr(kernels_gluon.attn_fwd_gluon, "run", lambda *a, **k: runs.append(1) or real_run(*a, **k))
     m, n, ks, vs = GLUON_DEFAULTS[128]
-    for step, Mq in enumerate((1024, 1024, 1024, 1024, 512)):
-        case = Case(2, 8, 2, Mq, Mq, 128, torch.bfloat16, step % 2 == 0)
+    steps = [(1024, torch.bfloat16)] * 4 + [(512, torch.bfloat16), (1024, torch.float16)]
+    for step, (Mq, dtype) in enumerate(steps):
+        case = Case(2, 8, 2, Mq, Mq, 128, dtype, step % 2 == 0)
         q, k, v, _ = make_inputs(case, device="cuda", seed=10 + step, requires_grad=False)
         out, lse = launch_gluon.run_forward(q, k, v, case.causal, 128**-0.5, case.layout, m, n, ks, vs, m // 16)
         torch.cuda.synchronize()
         truth = math_with_grads(q, k, v, torch.zeros_like(q), case, torch.float64)
-        low = math_with_grads(q, k, v, torch.zeros_like(q), case, torch.bfloat16)
+        low = math_with_grads(q, k, v, torch.zeros_like(q), case, dtype)
         check_close(f"out [call {step}]", out, truth[0], low[0], max_magnitude(truth[0]))
         check_lse(lse, truth[1], low[1])
-    # calls 0 and 1 compile (causal, not), 2 and 3 repeat them (fast), 4 is a new shape
-    assert len(runs) == 3, f"{len(runs)} launches through JITFunction.run, 3 expected (fast launch not taken?)"
-    assert fast_launch.FAST_LAUNCH, "the compiled kernel's launcher refused the arguments"
+    # calls 0 and 1 compile (causal, not), 2 and 3 repeat them (fast), 4 is a new shape, 5 a new
+    # dtype with the first call's shape (a key without the dtype would run the bf16 kernel)
+    assert len(runs) == 4, (f"{len(runs)} launches through JITFunction.run, 4 expected; "
+                            f"{len(launch_gluon._KERNELS)} compiled kernels kept; refused: {fast_launch.REFUSED}")
+    assert fast_launch.FAST_LAUNCH, f"the compiled kernel's launcher refused the arguments: {fast_launch.REFUSED}"
 
 
 @pytest.mark.gpu
-def test_gpu_gluon_config_falls_back_to_the_hopper_kernel(nan_poison):
-    """A gluon config on a call the kernel cannot take (Mq not a multiple of 64; strided q)."""
+def test_gpu_gluon_config_falls_back_to_the_hopper_kernel(monkeypatch, nan_poison):
+    """A gluon config on a call the kernel cannot take (Mq not a multiple of 64; strided q); a
+    gluon-pp (ping-pong) config on those and on one with Mq a multiple of 64 but not of 128 (the
+    one-warpgroup kernel runs it: spied)."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     from fa2dispatch.backends import BACKENDS
+    from fa2dispatch.backends.triton_fa2 import launch_gluon
     from fa2dispatch.backends.triton_fa2.config import GLUON_DEFAULTS
 
+    pp = TritonConfig(block_m=128, block_n=128, num_warps=12, num_stages=2, fwd_v_stages=2, fwd_kernel="gluon-pp",
+                      fwd_maxnreg=240)
+    calls, real = [], launch_gluon.run_forward
+    monkeypatch.setattr(launch_gluon, "run_forward", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     for case in (Case(1, 4, 2, 1000, 777, 128, torch.float16, True),
-                 Case(1, 4, 4, 256, 256, 64, torch.float16, False, contiguous=False)):
+                 Case(1, 4, 4, 256, 256, 64, torch.float16, False, contiguous=False),
+                 Case(1, 4, 2, 320, 320, 128, torch.bfloat16, True)):
         q, k, v, _ = make_inputs(case, device="cuda", seed=4, requires_grad=False)
         truth = math_with_grads(q, k, v, torch.zeros_like(q), case, torch.float64)
         low = math_with_grads(q, k, v, torch.zeros_like(q), case, case.dtype)
         problem = make_problem(q, k, v, causal=case.causal, layout=case.layout)
         m, n, ks, vs = GLUON_DEFAULTS[case.D]
         cfg = TritonConfig(block_m=m, block_n=n, num_warps=m // 16, num_stages=ks, fwd_v_stages=vs, fwd_kernel="gluon")
-        out, lse = BACKENDS["triton"].forward(problem, q, k, v, cfg)
-        check_close("out", out, truth[0], low[0])
-        check_lse(lse, truth[1], low[1])
+        for config in (cfg, pp):
+            calls.clear()
+            out, lse = BACKENDS["triton"].forward(problem, q, k, v, config)
+            check_close(f"out [{config.fwd_kernel}]", out, truth[0], low[0])
+            check_lse(lse, truth[1], low[1])
+            assert len(calls) == (case.Mq == 320), (config.fwd_kernel, case)
 
 
 @pytest.mark.gpu

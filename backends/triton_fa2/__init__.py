@@ -15,7 +15,7 @@ from fa2dispatch.hardware import DeviceInfo, device_info
 from fa2dispatch.problem import AttentionProblem
 
 from ..base import Backend
-from .config import TritonConfig, default_config
+from .config import GLUON_DEFAULTS, TritonConfig, default_config
 
 # CDNA2/CDNA3/CDNA4 (MI200, MI300, MI350) and RDNA3 take Triton's dot lowering.
 AMD_ARCHS = ("gfx90a", "gfx942", "gfx950", "gfx1100", "gfx1101", "gfx1200", "gfx1201")
@@ -152,6 +152,20 @@ def ensure_cuda_context(device: torch.device) -> None:
         done.add(device.index)  # (problem, config) -> whether the Hopper forward takes it
 
 
+def _gluon_default(problem: AttentionProblem, config: TritonConfig) -> TritonConfig:
+    """For a gluon-pp config on a call the ping-pong kernel cannot take (Mq not a multiple of
+    128, varlen, ...): the one-warpgroup Gluon kernel's default blocks (GLUON_DEFAULTS), which
+    falls back in turn where it cannot run; the plain kernel's blocks where D has no default."""
+    from dataclasses import replace
+
+    if problem.D in GLUON_DEFAULTS:
+        m, n, k_stages, v_stages = GLUON_DEFAULTS[problem.D]
+        return replace(config, block_m=m, block_n=n, num_warps=m // 16, num_stages=k_stages, fwd_v_stages=v_stages,
+                       fwd_kernel="gluon", fwd_maxnreg=0)
+    return replace(config, block_m=64, block_n=64, num_warps=4, num_stages=2, fwd_kernel="", fwd_maxnreg=0,
+                   fwd_v_stages=0)
+
+
 def _hopper_fallback(problem: AttentionProblem, config: TritonConfig) -> TritonConfig:
     """For a gluon config on a call the Gluon kernel cannot take: the Hopper kernel's measured
     choice of blocks (launch_hopper.measured_choice), else the plain kernel with these fields."""
@@ -214,6 +228,22 @@ class TritonBackend(Backend):
 
         int64_rows = _check_strides(problem, q=q, k=k, v=v)
         device = device_info(q.device)
+        if config.fwd_kernel == "gluon-pp" and features is None:
+            from . import launch_gluon
+
+            ok = _GLUON_OK.get((problem, config))
+            if ok is None:
+                if len(_GLUON_OK) >= _MEMO_LIMIT:
+                    _GLUON_OK.clear()
+                ok = _GLUON_OK[(problem, config)] = not launch_gluon.pp_problem_reasons(problem, config, device)
+            if ok and not launch_gluon.tensor_reasons(q, k, v, problem.layout):
+                ensure_cuda_context(q.device)
+                return launch_gluon.run_pingpong(q, k, v, problem.causal, problem.softmax_scale, problem.layout,
+                                                 config.block_n, config.num_stages,
+                                                 config.fwd_v_stages or config.num_stages,
+                                                 launch_gluon.pp_producer_regs(config.fwd_maxnreg), config.fwd_maxnreg)
+        if config.fwd_kernel == "gluon-pp":  # a call the ping-pong kernel cannot take: the one-warpgroup kernel's default
+            config = _gluon_default(problem, config)
         if config.fwd_kernel == "gluon" and (features is None or problem.varlen):
             from . import launch_gluon
 

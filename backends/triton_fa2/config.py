@@ -57,6 +57,11 @@ class TritonConfig(Config):
     # multiple of block_m, else the "hopper" kernel): block_m = 16 x num_warps query rows,
     # num_stages K buffers and fwd_v_stages V buffers (0: num_stages)
     fwd_v_stages: int = 0
+    # fwd_kernel "gluon-pp" (sm_90, kernels_gluon_ws.attn_fwd_gluon_pp, the ping-pong kernel;
+    # fp16/bf16 dense plain calls, D 64 or 128, Mq a multiple of 128, else the "gluon" default):
+    # block_m 128 (two consumer warpgroups of 64 rows), num_warps 12 (with the producer
+    # warpgroup), num_stages K and fwd_v_stages V buffers, fwd_maxnreg the consumers' registers
+    # (240 or 232; launch_gluon.pp_producer_regs gives the producer's)
 
     def launch_options(self, vendor: str, backward: bool = False, dkdv: bool = False) -> dict:
         """Keyword arguments for a kernel launch on this vendor (``dkdv``: the dK/dV kernel's)."""
@@ -147,6 +152,12 @@ def _hopper_default(problem: AttentionProblem, device: DeviceInfo, base: TritonC
         # BENCH_PROTOCOL cell at D=128 (+4-20%) and D=64 (+1-7%) on the H100 (2026-11-25,
         # tools/sweep_gluon.py, docs/HOPPER_ATTEMPTS.md attempt 6); calls it cannot take
         # (Mq not a multiple of 64, strided tensors) run the Hopper kernel (__init__.py).
+        if problem.D == 128 and not varlen_only and problem.Mq % 128 == 0:
+            # The ping-pong kernel (kernels_gluon_ws.py): at or above the one-warpgroup kernel in
+            # every measured D=128 cell on the H100 (2026-11-25, tools/sweep_gluon.py, fp16, S 1k/4k/16k,
+            # causal and not): 0.82-1.07x cuDNN against 0.80-0.93x (docs/HOPPER_ATTEMPTS.md attempt 8).
+            return replace(base, block_m=128, block_n=128, num_warps=12, num_stages=2, fwd_v_stages=2,
+                           fwd_kernel="gluon-pp", fwd_maxnreg=240)
         m, n, k_stages, v_stages = GLUON_DEFAULTS[problem.D]
         return replace(base, block_m=m, block_n=n, num_warps=m // 16, num_stages=k_stages, fwd_v_stages=v_stages,
                        fwd_kernel="gluon")

@@ -10,8 +10,10 @@ flush (~90 us) is timed as idle GPU.
 ``launch`` calls ``fn[grid]`` the first time, and keeps the compiled kernel under a key of
 everything that selects it:
 - the kernel's name and the current device;
-- each argument: scalars by value; tensors and tensor descriptors by whether their base is 16-byte
-  aligned (the only pointer property Triton specializes on);
+- each argument as Triton specializes on it, or finer: scalars by type and value; tensors by
+  dtype and 16-byte alignment; tensor descriptors by their base's dtype and alignment, block
+  shape, shared-memory layout and padding (a descriptor's block shape is part of the compiled
+  kernel's signature: two calls that differ only there run different kernels);
 - the constexprs and options in ``meta``.
 
 Later calls with the same key go straight to the compiled kernel's launcher, as
@@ -24,14 +26,15 @@ Not taken:
 - when a kernel's constexpr parameters do not all follow its other parameters.
 
 ``FA2DISPATCH_FAST_LAUNCH=0`` (or the older ``FA2DISPATCH_DECODE_FAST_LAUNCH=0``) turns it off.
-A launcher that refuses the arguments turns it off for the process, and that call goes through
-Triton.
+A launcher that refuses the arguments turns it off for the process (one warning naming the
+error, kept in ``REFUSED``), and that call goes through Triton.
 """
 
 from __future__ import annotations
 
 import inspect
 import os
+import warnings
 
 import triton
 from triton import knobs
@@ -39,6 +42,7 @@ from triton import knobs
 FAST_LAUNCH = (os.environ.get("FA2DISPATCH_FAST_LAUNCH", "1") != "0"
                and os.environ.get("FA2DISPATCH_DECODE_FAST_LAUNCH", "1") != "0")
 CACHE_LIMIT = 1024  # compiled kernels kept per cache dict; cleared when full
+REFUSED: str | None = None  # why the fast path was turned off for this process, if it was
 
 
 def constexpr_tail(fn, n_args: int, meta: dict) -> tuple | None:
@@ -58,21 +62,25 @@ def constexpr_tail(fn, n_args: int, meta: dict) -> tuple | None:
     return tuple(tail)
 
 
-def disable() -> None:
-    global FAST_LAUNCH
+def disable(why: str | None = None) -> None:
+    global FAST_LAUNCH, REFUSED
     FAST_LAUNCH = False
+    if why is not None:
+        REFUSED = why
+        warnings.warn(f"fa2dispatch: a compiled kernel's launcher refused its arguments ({why}); "
+                      "kernels launch through Triton from now on", RuntimeWarning, stacklevel=3)
 
 
 def _arg_key(x):
-    """What of an argument can select another compiled kernel: a scalar's value; a tensor's or a
-    descriptor's 16-byte alignment."""
+    """What of an argument can select another compiled kernel (see the module docstring)."""
     ptr = getattr(x, "data_ptr", None)
-    if ptr is None:
-        base = getattr(x, "base", None)  # a tensor descriptor (triton.tools / gluon TensorDescriptor)
-        if base is not None and hasattr(base, "data_ptr"):
-            return ("desc", base.data_ptr() % 16 == 0)
-        return x
-    return ("ptr", ptr() % 16 == 0)
+    if ptr is not None:
+        return ("ptr", x.dtype, ptr() % 16 == 0)
+    base = getattr(x, "base", None)  # a tensor descriptor (triton.tools / gluon TensorDescriptor)
+    if base is not None and hasattr(base, "data_ptr"):
+        return ("desc", base.dtype, base.data_ptr() % 16 == 0, tuple(x.block_shape), getattr(x, "layout", None),
+                getattr(x, "padding", None))
+    return (type(x), x)
 
 
 def _device_and_stream() -> tuple:
@@ -82,8 +90,12 @@ def _device_and_stream() -> tuple:
 
 
 def _on_gpu(x) -> bool:
-    t = getattr(x, "base", x)
-    return bool(getattr(t, "is_cuda", False))
+    """A CUDA tensor, or a descriptor over one. (A tensor's own ``base`` is None unless it is a
+    view: read ``is_cuda`` before looking for a descriptor's base.)"""
+    on = getattr(x, "is_cuda", None)
+    if on is None:
+        on = getattr(getattr(x, "base", None), "is_cuda", False)
+    return bool(on)
 
 
 def launch(fn, grid: tuple, args: tuple, meta: dict, kernels: dict) -> None:
@@ -102,8 +114,8 @@ def launch(fn, grid: tuple, args: tuple, meta: dict, kernels: dict) -> None:
             kernel.run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1, stream,
                        kernel.function, kernel.packed_metadata, None, None, None, *args, *tail)
             return
-        except Exception:  # noqa: BLE001 - the launcher refused the arguments (nothing launched):
-            disable()  # Triton's own path from now on
+        except Exception as exc:  # noqa: BLE001 - the launcher refused the arguments (nothing launched):
+            disable(f"{type(exc).__name__}: {exc}")  # Triton's own path from now on
     kernel = fn[grid](*args, **meta)
     tail = constexpr_tail(fn, len(args), meta)
     if tail is not None and hasattr(kernel, "run") and hasattr(kernel, "packed_metadata"):

@@ -9,12 +9,17 @@
   (``launch_hopper._tma_view``); other calls take the Hopper kernel. ``forward`` is also the
   entry point of ``tools/sweep_gluon.py``.
 - fp8: ``forward_fp8``, from the ``triton-fp8`` backend (``triton_fp8.launch.gluon_reasons``).
+- ping-pong (``kernels_gluon_ws.attn_fwd_gluon_pp``, FA3's schedule: two consumer warpgroups
+  taking turns at the tensor cores, a producer warpgroup loading): ``TritonConfig.fwd_kernel ==
+  "gluon-pp"`` and ``FP8Config.kernel == "gluon-pp"``, through ``run_pingpong`` when
+  ``pp_problem_reasons`` is empty; ``forward_pingpong`` is the checked entry (tools, tests).
 - ``compile_sm90`` compiles it offline for the resource report (no GPU needed).
 """
 
 from __future__ import annotations
 
 import functools
+from dataclasses import replace
 
 import torch
 import triton
@@ -257,34 +262,76 @@ def forward_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_s
     return out, lse
 
 
+PP_BLOCK_M = 128  # the ping-pong kernel's rows per CTA: two consumer warpgroups of 64
+PP_WARPS = 12  # its warps: two consumer warpgroups and a producer warpgroup
+PP_CONSUMER_REGS = (240, 232)  # the register splits tools/sweep_gluon.py measured (H100, 2026-11-25)
+
+
+def pp_producer_regs(consumer_regs: int) -> int:
+    """The producer warpgroup's registers beside ``consumer_regs`` per consumer thread: the two
+    measured splits, 24 + 2 x 240 and 32 + 2 x 232 (at most 65536 / 128 per thread in all)."""
+    return 24 if consumer_regs >= 240 else 32
+
+
+def pp_problem_reasons(problem, config, device) -> list[str]:
+    """``problem_reasons`` for a ``fwd_kernel="gluon-pp"`` config (the ping-pong kernel): dense
+    calls only, Mq a multiple of 128, block_n 64 or 128, a measured register split."""
+    out = [r for r in problem_reasons(problem, replace(config, block_m=64, num_warps=4), device)
+           if not r.startswith(("block_m=", "Mq="))]
+    if problem.varlen:
+        out.append("varlen (the ping-pong kernel takes dense calls only)")
+    if config.block_m != PP_BLOCK_M or config.num_warps != PP_WARPS or config.block_n not in (64, 128) \
+            or config.fwd_maxnreg not in PP_CONSUMER_REGS:
+        out.append(f"block_m={config.block_m} block_n={config.block_n} num_warps={config.num_warps} "
+                   f"fwd_maxnreg={config.fwd_maxnreg} (supported: block_m {PP_BLOCK_M}, {PP_WARPS} warps, block_n "
+                   f"64 or 128, consumer registers {' or '.join(map(str, PP_CONSUMER_REGS))})")
+    if problem.Mq % PP_BLOCK_M:
+        out.append(f"Mq={problem.Mq} (supported: a multiple of {PP_BLOCK_M})")
+    return out
+
+
 def forward_pingpong(q, k, v, causal: bool = False, softmax_scale: float | None = None, layout: str = "bhsd",
                      block_n: int = 128, k_stages: int = 2, v_stages: int = 2, producer_regs: int = 24,
                      consumer_regs: int = 240, q_descale=None, k_descale=None, v_descale=None, v_transposed=None,
                      out_dtype: torch.dtype = torch.bfloat16):
-    """The ping-pong kernel (``kernels_gluon_ws.attn_fwd_gluon_pp``, session 10: never run on a
-    GPU yet): dense; 128 query rows per CTA, 64 per consumer warpgroup. 16-bit q, k, v; or e4m3
-    with float32 descales and an ``out_dtype`` output, as ``forward_fp8`` takes them."""
-    from ..triton_fp8.launch import transpose_v
-    from . import kernels_gluon_ws
-
-    block_m = 128  # the CTA's rows: two warpgroups of 64
+    """The ping-pong kernel (``kernels_gluon_ws.attn_fwd_gluon_pp``), checked: dense; 128 query
+    rows per CTA, 64 per consumer warpgroup. 16-bit q, k, v; or e4m3 with float32 descales and
+    an ``out_dtype`` output, as ``forward_fp8`` takes them. Raises ValueError naming what it
+    cannot take; then ``run_pingpong``."""
     fp8 = q.dtype == torch.float8_e4m3fn
     D = q.shape[-1]
     scale = D**-0.5 if softmax_scale is None else softmax_scale
-    B, H, Hkv, Mq, Mkv = _shapes(q, k, layout)
+    _, _, _, Mq, _ = _shapes(q, k, layout)
     if fp8:
-        why = [] if D in (64, 128) and scale > 0 and Mq % block_m == 0 else \
-            [f"fp8 takes D in (64, 128), softmax_scale > 0, Mq % {block_m} == 0"]
+        why = [] if D in (64, 128) and scale > 0 and Mq % PP_BLOCK_M == 0 else \
+            [f"fp8 takes D in (64, 128), softmax_scale > 0, Mq % {PP_BLOCK_M} == 0"]
         why += tensor_reasons(q, k, v, layout)
     else:
-        why = reasons(q, k, v, causal, scale, layout, block_m, block_n)
+        why = reasons(q, k, v, causal, scale, layout, PP_BLOCK_M, block_n)
+    if block_n not in (64, 128):
+        why.append(f"block_n={block_n} (supported: 64, 128)")
     if not 128 * (producer_regs + 2 * consumer_regs) <= 65536 or consumer_regs % 8 or producer_regs % 8 \
             or not 24 <= producer_regs <= consumer_regs <= 256:
         why.append(f"producer_regs={producer_regs} consumer_regs={consumer_regs} (multiples of 8 in [24, 256], "
                    "producer <= consumer, 128 x (producer + 2 x consumer) <= 65536)")
     if why:
         raise ValueError("the ping-pong Gluon forward cannot run this call: " + "; ".join(why))
-    rows_wg = block_m // 2
+    return run_pingpong(q, k, v, causal, scale, layout, block_n, k_stages, v_stages, producer_regs, consumer_regs,
+                        q_descale, k_descale, v_descale, v_transposed, out_dtype)
+
+
+def run_pingpong(q, k, v, causal: bool, softmax_scale: float, layout: str, block_n: int, k_stages: int,
+                 v_stages: int, producer_regs: int, consumer_regs: int, q_descale=None, k_descale=None,
+                 v_descale=None, v_transposed=None, out_dtype: torch.dtype = torch.bfloat16):
+    """``forward_pingpong`` without its checks (TritonBackend.forward and the triton-fp8 backend
+    have asked ``pp_problem_reasons`` / ``tensor_reasons`` already), through fast_launch."""
+    from ..triton_fp8.launch import transpose_v
+    from . import fast_launch, kernels_gluon_ws
+
+    fp8 = q.dtype == torch.float8_e4m3fn
+    D = q.shape[-1]
+    B, H, Hkv, Mq, Mkv = _shapes(q, k, layout)
+    rows_wg = PP_BLOCK_M // 2
     out = torch.empty(q.shape, dtype=out_dtype if fp8 else q.dtype, device=q.device)
     lse = torch.empty((B, H, Mq), dtype=torch.float32, device=q.device)
     qd, q_rows = _desc(q, layout, rows_wg)
@@ -302,11 +349,11 @@ def forward_pingpong(q, k, v, causal: bool = False, softmax_scale: float | None 
         vd, _ = _desc(v, layout, block_n)
         qs = ks = vs = one
         strides, qd_group = [0] * 6, 1
-    grid = (triton.cdiv(Mq, block_m) * B * H,)
-    kernels_gluon_ws.attn_fwd_gluon_pp[grid](qd, kd, vd, od, lse, scale * LOG2E, H, H // Hkv, Mq, Mkv, *q_rows,
-                                             *k_rows, qs, ks, vs, *strides, qd_group, Hkv, CAUSAL=causal,
-                                             K_STAGES=k_stages, V_STAGES=v_stages, PRODUCER_REGS=producer_regs,
-                                             CONSUMER_REGS=consumer_regs, FP8=fp8, num_warps=4)
+    meta = {"CAUSAL": causal, "K_STAGES": k_stages, "V_STAGES": v_stages, "PRODUCER_REGS": producer_regs,
+            "CONSUMER_REGS": consumer_regs, "FP8": fp8, "num_warps": 4}
+    fast_launch.launch(kernels_gluon_ws.attn_fwd_gluon_pp, (triton.cdiv(Mq, PP_BLOCK_M) * B * H,),
+                       (qd, kd, vd, od, lse, softmax_scale * LOG2E, H, H // Hkv, Mq, Mkv, *q_rows, *k_rows,
+                        qs, ks, vs, *strides, qd_group, Hkv), meta, _KERNELS)
     return out, lse
 
 

@@ -120,6 +120,10 @@ def compile_report(target: str, dtype: torch.dtype, head_dim: int, causal: bool 
     problem = AttentionProblem(B=1, H=8, Hkv=2, Mq=1024, Mkv=1024, D=head_dim, dtype=dtype,
                                device=torch.device("cpu"), layout="bshd", causal=causal, softmax_scale=1.0)
     config = config or default_config(problem, device)
+    if config.fwd_kernel == "gluon-pp":  # Gluon (kernels_gluon_ws.py): the plain kernel runs what it falls back to
+        from . import _gluon_default
+
+        config = _gluon_default(problem, config)
     rows = []
     for name, constexprs, backward in kernel_launches(problem, config, FEATURE_SETS.get(features)):
         fn = getattr(kernels, name)

@@ -25,7 +25,9 @@ class FP8Config(Config):
     tma: bool = True  # tensor descriptors (TMA) where the inputs allow it (sm_90+, see launch.py)
     # "gluon": triton_fa2/kernels_gluon.py (sm_90: explicit async wgmma, P V overlapping the next
     # block's softmax; num_stages K buffers and v_stages V buffers, num_warps = block_m / 16);
-    # calls it cannot take run the Triton kernel with these fields (launch.py, gluon_reasons)
+    # calls it cannot take run the Triton kernel with these fields (launch.py, gluon_reasons).
+    # "gluon-pp": the ping-pong kernel (kernels_gluon_ws.attn_fwd_gluon_pp; block_m 128, 12 warps:
+    # two consumer warpgroups and a producer); calls it cannot take run "gluon" with 64 rows
     kernel: str = "triton"
     v_stages: int = 2
 
@@ -98,4 +100,11 @@ def config_space(problem: AttentionProblem, device: DeviceInfo) -> list[FP8Confi
         for block_m, block_n, k_stages, v_stages in ((64, 128, 2, 1), (64, 128, 2, 2), (64, 64, 2, 2), (64, 64, 2, 1)):
             space.append(FP8Config(block_m=block_m, block_n=block_n, num_warps=block_m // 16, num_stages=k_stages,
                                    tma=True, kernel="gluon", v_stages=v_stages))
+        # The ping-pong kernel (kernels_gluon_ws.attn_fwd_gluon_pp): 128 rows, 12 warps per CTA. H100,
+        # 2026-11-25 (tools/sweep_gluon.py --fp8, D=128): S=16k 831 / 811 TFLOP/s (causal) against
+        # 786 / 754 for the one-warpgroup kernel; S=4k 774 / 647 against 746 / 661.
+        if problem.Mq % 128 == 0:
+            for block_n, k_stages, v_stages in ((128, 2, 2), (64, 2, 2)):
+                space.append(FP8Config(block_m=128, block_n=block_n, num_warps=12, num_stages=k_stages, tma=True,
+                                       kernel="gluon-pp", v_stages=v_stages))
     return [default] + [c for c in space if c != default]

@@ -6,6 +6,8 @@ them, not when fa2dispatch is imported.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 import triton
 
@@ -18,6 +20,7 @@ from ..triton_fa2.launch_hopper import _tma_view  # the 2-D view a descriptor of
 from .config import FP8Config, block_d
 
 TMA_ALIGN = 16  # bytes: TMA wants 16-byte aligned base addresses and row strides
+PP_FP8_CONSUMER_REGS = 240  # the ping-pong kernel's register split for fp8: the one measured (24 + 2 x 240)
 
 
 TRANSPOSE_BLOCK_M, TRANSPOSE_BLOCK_D = 128, 64  # 128-byte rows written, 64-byte rows read per tile
@@ -92,7 +95,11 @@ def gluon_reasons(problem: AttentionProblem, q, k, vt, config: FP8Config, device
         out.append(f"head dim {problem.D} (supported: 64, 128)")
     if not problem.softmax_scale > 0:
         out.append(f"softmax_scale={problem.softmax_scale} (supported: > 0)")
-    if config.block_m not in (64, 128) or config.num_warps != config.block_m // 16 or config.block_n not in (64, 128):
+    if config.kernel == "gluon-pp":
+        if config.block_m != 128 or config.num_warps != 12 or config.block_n not in (64, 128):
+            out.append(f"block_m={config.block_m} block_n={config.block_n} num_warps={config.num_warps} (the "
+                       "ping-pong kernel takes block_m 128 with 12 warps, block_n 64 or 128)")
+    elif config.block_m not in (64, 128) or config.num_warps != config.block_m // 16 or config.block_n not in (64, 128):
         out.append(f"block_m={config.block_m} block_n={config.block_n} num_warps={config.num_warps} (supported: "
                    "block_m 64 or 128 with block_m / 16 warps, block_n 64 or 128)")
     if problem.Mq % config.block_m:
@@ -119,6 +126,15 @@ def forward(problem: AttentionProblem, q, k, v, config: FP8Config, device: Devic
     B, H, Mq, Mkv, D = problem.B, problem.H, problem.Mq, problem.Mkv, problem.D
     vt = v if problem.v_layout == "transposed" else transpose_v(v, problem.layout)
     args = fp8_args or FP8Args()
+    if config.kernel == "gluon-pp" and not force_pointers and not gluon_reasons(problem, q, k, vt, config, device):
+        from ..triton_fa2.launch_gluon import pp_producer_regs, run_pingpong
+
+        return run_pingpong(q, k, None, problem.causal, problem.softmax_scale, problem.layout, config.block_n,
+                            config.num_stages, config.v_stages, pp_producer_regs(PP_FP8_CONSUMER_REGS),
+                            PP_FP8_CONSUMER_REGS, args.q_descale, args.k_descale, args.v_descale, vt,
+                            problem.output_dtype)
+    if config.kernel == "gluon-pp":  # a call the ping-pong kernel cannot take: one warpgroup, same buffers
+        config = replace(config, block_m=64, num_warps=4, kernel="gluon")
     if config.kernel == "gluon" and not force_pointers and not gluon_reasons(problem, q, k, vt, config, device):
         from ..triton_fa2.launch_gluon import forward_fp8
 

@@ -55,6 +55,14 @@ _NV_GLUON_FWD = {
     "default": [(64, 64, 2, 1), (64, 64, 2, 2), (64, 128, 2, 1), (64, 128, 2, 2)],
     "full": [(64, n, k, v) for n in (64, 128) for k in (2, 3) for v in (1, 2)],
 }
+# The sm_90 ping-pong Gluon forward (kernels_gluon_ws.attn_fwd_gluon_pp): (block_n, K buffers,
+# V buffers, consumer registers); 128 rows and 12 warps per CTA; the points tools/sweep_gluon.py
+# measured (H100, 2026-11-25) first.
+_NV_GLUON_PP_FWD = {
+    "quick": [(128, 2, 2, 240)],
+    "default": [(128, 2, 2, 240), (128, 2, 2, 232)],
+    "full": [(n, k, v, r) for n in (128, 64) for k in (2, 3) for v in (2, 1) for r in (240, 232)],
+}
 # Backward (dkdv_block_m, dkdv_block_n, bwd_num_warps, bwd_num_stages[, dkdv_num_warps]); the
 # dQ kernel takes the transposed blocks (dq_block_m = dkdv_block_n, dq_block_n = dkdv_block_m),
 # as in FA2. (64, 64, 4, 2, 8): dK/dV with 8 warps, spill-free at D=128, dQ with 4
@@ -150,6 +158,9 @@ def _triton_configs(problem: AttentionProblem, device: DeviceInfo, level: str,
         for m, n, k_stages, v_stages in (_NV_GLUON_FWD[level] if gluon else ()):
             out.append(replace(plain, block_m=m, block_n=n, num_warps=m // 16, num_stages=k_stages,
                                fwd_v_stages=v_stages, fwd_kernel="gluon"))
+        for n, k_stages, v_stages, regs in (_NV_GLUON_PP_FWD[level] if gluon and problem.Mq % 128 == 0 else ()):
+            out.append(replace(plain, block_m=128, block_n=n, num_warps=12, num_stages=k_stages,
+                               fwd_v_stages=v_stages, fwd_kernel="gluon-pp", fwd_maxnreg=regs))
     else:
         for m, n, w, s, *dkdv_w in (_AMD_BWD if amd else _NV_BWD)[level]:
             if dkdv_w and dkdv_w[0] == w:

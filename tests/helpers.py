@@ -51,7 +51,7 @@ def make_inputs(case: Case, device="cpu", seed=0, requires_grad=True):
         shape = (case.B, m, heads, case.D) if case.layout == "bshd" else (case.B, heads, m, case.D)
         if case.contiguous:
             t = torch.randn(shape, generator=g)
-        else:  # every other element of a wider last dim, and heads/seq swapped in memory
+        else:  # heads/seq swapped in memory; every other element of the last dim unless .to() copies
             wide = torch.randn(shape[0], shape[2], shape[1], 2 * shape[3], generator=g)
             t = wide.transpose(1, 2)[..., ::2]
         return t.to(device=device, dtype=case.dtype)

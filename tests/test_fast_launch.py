@@ -61,10 +61,10 @@ class FakeJIT:
 
 @pytest.fixture
 def gpu_like(monkeypatch):
-    """A current device and stream without a GPU; fast launch on; no launch hook."""
+    """A current device and stream without a GPU; fast launch on; the installed Triton's own
+    launch hooks as they are by default (Triton 3.6: empty HookChains, not None)."""
     monkeypatch.setattr(fast_launch, "_device_and_stream", lambda: (0, 1234))
     monkeypatch.setattr(fast_launch, "FAST_LAUNCH", True)
-    monkeypatch.setattr(fast_launch.knobs.runtime, "launch_enter_hook", None)
     monkeypatch.setattr(fast_launch, "REFUSED", None)
 
 
@@ -131,13 +131,29 @@ def test_triton_path_with_a_hook_on_cpu_or_when_off(gpu_like, monkeypatch):
     fn, cache = _fn(), {}
     args, meta = (FakeTensor(4096), FakeDescriptor(FakeTensor(8192)), 7, 0.5), {"BLOCK": 64}
     fast_launch.launch(fn, (1,), args, meta, cache)
-    monkeypatch.setattr(fast_launch.knobs.runtime, "launch_enter_hook", lambda *a: None)
-    fast_launch.launch(fn, (1,), args, meta, cache)  # a profiler's hook must see the launch
-    monkeypatch.setattr(fast_launch.knobs.runtime, "launch_enter_hook", None)
+    hooks = fast_launch.knobs.runtime.launch_enter_hook
+
+    def hook(*a):
+        return None
+
+    if hasattr(hooks, "add"):  # Triton 3.6: a HookChain
+        hooks.add(hook)
+        try:
+            fast_launch.launch(fn, (1,), args, meta, cache)  # a profiler's hook must see the launch
+        finally:
+            hooks.remove(hook)
+    else:
+        monkeypatch.setattr(fast_launch.knobs.runtime, "launch_enter_hook", hook)
+        fast_launch.launch(fn, (1,), args, meta, cache)
+        monkeypatch.setattr(fast_launch.knobs.runtime, "launch_enter_hook", None)
+    exit_hooks = fast_launch.knobs.runtime.launch_exit_hook
+    monkeypatch.setattr(fast_launch.knobs.runtime, "launch_exit_hook", hook)  # an older Triton's bare callable
+    fast_launch.launch(fn, (1,), args, meta, cache)
+    monkeypatch.setattr(fast_launch.knobs.runtime, "launch_exit_hook", exit_hooks)
     fast_launch.launch(fn, (1,), (FakeTensor(4096, is_cuda=False), *args[1:]), meta, cache)
     monkeypatch.setattr(fast_launch, "FAST_LAUNCH", False)
     fast_launch.launch(fn, (1,), args, meta, cache)
-    assert [e[0] for e in fn.log] == ["jit", "jit", "jit", "jit"]
+    assert [e[0] for e in fn.log] == ["jit", "jit", "jit", "jit", "jit"]
 
 
 def test_a_refusing_launcher_falls_back_for_good(gpu_like):
@@ -193,3 +209,9 @@ def test_a_cuda_tensor_that_is_no_view_counts_as_on_the_gpu():
     assert fast_launch._on_gpu(FakeDescriptor(FakeTensor(8192)))
     assert not fast_launch._on_gpu(FakeDescriptor(FakeTensor(8192, is_cuda=False)))
     assert not fast_launch._on_gpu(torch.empty(4))
+
+
+def test_the_installed_tritons_default_hooks_count_as_unset():
+    """Triton 3.6 keeps launch hooks in HookChains that are never None: the fast path must read
+    an empty chain as no hook (it read ``is None`` once, and never ran on a GPU)."""
+    assert not fast_launch._hooked()

@@ -214,3 +214,23 @@ def test_warp_specialized_kernel_compiles_for_sm90():
         assert r["wgmma"] >= 2 and r["setmaxnreg"] > 0, r
         assert r["stack"] == 0 and r["ldl_stl"] == 0, r
         assert r["smem"] <= 227 * 1024, r
+
+
+def test_tuner_candidates_hold_the_pingpong_configs_where_mq_allows():
+    """sm_90, D 64 or 128: the ping-pong configs (12 warps: 8 consumers and a producer
+    warpgroup, not pruned as too many warps for 128 rows) where Mq is a multiple of 128."""
+    from fa2dispatch.autotune import space
+
+    from fa2dispatch.problem import AttentionProblem
+
+    h100 = simulated_device("h100")
+    for Mq, D, level, expected in ((1024, 128, "full", 16), (512, 64, "full", 16), (1024, 128, "quick", 1),
+                                   (320, 64, "full", 0), (1024, 128, "default", 2)):
+        p = AttentionProblem(B=2, H=4, Hkv=4, Mq=Mq, Mkv=Mq, D=D, dtype=torch.float16, device=torch.device("cpu"),
+                             layout="bshd", causal=True, softmax_scale=0.1)
+        keep, pruned = space.candidates(p, h100, ["triton"], level)
+        assert sum(c.config.fwd_kernel == "gluon-pp" for c in keep) == expected, (Mq, D, level)
+        assert not [c for c, _ in pruned if c.config.fwd_kernel == "gluon-pp"]
+    assert space.candidates(p, simulated_device("a100"), ["triton"], "full")[0]
+    assert not [c for c in space.candidates(p, simulated_device("a100"), ["triton"], "full")[0]
+                if c.config.fwd_kernel == "gluon-pp"]

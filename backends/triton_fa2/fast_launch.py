@@ -21,7 +21,8 @@ Later calls with the same key go straight to the compiled kernel's launcher, as
 every call.
 
 Not taken:
-- while a Triton launch hook is set (profilers): Triton's own path, which calls the hooks;
+- while a Triton launch hook is set (profilers): Triton's own path, which calls the hooks (Triton
+  3.6's hooks are a ``HookChain``, never None: empty means unset);
 - off the GPU (the interpreter);
 - when a kernel's constexpr parameters do not all follow its other parameters.
 
@@ -89,6 +90,15 @@ def _device_and_stream() -> tuple:
     return device, driver.get_current_stream(device)
 
 
+def _hooked() -> bool:
+    """A launch hook is set (a profiler's). Triton 3.6 keeps the hooks in a ``HookChain`` that is
+    never None (empty: no ``calls``); older releases keep None or one callable."""
+    for hook in (knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook):
+        if hook is not None and getattr(hook, "calls", True):
+            return True
+    return False
+
+
 def _on_gpu(x) -> bool:
     """A CUDA tensor, or a descriptor over one. (A tensor's own ``base`` is None unless it is a
     view: read ``is_cuda`` before looking for a descriptor's base.)"""
@@ -102,7 +112,7 @@ def launch(fn, grid: tuple, args: tuple, meta: dict, kernels: dict) -> None:
     """``fn[grid](*args, **meta)``, through the compiled kernel's own launcher once a call with
     the same key has compiled it. ``kernels``: the caller's dict of compiled kernels (one per
     kernel family, or per launch spec); bounded by CACHE_LIMIT."""
-    if not (FAST_LAUNCH and _on_gpu(args[0]) and knobs.runtime.launch_enter_hook is None):
+    if not (FAST_LAUNCH and _on_gpu(args[0]) and not _hooked()):
         fn[grid](*args, **meta)
         return
     device, stream = _device_and_stream()

@@ -59,11 +59,10 @@ SOFT_FIELDS = ("driver", "toolkit", "torch", "triton", "cupy")
 KERNEL_SOURCES = {
     "triton": ("triton_fa2/kernels.py", "triton_fa2/launch.py", "triton_fa2/dropout.py",
                "triton_fa2/kernels_hopper.py", "triton_fa2/launch_hopper.py",
-               "triton_fa2/kernels_gluon.py", "triton_fa2/kernels_gluon_ws.py", "triton_fa2/launch_gluon.py",
-               "triton_fa2/fast_launch.py"),
+               "triton_fa2/kernels_gluon.py", "triton_fa2/kernels_gluon_ws.py", "triton_fa2/launch_gluon.py"),
     "cupy": ("cupy_cuda/*.cu", "cupy_cuda/*.cuh", "cupy_cuda/launch.py"),
     "triton-fp8": ("triton_fp8/*.py", "triton_fa2/kernels_gluon.py", "triton_fa2/kernels_gluon_ws.py",
-                   "triton_fa2/launch_gluon.py", "triton_fa2/fast_launch.py"),
+                   "triton_fa2/launch_gluon.py"),
 }
 
 

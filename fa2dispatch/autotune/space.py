@@ -116,8 +116,10 @@ def triton_prune_reason(problem: AttentionProblem, device: DeviceInfo, config: T
     for name, value in blocks:
         if value < 16 or value & (value - 1):
             return f"{name}={value} (supported: a power of two >= 16, tl.dot's smallest tile)"
-    # Each warp of the forward owns >= 16 query rows (the MMA's M); fewer leaves warps idle.
-    if not backward and device.vendor == "nvidia" and config.block_m < 16 * config.num_warps:
+    # Each warp of the forward owns >= 16 query rows (the MMA's M); fewer leaves warps idle. The
+    # ping-pong kernel's 12 warps are 8 consumers (block_m / 16) and a producer warpgroup.
+    consumers = config.num_warps - 4 if config.fwd_kernel == "gluon-pp" else config.num_warps
+    if not backward and device.vendor == "nvidia" and config.block_m < 16 * consumers:
         return f"{config.num_warps} warps need >= {16 * config.num_warps} query rows, got block_m={config.block_m}"
     stages = config.bwd_num_stages if backward else config.num_stages
     if device.vendor == "amd" and stages > 2:

@@ -122,6 +122,34 @@ def test_gluon_kernel_with_every_gluon_config(case, nan_poison):
         assert torch.equal(out2, backend.forward(problem, q8, k8, vt, configs[0], fp8_args=FP8Args(qd, kd, vd))[0])
 
 
+def test_gluon_kernels_take_q_in_another_memory_order(nan_poison):
+    """bshd views of bhsd-ordered memory (what a transpose of a bhsd tensor gives): a descriptor
+    addresses them, and O, which goes back through q's row arguments, keeps q's memory order
+    (a contiguous O here once put heads past the first in the wrong rows)."""
+    from fa2dispatch.backends import BACKENDS
+    from fa2dispatch.backends.triton_fp8.config import FP8Config
+    from fa2dispatch.backends.triton_fp8.launch import gluon_reasons, transpose_v
+
+    from fa2dispatch.fp8 import FP8Args
+    from fa2dispatch.hardware import device_info
+    from fa2dispatch.problem import make_problem
+
+    device = device_info(torch.device("cuda"))
+    if not (9, 0) <= device.capability < (10, 0):
+        pytest.skip(f"the Gluon kernels are sm_90 only (device {device.arch})")
+    case = Case(1, 4, 2, 512, 512, 128, FP8, causal=True, layout="bhsd")
+    q8, k8, v8, qd, kd, vd = make_fp8_inputs(case, device="cuda")
+    q8, k8, v8 = (t.transpose(1, 2) for t in (q8, k8, v8))  # bshd views, bhsd memory
+    assert not q8.is_contiguous()
+    vt = transpose_v(v8, "bshd")
+    problem = make_problem(q8, k8, vt, causal=True, layout="bshd", v_layout="transposed")
+    for config in (FP8Config(block_m=64, block_n=128, num_warps=4, num_stages=2, kernel="gluon", v_stages=1),
+                   FP8Config(block_m=128, block_n=128, num_warps=12, num_stages=2, kernel="gluon-pp", v_stages=2)):
+        assert gluon_reasons(problem, q8, k8, vt, config, device) == [], config
+        out, lse = BACKENDS["triton-fp8"].forward(problem, q8, k8, vt, config, fp8_args=FP8Args(qd, kd, vd))
+        check_fp8(out, lse, q8, k8, v8, qd, kd, vd, causal=True, layout="bshd")
+
+
 def test_gluon_config_falls_back_to_the_triton_kernel_where_it_cannot_run(nan_poison):
     """A gluon config on a call the Gluon kernel refuses (Mq not a multiple of block_m, strided
     q) runs the Triton kernel with the same fields and is still right."""

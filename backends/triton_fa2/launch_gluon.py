@@ -203,7 +203,7 @@ def forward_fp8(q8, k8, v8, q_descale=None, k_descale=None, v_descale=None, caus
         raise ValueError("the Gluon fp8 forward takes Mq % block_m == 0, D in (64, 128), softmax_scale > 0, "
                          "num_warps = block_m / 16 (triton_fp8.launch.gluon_reasons)")
     vt = v_transposed if v_transposed is not None else transpose_v(v8, layout)
-    out = torch.empty(q8.shape, dtype=out_dtype, device=q8.device)
+    out = torch.empty_like(q8, dtype=out_dtype)  # q8's memory order: O goes back through q's row arguments
     lse = torch.empty((B, H, Mq), dtype=torch.float32, device=q8.device)
     qd, (qz, qh, qc) = _desc(q8, layout, block_m)
     kd, (kz, kh, kc) = _desc(k8, layout, block_n)
@@ -332,7 +332,9 @@ def run_pingpong(q, k, v, causal: bool, softmax_scale: float, layout: str, block
     D = q.shape[-1]
     B, H, Hkv, Mq, Mkv = _shapes(q, k, layout)
     rows_wg = PP_BLOCK_M // 2
-    out = torch.empty(q.shape, dtype=out_dtype if fp8 else q.dtype, device=q.device)
+    # O goes back through q's row arguments: empty_like keeps q's memory order (bhsd-ordered
+    # memory under a bshd view, say), where a plain empty would not
+    out = torch.empty_like(q, dtype=out_dtype if fp8 else q.dtype)
     lse = torch.empty((B, H, Mq), dtype=torch.float32, device=q.device)
     qd, q_rows = _desc(q, layout, rows_wg)
     kd, k_rows = _desc(k, layout, block_n)

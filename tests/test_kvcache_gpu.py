@@ -158,9 +158,13 @@ def test_decode_loop_fast_launch(page, pdl, monkeypatch):
     new tensors every step, one of them at a pointer that is not 16-byte aligned (a different
     specialization), and every step matches the truth; so does Triton's own launcher. The fast
     path must really be taken (it falls back to Triton's path if its launcher refuses)."""
-    from fa2dispatch.backends.triton_fa2 import decode_launch, fast_launch
+    from fa2dispatch.backends.triton_fa2 import decode, decode_launch, fast_launch
 
     monkeypatch.setattr(decode_launch, "USE_PDL", pdl)
+    runs = [0] * 4  # decode_fwd launches through JITFunction.run, per step
+    real_run = decode.decode_fwd.run
+    monkeypatch.setattr(decode.decode_fwd, "run",
+                        lambda *a, **kw: runs.__setitem__(step, runs[step] + 1) or real_run(*a, **kw))
     case = KVCase(B=2, H=32, Hkv=4, D=128, capacity=4096, seqlens=(4000, 1500), page=page)
     for step in range(4):
         args = make_kv_inputs(case, device="cuda", seed=step)
@@ -174,4 +178,6 @@ def test_decode_loop_fast_launch(page, pdl, monkeypatch):
         out, lse = run_backend(case, args, "triton")
         torch.cuda.synchronize()
         check_kv_case(case, out, lse, args, truth, low, expected)
-        assert fast_launch.FAST_LAUNCH == (step != 3), "the fast launch path fell back to Triton's"
+        assert fast_launch.FAST_LAUNCH == (step != 3), f"the fast launch path fell back to Triton's: {fast_launch.REFUSED}"
+    # step 0 compiles (unless an earlier test did), step 1 repeats it, step 3 has the fast path off
+    assert runs[1] == 0 and runs[3] == 1, f"JITFunction.run per step: {runs} (fast launch not taken at step 1?)"

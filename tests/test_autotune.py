@@ -74,13 +74,15 @@ def test_levels_grow_and_unknown_levels_are_refused():
         (H100, dict(block_m=48), False, "block_m=48 (supported: a power of two >= 16, tl.dot's smallest tile)"),
         (H100, dict(dq_block_n=8), True, "dq_block_n=8 (supported: a power of two >= 16, tl.dot's smallest tile)"),
         (H100, dict(block_m=64, num_warps=8), False, "8 warps need >= 128 query rows, got block_m=64"),
+        (H100, dict(block_m=64, block_n=64, num_warps=12, fwd_kernel="gluon-pp"), False,
+         "8 consumer warps need >= 128 query rows, got block_m=64"),  # the producer warpgroup does not count
         (simulated_device("mi300x"), dict(num_stages=3), False, "num_stages=3 (supported on AMD: 1-2)"),
         (simulated_device("rtx4090"), dict(block_n=128), False,
          "needs ~128 KiB of shared memory (device: 99 KiB per block)"),
         (simulated_device("mi300x"), dict(dkdv_block_m=128, dq_block_n=128), True,
          "needs ~128 KiB of shared memory (device: 64 KiB per block)"),
     ],
-    ids=["pow2", "pow2-bwd", "warps", "amd-stages", "smem-ada", "smem-amd-bwd"],
+    ids=["pow2", "pow2-bwd", "warps", "warps-pingpong", "amd-stages", "smem-ada", "smem-amd-bwd"],
 )
 def test_prune_reasons(device, changes, backward, reason):
     p = problem(D=256, requires_grad=backward)

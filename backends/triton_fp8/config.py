@@ -102,7 +102,8 @@ def config_space(problem: AttentionProblem, device: DeviceInfo) -> list[FP8Confi
                                    tma=True, kernel="gluon", v_stages=v_stages))
         # The ping-pong kernel (kernels_gluon_ws.attn_fwd_gluon_pp): 128 rows, 12 warps per CTA. H100,
         # 2026-11-25 (tools/sweep_gluon.py --fp8, D=128): S=16k 831 / 811 TFLOP/s (causal) against
-        # 786 / 754 for the one-warpgroup kernel; S=4k 774 / 647 against 746 / 661.
+        # 817 / 760 for the default above (one V buffer); S=4k 774 / 647 against 878 / 723. A tuner
+        # candidate, not the default.
         if problem.Mq % 128 == 0:
             for block_n, k_stages, v_stages in ((128, 2, 2), (64, 2, 2)):
                 space.append(FP8Config(block_m=128, block_n=block_n, num_warps=12, num_stages=k_stages, tma=True,

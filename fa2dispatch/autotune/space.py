@@ -120,7 +120,8 @@ def triton_prune_reason(problem: AttentionProblem, device: DeviceInfo, config: T
     # ping-pong kernel's 12 warps are 8 consumers (block_m / 16) and a producer warpgroup.
     consumers = config.num_warps - 4 if config.fwd_kernel == "gluon-pp" else config.num_warps
     if not backward and device.vendor == "nvidia" and config.block_m < 16 * consumers:
-        return f"{config.num_warps} warps need >= {16 * config.num_warps} query rows, got block_m={config.block_m}"
+        kind = "consumer warps" if config.fwd_kernel == "gluon-pp" else "warps"
+        return f"{consumers} {kind} need >= {16 * consumers} query rows, got block_m={config.block_m}"
     stages = config.bwd_num_stages if backward else config.num_stages
     if device.vendor == "amd" and stages > 2:
         return f"num_stages={stages} (supported on AMD: 1-2)"

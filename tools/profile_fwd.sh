@@ -4,6 +4,11 @@
 # measures, D=128 fp16 non-causal. Text reports land in $OUT/ncu_<provider>_<seqlen>.txt.
 #
 #   OUT=/tmp/out PROVIDERS="cupy flash" SEQLENS="2048 16384" bash tools/profile_fwd.sh
+#   OUT=/tmp/out PROVIDERS="triton cudnn" SEQLENS="4096 16384" DECODE=0 bash tools/profile_fwd.sh
+#
+# KERNEL_REGEX picks the profiled kernels (one per call; --launch-skip skips the warm-up calls'):
+# the default covers the CuPy forward (fa2_fwd*), FlashAttention-2 (flash_fwd*), our Triton and
+# Gluon forwards (attn_fwd*) and cuDNN's SDPA kernels (names with sdpa or fprop).
 set -uo pipefail
 OUT="${OUT:-/tmp/out}"
 mkdir -p "$OUT"
@@ -19,7 +24,8 @@ metrics="sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active,
 for provider in ${PROVIDERS:-cupy flash}; do
     for s in ${SEQLENS:-2048 16384}; do
         echo "== ncu $provider S=$s ${EXTRA:-}"
-        timeout 240 "$NCU" --clock-control none -k 'regex:fa2_fwd|flash_fwd' --launch-skip 3 --launch-count 1 \
+        timeout 240 "$NCU" --clock-control none -k "regex:${KERNEL_REGEX:-fa2_fwd|flash_fwd|attn_fwd|sdpa|fprop}" \
+            --launch-skip 3 --launch-count 1 \
             "${sections[@]}" --metrics "$metrics" \
             python3 tools/profile_fwd.py --provider "$provider" --seqlen "$s" ${EXTRA:-} \
             > "$OUT/ncu_${provider}_${s}.txt" 2>&1

@@ -220,7 +220,6 @@ def test_tuner_candidates_hold_the_pingpong_configs_where_mq_allows():
     """sm_90, D 64 or 128: the ping-pong configs (12 warps: 8 consumers and a producer
     warpgroup, not pruned as too many warps for 128 rows) where Mq is a multiple of 128."""
     from fa2dispatch.autotune import space
-
     from fa2dispatch.problem import AttentionProblem
 
     h100 = simulated_device("h100")

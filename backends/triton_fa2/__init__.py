@@ -119,6 +119,17 @@ _MEMO_LIMIT = 4096  # as the dispatcher's memo: past that these start over
 _THREAD = threading.local()
 
 
+def _kernel_takes(memo: dict, reasons, problem: AttentionProblem, config: TritonConfig, device: DeviceInfo) -> bool:
+    """Whether ``reasons(problem, config, device)`` is empty, once per (problem, config) in
+    ``memo`` (bounded by _MEMO_LIMIT): the warm path stays a lookup."""
+    ok = memo.get((problem, config))
+    if ok is None:
+        if len(memo) >= _MEMO_LIMIT:
+            memo.clear()
+        ok = memo[(problem, config)] = not reasons(problem, config, device)
+    return ok
+
+
 def _check_strides(problem: AttentionProblem, **tensors) -> bool:
     """``stride_reasons`` as a run-time refusal (the dispatcher's fallback takes the call
     elsewhere; a forced call raises), and ``needs_int64_rows`` as the answer, once per problem
@@ -231,11 +242,7 @@ class TritonBackend(Backend):
         if config.fwd_kernel == "gluon-pp" and features is None:
             from . import launch_gluon
 
-            ok = _GLUON_OK.get((problem, config))
-            if ok is None:
-                if len(_GLUON_OK) >= _MEMO_LIMIT:
-                    _GLUON_OK.clear()
-                ok = _GLUON_OK[(problem, config)] = not launch_gluon.pp_problem_reasons(problem, config, device)
+            ok = _kernel_takes(_GLUON_OK, launch_gluon.pp_problem_reasons, problem, config, device)
             if ok and not launch_gluon.tensor_reasons(q, k, v, problem.layout):
                 ensure_cuda_context(q.device)
                 return launch_gluon.run_pingpong(q, k, v, problem.causal, problem.softmax_scale, problem.layout,
@@ -247,11 +254,7 @@ class TritonBackend(Backend):
         if config.fwd_kernel == "gluon" and (features is None or problem.varlen):
             from . import launch_gluon
 
-            ok = _GLUON_OK.get((problem, config))
-            if ok is None:
-                if len(_GLUON_OK) >= _MEMO_LIMIT:
-                    _GLUON_OK.clear()
-                ok = _GLUON_OK[(problem, config)] = not launch_gluon.problem_reasons(problem, config, device)
+            ok = _kernel_takes(_GLUON_OK, launch_gluon.problem_reasons, problem, config, device)
             if ok and problem.varlen and not launch_gluon.varlen_tensor_reasons(q, k, v):
                 ensure_cuda_context(q.device)
                 return launch_gluon.forward_varlen(q, k, v, features.cu_seqlens_q, features.cu_seqlens_k, problem.Mq,
@@ -270,12 +273,7 @@ class TritonBackend(Backend):
         if config.fwd_kernel == "hopper" and features is None:
             from . import launch_hopper
 
-            ok = _HOPPER_OK.get((problem, config))
-            if ok is None:  # once per problem and config: the warm path stays a lookup
-                if len(_HOPPER_OK) >= _MEMO_LIMIT:
-                    _HOPPER_OK.clear()
-                ok = _HOPPER_OK[(problem, config)] = not launch_hopper.reasons(problem, config, device)
-            if ok:
+            if _kernel_takes(_HOPPER_OK, launch_hopper.reasons, problem, config, device):
                 ensure_cuda_context(q.device)
                 return launch_hopper.forward(problem, q, k, v, config, device, checked=True)
         return forward(problem, q, k, v, config, device, features, int64_rows=int64_rows)

@@ -96,6 +96,19 @@ def _dot_precision(problem: AttentionProblem, device: DeviceInfo) -> str:
     return "ieee"
 
 
+# Compiled kernels of this module's launches, for fast_launch (Triton's own path the first time
+# and whenever a hook, the interpreter or FA2DISPATCH_FAST_LAUNCH=0 asks for it).
+_KERNELS: dict = {}
+
+
+def _launch(fn, grid: tuple, args: tuple, meta: dict) -> None:
+    """``fn[grid](*args, **meta)`` through fast_launch: a warm backward's three launches spent
+    most of its host time in ``JITFunction.run`` (tools/profile_host.py)."""
+    from . import fast_launch
+
+    fast_launch.launch(fn, grid, args, meta, _KERNELS)
+
+
 def forward(problem: AttentionProblem, q, k, v, config: TritonConfig, device: DeviceInfo, features=None,
             int64_rows: bool = False):
     from . import kernels
@@ -106,15 +119,16 @@ def forward(problem: AttentionProblem, q, k, v, config: TritonConfig, device: De
     lse = torch.empty(_lse_shape(problem, q.shape[0]), dtype=torch.float32, device=q.device)
     fargs, fconst = feature_launch(problem, features, q.device)
     grid = (triton.cdiv(Mq, config.block_m) * B * H,)
-    kernels.attn_fwd[grid](
+    _launch(kernels.attn_fwd, grid, (
         q, k, v, out, lse, problem.softmax_scale * LOG2E,
         *_strides(q, problem.layout), *_strides(k, problem.layout), *_strides(v, problem.layout),
         *_strides(out, problem.layout), *_lse_strides(problem, q.shape[0]),
         H, problem.group, Mq, Mkv, *fargs,
+    ), dict(
         CAUSAL=problem.causal, HEAD_DIM=D, BLOCK_D=block_d(D),
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, DOT_PRECISION=_dot_precision(problem, device),
         INT64_ROWS=int64_rows, **fconst, **config.launch_options(device.vendor),
-    )
+    ))
     return out, lse
 
 
@@ -172,49 +186,41 @@ def backward(problem: AttentionProblem, dout, q, k, v, out, lse, dlse, config: T
     # 1 / sum_j P_ij per row, written by the DELTA_ONLY pass (float32 only; else never read)
     corr = torch.empty_like(delta) if renorm else _dummy(q.device, torch.float32)
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    dq_grid = (triton.cdiv(Mq, config.dq_block_m) * B * H,)
+    dq_args = (q, k, v, dout, lse, delta, corr, dq, qk_scale, problem.softmax_scale,
+               *_strides(q, layout), *_strides(k, layout), *_strides(v, layout), *_strides(dout, layout),
+               *_strides(dq, layout), *lse_strides,
+               H, problem.group, Mq, Mkv, *fargs)
+    dq_meta = dict(CAUSAL=problem.causal, HEAD_DIM=D, BLOCK_D=bd,
+                   BLOCK_M=config.dq_block_m, BLOCK_N=config.dq_block_n, DOT_PRECISION=precision, **fconst,
+                   RENORM=renorm, INT64_ROWS=int64_rows, **opts)
     if delta_from_dp(problem, config):
         # delta = rowsum(P * dP) from the (dropped) dP itself (one more pass over the keys: the
         # dQ kernel's DELTA_ONLY mode), not dO . O: O is rounded to its dtype, and a row that
         # sees one key would otherwise get a gradient of that rounding's size where the exact
         # one is 0.
-        kernels.attn_bwd_dq[(triton.cdiv(Mq, config.dq_block_m) * B * H,)](
-            q, k, v, dout, lse, delta, corr, dq, qk_scale, problem.softmax_scale,
-            *_strides(q, layout), *_strides(k, layout), *_strides(v, layout), *_strides(dout, layout),
-            *_strides(dq, layout), *lse_strides,
-            H, problem.group, Mq, Mkv, *fargs,
-            CAUSAL=problem.causal, HEAD_DIM=D, BLOCK_D=bd,
-            BLOCK_M=config.dq_block_m, BLOCK_N=config.dq_block_n, DOT_PRECISION=precision, **fconst,
-            DELTA_ONLY=True, RENORM=renorm, INT64_ROWS=int64_rows, **opts,
-        )
+        _launch(kernels.attn_bwd_dq, dq_grid, dq_args, dict(dq_meta, DELTA_ONLY=True))
     else:
-        kernels.attn_bwd_preprocess[(triton.cdiv(Mq, config.dq_block_m) * B * H,)](
+        _launch(kernels.attn_bwd_preprocess, dq_grid, (
             out, dout, delta, *_strides(out, layout), *_strides(dout, layout), *lse_strides, H, Mq, fargs[0],
-            HEAD_DIM=D, BLOCK_D=bd, BLOCK_M=config.dq_block_m, VARLEN=problem.varlen, INT64_ROWS=int64_rows,
-            **opts,
-        )
+        ), dict(HEAD_DIM=D, BLOCK_D=bd, BLOCK_M=config.dq_block_m, VARLEN=problem.varlen, INT64_ROWS=int64_rows,
+                **opts))
     if dlse is not None:
         delta.sub_(dlse)
 
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
-    kernels.attn_bwd_dkdv[(triton.cdiv(Mkv, config.dkdv_block_n) * B * Hkv,)](
+    _launch(kernels.attn_bwd_dkdv, (triton.cdiv(Mkv, config.dkdv_block_n) * B * Hkv,), (
         q, k, v, dout, lse, delta, corr, dk, dv, qk_scale, problem.softmax_scale,
         *_strides(q, layout), *_strides(k, layout), *_strides(v, layout), *_strides(dout, layout),
         *_strides(dk, layout), *_strides(dv, layout), *lse_strides,
         H, Hkv, problem.group, Mq, Mkv, *fargs,
+    ), dict(
         CAUSAL=problem.causal, HEAD_DIM=D, BLOCK_D=bd,
         BLOCK_M=config.dkdv_block_m, BLOCK_N=config.dkdv_block_n, DOT_PRECISION=precision, **fconst,
         RENORM=renorm, INT64_ROWS=int64_rows, **config.launch_options(device.vendor, backward=True, dkdv=True),
-    )
-    kernels.attn_bwd_dq[(triton.cdiv(Mq, config.dq_block_m) * B * H,)](
-        q, k, v, dout, lse, delta, corr, dq, qk_scale, problem.softmax_scale,
-        *_strides(q, layout), *_strides(k, layout), *_strides(v, layout), *_strides(dout, layout),
-        *_strides(dq, layout), *lse_strides,
-        H, problem.group, Mq, Mkv, *fargs,
-        CAUSAL=problem.causal, HEAD_DIM=D, BLOCK_D=bd,
-        BLOCK_M=config.dq_block_m, BLOCK_N=config.dq_block_n, DOT_PRECISION=precision, **fconst,
-        RENORM=renorm, INT64_ROWS=int64_rows, **opts,
-    )
+    ))
+    _launch(kernels.attn_bwd_dq, dq_grid, dq_args, dict(dq_meta, DELTA_ONLY=False))
     return dq, dk, dv
 
 

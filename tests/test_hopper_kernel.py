@@ -460,7 +460,9 @@ print("fp8 ping-pong: within the rule")
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("D, causal, Mq, Mkv, H, Hkv", [(128, 0, 1024, 1024, 4, 4), (128, 1, 1024, 1536, 8, 2),
-                                                         (64, 1, 512, 512, 4, 1), (128, 1, 256, 64, 2, 1)])
+                                                         (64, 1, 512, 512, 4, 1), (128, 1, 256, 64, 2, 1),
+                                                         # more tiles than SMs: the persistent loop
+                                                         (128, 1, 2048, 2048, 16, 4), (128, 0, 1024, 1024, 32, 8)])
 def test_pingpong_fp8_forward_matches_the_rule(D, causal, Mq, Mkv, H, Hkv):
     """The ping-pong kernel's fp8 path (kernels_gluon_ws.attn_fwd_gluon_pp, FP8; session 10)
     against STYLE.md's fp8 rule (tests/helpers.check_fp8: float64 on the dequantized inputs,
@@ -485,7 +487,12 @@ _WS_CASES = [(128, 0, 128, 128, 1024, 1024, 4, 4, "fp16"), (128, 1, 128, 128, 10
 @pytest.mark.parametrize("D, causal, bm, bn, Mq, Mkv, H, Hkv, dtype, kernel", [
     *[(*c, "ws") for c in _WS_CASES], (128, 1, 64, 64, 1024, 1024, 4, 4, "fp16", "ws"),
     *[(*c, "pp") for c in _WS_CASES], (128, 1, 128, 128, 128, 128, 2, 2, "fp16", "pp"),  # one key block
-    (128, 1, 128, 128, 256, 64, 2, 1, "bf16", "pp")])  # Mkv < Mq: CTAs with no key block at all
+    (128, 1, 128, 128, 256, 64, 2, 1, "bf16", "pp"),  # Mkv < Mq: CTAs with no key block at all
+    # the persistent grid (session 12): more tiles than SMs, so each CTA runs several, with the
+    # turn barriers, the K/V rings and Q's release running on across them; causal mixes long and
+    # short tiles, and Mkv < Mq mixes in tiles with no key block
+    (128, 1, 128, 128, 2048, 2048, 16, 4, "fp16", "pp"), (128, 0, 128, 128, 1024, 1536, 16, 16, "bf16", "pp"),
+    (64, 1, 128, 128, 2048, 512, 16, 2, "fp16", "pp")])
 def test_warp_specialized_forward_matches_float64(D, causal, bm, bn, Mq, Mkv, H, Hkv, dtype, kernel):
     """kernels_gluon_ws.py against float64: the warp-specialized kernel (ws) and the ping-pong
     kernel (pp, session 10: its turn barriers alternate the two consumer warpgroups), each case in

@@ -199,42 +199,88 @@ def attn_fwd_gluon_ws(q_desc, k_desc, v_desc, o_desc, Lse, qk_scale, H, GROUP, M
 
 
 @gluon.jit
-def _pp_producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_full, k_empty, v_full, v_empty,
-                 q_row, q_col, k_row, k_col, v_row, n_blocks, K_STAGES: gl.constexpr, V_STAGES: gl.constexpr,
-                 FP8: gl.constexpr):
-    """_ws_producer with Q as two tiles of BLOCK_M_WG rows, one per consumer warpgroup (and, for
-    fp8, V^T's columns: v_row is the kv head's first row of V^T)."""
+def _pp_tile(tile, n_mb, H, GROUP, Mq, Mkv, q_rows_z, q_rows_h, q_cols_h, k_rows_z, k_rows_h, k_cols_h,
+             BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr):
+    """Where tile ``tile`` of the persistent grid lies: consecutive tiles walk one head's row
+    blocks (causal: the longest first), then the next (batch, head)."""
+    mb = tile % n_mb
+    if CAUSAL:
+        mb = n_mb - 1 - mb
+    bh = tile // n_mb
+    z = bh // H
+    h = bh % H
+    hkv = h // GROUP
+    start_m = mb * BLOCK_M
+    q_row = z * q_rows_z + h * q_rows_h + start_m
+    q_col = h * q_cols_h
+    k_row = z * k_rows_z + hkv * k_rows_h
+    k_col = hkv * k_cols_h
+    diag = Mkv - Mq
+    if CAUSAL:
+        hi = gl.minimum(gl.maximum(start_m + BLOCK_M + diag, 0), Mkv)
+        full_hi = (gl.maximum(start_m + diag + 1, 0) // BLOCK_N) * BLOCK_N
+    else:
+        hi = Mkv
+        full_hi = (Mkv // BLOCK_N) * BLOCK_N
+    n_blocks = gl.cdiv(hi, BLOCK_N)
+    return z, h, hkv, bh, start_m, q_row, q_col, k_row, k_col, diag, full_hi, n_blocks
+
+
+@gluon.jit
+def _pp_producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, q_empty, k_full, k_empty, v_full, v_empty,
+                 n_tiles, n_mb, H, GROUP, Mq, Mkv, q_rows_z, q_rows_h, q_cols_h, k_rows_z, k_rows_h, k_cols_h, Hkv,
+                 CAUSAL: gl.constexpr, K_STAGES: gl.constexpr, V_STAGES: gl.constexpr, FP8: gl.constexpr):
+    """_ws_producer over the CTA's tiles, with Q as two tiles of BLOCK_M_WG rows, one per
+    consumer warpgroup (and, for fp8, V^T's columns: v_row is the kv head's first row of V^T).
+    A tile's Q is loaded once both consumers have released the previous one (q_empty, after
+    their last S GEMM), so it arrives under the previous tile's last P V and epilogue; the K/V
+    rings run on across tiles."""
     BLOCK_M_WG: gl.constexpr = q_desc.block_type.shape[0]
-    mbarrier.expect(q_bar, 2 * q_desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(q_desc, [q_row, q_col], q_bar, q_smem.index(0))
-    tma.async_copy_global_to_shared(q_desc, [q_row + BLOCK_M_WG, q_col], q_bar, q_smem.index(1))
-    _ws_producer_kv(k_desc, v_desc, k_smem, v_smem, k_full, k_empty, v_full, v_empty, k_row, k_col, v_row, n_blocks,
-                    K_STAGES, V_STAGES, FP8)
+    BLOCK_D: gl.constexpr = q_desc.block_type.shape[1]
+    BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
+    kv = 0  # key blocks loaded so far: the rings' position
+    i = 0
+    for tile in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
+        z, h, hkv, bh, start_m, q_row, q_col, k_row, k_col, diag, full_hi, n_blocks = _pp_tile(
+            tile, n_mb, H, GROUP, Mq, Mkv, q_rows_z, q_rows_h, q_cols_h, k_rows_z, k_rows_h, k_cols_h,
+            2 * BLOCK_M_WG, BLOCK_N, CAUSAL)
+        v_row = (z * Hkv + hkv) * BLOCK_D  # fp8: V^T rows of this kv head
+        mbarrier.wait(q_empty, (i & 1) ^ 1)
+        mbarrier.expect(q_bar, 2 * q_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(q_desc, [q_row, q_col], q_bar, q_smem.index(0))
+        tma.async_copy_global_to_shared(q_desc, [q_row + BLOCK_M_WG, q_col], q_bar, q_smem.index(1))
+        _ws_producer_kv(k_desc, v_desc, k_smem, v_smem, k_full, k_empty, v_full, v_empty, k_row, k_col, v_row,
+                        n_blocks, K_STAGES, V_STAGES, FP8, kv)
+        kv += n_blocks
+        i += 1
 
 
 @gluon.jit
 def _ws_producer_kv(k_desc, v_desc, k_smem, v_smem, k_full, k_empty, v_full, v_empty, k_row, k_col, v_row, n_blocks,
-                    K_STAGES: gl.constexpr, V_STAGES: gl.constexpr, FP8: gl.constexpr):
+                    K_STAGES: gl.constexpr, V_STAGES: gl.constexpr, FP8: gl.constexpr, base=0):
     """K_j and V_j (fp8: V^T's block j) into their rings: each buffer refilled once its empty
-    barrier completes."""
+    barrier completes. ``base``: the blocks loaded before this tile (persistent kernels), where
+    the rings stand."""
     BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
     for j in range(n_blocks):
-        ks = j % K_STAGES
-        mbarrier.wait(k_empty.index(ks), ((j // K_STAGES) & 1) ^ 1)
+        r = base + j
+        ks = r % K_STAGES
+        mbarrier.wait(k_empty.index(ks), ((r // K_STAGES) & 1) ^ 1)
         mbarrier.expect(k_full.index(ks), k_desc.block_type.nbytes)
         tma.async_copy_global_to_shared(k_desc, [k_row + j * BLOCK_N, k_col], k_full.index(ks), k_smem.index(ks))
-        vs = j % V_STAGES
-        mbarrier.wait(v_empty.index(vs), ((j // V_STAGES) & 1) ^ 1)
+        vs = r % V_STAGES
+        mbarrier.wait(v_empty.index(vs), ((r // V_STAGES) & 1) ^ 1)
         _load_v(v_desc, v_full, v_smem, vs, j, k_row, k_col, v_row, True, BLOCK_N, FP8)
 
 
 @gluon.jit
-def _pp_consumer(q_smem, k_smem, v_smem, p_smem, o_smem, q_bar, k_full, k_empty, v_full, v_empty, turn, o_desc, Lse,
-                 qk_scale, v_scale, start_m, Mq, Mkv, diag, full_hi, n_blocks, q_row, q_col, bh, CAUSAL: gl.constexpr,
-                 K_STAGES: gl.constexpr, V_STAGES: gl.constexpr, FP8: gl.constexpr, WG: gl.constexpr,
-                 WG_WARPS: gl.constexpr):
-    """One consumer warpgroup: rows [start_m + WG * BLOCK_M_WG, + BLOCK_M_WG) of the CTA's tile,
-    the loop of _ws_consumer, then its own epilogue (lse, O through its Q buffer and TMA).
+def _pp_consumer(q_smem, k_smem, v_smem, p_smem, o_smem, q_bar, q_empty, k_full, k_empty, v_full, v_empty, turn,
+                 o_desc, Lse, qk_scale0, n_tiles, n_mb, H, GROUP, Mq, Mkv, q_rows_z, q_rows_h, q_cols_h, k_rows_z,
+                 k_rows_h, k_cols_h, QDs, KDs, VDs, stride_qdz, stride_qdh, stride_kdz, stride_kdh, stride_vdz,
+                 stride_vdh, QD_GROUP, CAUSAL: gl.constexpr, K_STAGES: gl.constexpr, V_STAGES: gl.constexpr,
+                 FP8: gl.constexpr, WG: gl.constexpr, WG_WARPS: gl.constexpr):
+    """One consumer warpgroup: rows [start_m + WG * BLOCK_M_WG, + BLOCK_M_WG) of each of the CTA's
+    tiles, the loop of _ws_consumer, then its own epilogue (lse, O through its o_smem buffer and TMA).
 
     Ping-pong: before issuing its GEMMs for key block j (S_j and P_{j-1} V_{j-1}) a warpgroup
     waits for its turn barrier, and right after issuing them it arrives on the other's. So the
@@ -246,8 +292,12 @@ def _pp_consumer(q_smem, k_smem, v_smem, p_smem, o_smem, q_bar, k_full, k_empty,
 
     FP8 (e4m3 q, k and V^T, as attn_fwd_gluon's FP8): qk_scale carries the q and k descales,
     v_scale the v descale; P goes through this warpgroup's p_smem buffer scaled by 2^SHIFT;
-    O leaves through o_smem (the output dtype). 16-bit: P stays in registers and O reuses the
-    warpgroup's Q buffer (p_smem and o_smem are not read)."""
+    O leaves through o_smem (the output dtype). 16-bit: P stays in registers (p_smem is not read).
+
+    Persistent: the warpgroup runs the CTA's tiles in turn. The turn count and the rings'
+    positions run on across tiles (both warpgroups issue n_blocks + 1 GEMM pairs per tile, so
+    the alternation holds); each tile's Q is released (q_empty) once its last S GEMM has
+    completed, and its O store is waited for only before the next tile's store reuses o_smem."""
     BLOCK_M: gl.constexpr = q_smem.shape[1]
     BLOCK_D: gl.constexpr = q_smem.shape[2]
     BLOCK_N: gl.constexpr = k_smem.shape[1]
@@ -266,77 +316,99 @@ def _pp_consumer(q_smem, k_smem, v_smem, p_smem, o_smem, q_bar, k_full, k_empty,
     my_turn = turn.index(WG)
     their_turn = turn.index(1 - WG)
     q_op = q_smem.index(WG)
-    offs_m = start_m + WG * BLOCK_M + gl.arange(0, BLOCK_M, layout=row_s)
+    o_buf = o_smem.index(WG)
     offs_n0 = gl.arange(0, BLOCK_N, layout=col_s)
-    m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, row_s)
-    l_i = gl.zeros([BLOCK_M], gl.float32, row_s)
-    acc = gl.zeros([BLOCK_M, BLOCK_D], gl.float32, o_layout)
     zero_s = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
-    mbarrier.wait(q_bar, 0)
-    if n_blocks > 0:
-        mbarrier.wait(my_turn, (1 - WG) & 1)
-        mbarrier.wait(k_full.index(0), 0)
-        s_tok = warpgroup_mma(q_op, k_smem.index(0).permute((1, 0)), zero_s, use_acc=False, is_async=True)
-        mbarrier.arrive(their_turn, count=1)
-        s = warpgroup_mma_wait(num_outstanding=0, deps=[s_tok])
-        mbarrier.arrive(k_empty.index(0), count=1)  # this warpgroup's read of K_0 is done
-        if BLOCK_N > full_hi:
-            p, m_i, l_i, alpha = _softmax_block(s, m_i, l_i, qk_scale, offs_m, offs_n0, Mkv, diag, True, CAUSAL, SHIFT)
-        else:
-            p, m_i, l_i, alpha = _softmax_block(s, m_i, l_i, qk_scale, offs_m, offs_n0, Mkv, diag, False, CAUSAL, SHIFT)
-        if FP8:
-            p_op = _stage_p(p_smem.index(WG), p, dtype)
-        else:
-            p_op = gl.convert_layout(p.to(dtype), p_layout)
-        for j in range(1, n_blocks):
-            st = j % K_STAGES
-            pst = (j - 1) % V_STAGES
-            mbarrier.wait(my_turn, (j + 1 - WG) & 1)
-            mbarrier.wait(k_full.index(st), (j // K_STAGES) & 1)
-            s_tok = warpgroup_mma(q_op, k_smem.index(st).permute((1, 0)), zero_s, use_acc=False, is_async=True)
-            mbarrier.wait(v_full.index(pst), ((j - 1) // V_STAGES) & 1)
-            o_tok = warpgroup_mma(p_op, _v_operand(v_smem, pst, FP8), acc, is_async=True)
+    kv = 0  # key blocks consumed so far: the rings' position
+    c = 0  # GEMM issues so far: the turn barriers' position
+    i = 0
+    for tile in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
+        z, h, hkv, bh, start_m, q_row, q_col, k_row, k_col, diag, full_hi, n_blocks = _pp_tile(
+            tile, n_mb, H, GROUP, Mq, Mkv, q_rows_z, q_rows_h, q_cols_h, k_rows_z, k_rows_h, k_cols_h,
+            2 * BLOCK_M, BLOCK_N, CAUSAL)
+        qk_scale = qk_scale0
+        v_scale = 1.0
+        if FP8:  # the head's descales: one multiplier of the raw scores, one of the output
+            zz = z.to(gl.int64)
+            qk_scale = qk_scale * gl.load(QDs + zz * stride_qdz + (h // QD_GROUP) * stride_qdh) \
+                * gl.load(KDs + zz * stride_kdz + hkv * stride_kdh)
+            v_scale = gl.load(VDs + zz * stride_vdz + hkv * stride_vdh)
+        offs_m = start_m + WG * BLOCK_M + gl.arange(0, BLOCK_M, layout=row_s)
+        m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, row_s)
+        l_i = gl.zeros([BLOCK_M], gl.float32, row_s)
+        acc = gl.zeros([BLOCK_M, BLOCK_D], gl.float32, o_layout)
+        mbarrier.wait(q_bar, i & 1)
+        if n_blocks > 0:
+            mbarrier.wait(my_turn, (c + 1 - WG) & 1)
+            mbarrier.wait(k_full.index(kv % K_STAGES), (kv // K_STAGES) & 1)
+            s_tok = warpgroup_mma(q_op, k_smem.index(kv % K_STAGES).permute((1, 0)), zero_s, use_acc=False,
+                                  is_async=True)
             mbarrier.arrive(their_turn, count=1)
-            s = warpgroup_mma_wait(num_outstanding=1, deps=[s_tok])
-            mbarrier.arrive(k_empty.index(st), count=1)
-            offs_n = j * BLOCK_N + offs_n0
-            if (j + 1) * BLOCK_N > full_hi:
-                p, m_new, l_i, alpha = _softmax_block(s, m_i, l_i, qk_scale, offs_m, offs_n, Mkv, diag, True, CAUSAL,
-                                                      SHIFT)
+            s = warpgroup_mma_wait(num_outstanding=0, deps=[s_tok])
+            mbarrier.arrive(k_empty.index(kv % K_STAGES), count=1)  # this warpgroup's read of K_0 is done
+            if BLOCK_N > full_hi:
+                p, m_i, l_i, alpha = _softmax_block(s, m_i, l_i, qk_scale, offs_m, offs_n0, Mkv, diag, True, CAUSAL,
+                                                    SHIFT)
             else:
-                p, m_new, l_i, alpha = _softmax_block(s, m_i, l_i, qk_scale, offs_m, offs_n, Mkv, diag, False,
-                                                      CAUSAL, SHIFT)
-            if FP8:
-                acc = warpgroup_mma_wait(num_outstanding=0, deps=[o_tok])
-            else:
-                acc, p_op = warpgroup_mma_wait(num_outstanding=0, deps=[o_tok, p_op])
-            mbarrier.arrive(v_empty.index(pst), count=1)
-            acc = acc * gl.convert_layout(alpha, row_o)[:, None]
+                p, m_i, l_i, alpha = _softmax_block(s, m_i, l_i, qk_scale, offs_m, offs_n0, Mkv, diag, False,
+                                                    CAUSAL, SHIFT)
             if FP8:
                 p_op = _stage_p(p_smem.index(WG), p, dtype)
             else:
                 p_op = gl.convert_layout(p.to(dtype), p_layout)
-            m_i = m_new
-        last = n_blocks - 1
-        mbarrier.wait(my_turn, (n_blocks + 1 - WG) & 1)
-        mbarrier.wait(v_full.index(last % V_STAGES), (last // V_STAGES) & 1)
-        o_tok = warpgroup_mma(p_op, _v_operand(v_smem, last % V_STAGES, FP8), acc, is_async=True)
-        mbarrier.arrive(their_turn, count=1)
-        acc = warpgroup_mma_wait(num_outstanding=0, deps=[o_tok])
-        mbarrier.arrive(v_empty.index(last % V_STAGES), count=1)
+            for j in range(1, n_blocks):
+                r = kv + j
+                st = r % K_STAGES
+                pst = (r - 1) % V_STAGES
+                mbarrier.wait(my_turn, (c + j + 1 - WG) & 1)
+                mbarrier.wait(k_full.index(st), (r // K_STAGES) & 1)
+                s_tok = warpgroup_mma(q_op, k_smem.index(st).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+                mbarrier.wait(v_full.index(pst), ((r - 1) // V_STAGES) & 1)
+                o_tok = warpgroup_mma(p_op, _v_operand(v_smem, pst, FP8), acc, is_async=True)
+                mbarrier.arrive(their_turn, count=1)
+                s = warpgroup_mma_wait(num_outstanding=1, deps=[s_tok])
+                mbarrier.arrive(k_empty.index(st), count=1)
+                offs_n = j * BLOCK_N + offs_n0
+                if (j + 1) * BLOCK_N > full_hi:
+                    p, m_new, l_i, alpha = _softmax_block(s, m_i, l_i, qk_scale, offs_m, offs_n, Mkv, diag, True,
+                                                          CAUSAL, SHIFT)
+                else:
+                    p, m_new, l_i, alpha = _softmax_block(s, m_i, l_i, qk_scale, offs_m, offs_n, Mkv, diag, False,
+                                                          CAUSAL, SHIFT)
+                if FP8:
+                    acc = warpgroup_mma_wait(num_outstanding=0, deps=[o_tok])
+                else:
+                    acc, p_op = warpgroup_mma_wait(num_outstanding=0, deps=[o_tok, p_op])
+                mbarrier.arrive(v_empty.index(pst), count=1)
+                acc = acc * gl.convert_layout(alpha, row_o)[:, None]
+                if FP8:
+                    p_op = _stage_p(p_smem.index(WG), p, dtype)
+                else:
+                    p_op = gl.convert_layout(p.to(dtype), p_layout)
+                m_i = m_new
+            mbarrier.arrive(q_empty, count=1)  # every S GEMM of the tile has completed: Q may be refilled
+            last = kv + n_blocks - 1
+            mbarrier.wait(my_turn, (c + n_blocks + 1 - WG) & 1)
+            mbarrier.wait(v_full.index(last % V_STAGES), (last // V_STAGES) & 1)
+            o_tok = warpgroup_mma(p_op, _v_operand(v_smem, last % V_STAGES, FP8), acc, is_async=True)
+            mbarrier.arrive(their_turn, count=1)
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=[o_tok])
+            mbarrier.arrive(v_empty.index(last % V_STAGES), count=1)
+            c += n_blocks + 1
+        else:
+            mbarrier.arrive(q_empty, count=1)
+        kv += n_blocks
+        i += 1
 
-    empty = l_i == 0.0
-    l_safe = gl.where(empty, 1.0, l_i)
-    out = acc * gl.convert_layout(v_scale / l_safe, row_o)[:, None]
-    lse = gl.where(empty, float("-inf"), (m_i + gl.log2(l_safe) - SHIFT) * LN2)
-    gl.store(Lse + bh.to(gl.int64) * Mq + offs_m, lse, mask=offs_m < Mq)
-    if FP8:  # a 16-bit output: a buffer of its own
-        o_buf = o_smem.index(WG)
-    else:
-        o_buf = q_op  # this warpgroup's Q buffer, no longer read, stages its O for TMA
-    o_buf.store(out.to(o_desc.dtype))
-    fence_async_shared()
-    tma.async_copy_shared_to_global(o_desc, [q_row + WG * BLOCK_M, q_col], o_buf)
+        empty = l_i == 0.0
+        l_safe = gl.where(empty, 1.0, l_i)
+        out = acc * gl.convert_layout(v_scale / l_safe, row_o)[:, None]
+        lse = gl.where(empty, float("-inf"), (m_i + gl.log2(l_safe) - SHIFT) * LN2)
+        gl.store(Lse + bh.to(gl.int64) * Mq + offs_m, lse, mask=offs_m < Mq)
+        tma.store_wait(pendings=0)  # the previous tile's O has left o_buf
+        o_buf.store(out.to(o_desc.dtype))
+        fence_async_shared()
+        tma.async_copy_shared_to_global(o_desc, [q_row + WG * BLOCK_M, q_col], o_buf)
     tma.store_wait(pendings=0)
 
 
@@ -344,92 +416,70 @@ def _pp_consumer(q_smem, k_smem, v_smem, p_smem, o_smem, q_bar, k_full, k_empty,
 def attn_fwd_gluon_pp(q_desc, k_desc, v_desc, o_desc, Lse, qk_scale, H, GROUP, Mq, Mkv,
                       q_rows_z, q_rows_h, q_cols_h, k_rows_z, k_rows_h, k_cols_h,
                       QDs, KDs, VDs, stride_qdz, stride_qdh, stride_kdz, stride_kdh, stride_vdz, stride_vdh,
-                      QD_GROUP, Hkv,
+                      QD_GROUP, Hkv, n_tiles,
                       CAUSAL: gl.constexpr, K_STAGES: gl.constexpr, V_STAGES: gl.constexpr,
                       PRODUCER_REGS: gl.constexpr, CONSUMER_REGS: gl.constexpr, FP8: gl.constexpr,
                       num_warps: gl.constexpr):
-    """The ping-pong forward: a CTA takes 2 x BLOCK_M_WG query rows (q_desc's and o_desc's block
-    is one warpgroup's BLOCK_M_WG rows), consumer warpgroup 0 in the default partition (num_warps
-    = 4), consumer warpgroup 1 and the producer in workers (CONSUMER_REGS, PRODUCER_REGS
-    registers). K and V buffers are freed when both consumers have read them (empty barriers
-    count 2). Dense; the arguments are attn_fwd_gluon's dense ones, FP8 included (e4m3 q, k,
-    v_desc over V^T, float32 descales; o_desc 16-bit)."""
+    """The ping-pong forward, persistent: CTA ``pid`` takes tiles pid, pid + grid, ... of the
+    ``n_tiles`` = B x H x (Mq / 128) tiles of 2 x BLOCK_M_WG query rows (q_desc's and o_desc's
+    block is one warpgroup's BLOCK_M_WG rows). A grid of one CTA per tile runs each tile once, as
+    a plain grid would. Consumer warpgroup 0 in the default partition (num_warps = 4), consumer
+    warpgroup 1 and the producer in workers (CONSUMER_REGS, PRODUCER_REGS registers). K and V
+    buffers are freed when both consumers have read them (empty barriers count 2), Q when both
+    have finished the tile's S GEMMs (q_empty counts 2). Dense; the arguments are
+    attn_fwd_gluon's dense ones, FP8 included (e4m3 q, k, v_desc over V^T, float32 descales;
+    o_desc 16-bit)."""
     BLOCK_M_WG: gl.constexpr = q_desc.block_type.shape[0]
     BLOCK_D: gl.constexpr = q_desc.block_type.shape[1]
     BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
-    BLOCK_M: gl.constexpr = 2 * BLOCK_M_WG
     dtype: gl.constexpr = q_desc.dtype
-
-    pid = gl.program_id(0)
-    n_mb = gl.cdiv(Mq, BLOCK_M)
-    mb = pid % n_mb
-    if CAUSAL:
-        mb = n_mb - 1 - mb
-    bh = pid // n_mb
-    z = bh // H
-    h = bh % H
-    hkv = h // GROUP
-    start_m = mb * BLOCK_M
-    q_row = z * q_rows_z + h * q_rows_h + start_m
-    q_col = h * q_cols_h
-    k_row = z * k_rows_z + hkv * k_rows_h
-    k_col = hkv * k_cols_h
-    v_scale = 1.0
-    v_row = 0
-    if FP8:  # the head's descales: one multiplier of the raw scores, one of the output
-        zz = z.to(gl.int64)
-        qk_scale = qk_scale * gl.load(QDs + zz * stride_qdz + (h // QD_GROUP) * stride_qdh) \
-            * gl.load(KDs + zz * stride_kdz + hkv * stride_kdh)
-        v_scale = gl.load(VDs + zz * stride_vdz + hkv * stride_vdh)
-        v_row = (z * Hkv + hkv) * BLOCK_D  # V^T rows of this kv head
-    diag = Mkv - Mq
-    if CAUSAL:
-        hi = gl.minimum(gl.maximum(start_m + BLOCK_M + diag, 0), Mkv)
-        full_hi = (gl.maximum(start_m + diag + 1, 0) // BLOCK_N) * BLOCK_N
-    else:
-        hi = Mkv
-        full_hi = (Mkv // BLOCK_N) * BLOCK_N
-    n_blocks = gl.cdiv(hi, BLOCK_N)
+    n_mb = gl.cdiv(Mq, 2 * BLOCK_M_WG)
 
     q_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_M_WG, BLOCK_D], q_desc.layout)
     k_smem = gl.allocate_shared_memory(dtype, [K_STAGES, BLOCK_N, BLOCK_D], k_desc.layout)
     v_smem = gl.allocate_shared_memory(dtype, [V_STAGES] + v_desc.block_type.shape, v_desc.layout)
-    if FP8:  # per warpgroup: P for P V (an 8-bit register A operand cannot cross an async wgmma), O out
+    # O out, per warpgroup: its own buffers, since the next tile's Q may already be arriving in Q's
+    o_smem = gl.allocate_shared_memory(o_desc.dtype, [2, BLOCK_M_WG, BLOCK_D], o_desc.layout)
+    if FP8:  # per warpgroup: P for P V (an 8-bit register A operand cannot cross an async wgmma)
         p_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_M_WG, BLOCK_N],
                                            gl.NVMMASharedLayout.get_default_for([BLOCK_M_WG, BLOCK_N], dtype))
-        o_smem = gl.allocate_shared_memory(o_desc.dtype, [2, BLOCK_M_WG, BLOCK_D], o_desc.layout)
     else:
         p_smem = q_smem  # not read
-        o_smem = q_smem
     q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    q_empty = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     k_full = gl.allocate_shared_memory(gl.int64, [K_STAGES, 1], mbarrier.MBarrierLayout())
     k_empty = gl.allocate_shared_memory(gl.int64, [K_STAGES, 1], mbarrier.MBarrierLayout())
     v_full = gl.allocate_shared_memory(gl.int64, [V_STAGES, 1], mbarrier.MBarrierLayout())
     v_empty = gl.allocate_shared_memory(gl.int64, [V_STAGES, 1], mbarrier.MBarrierLayout())
     mbarrier.init(q_bar, count=1)
+    mbarrier.init(q_empty, count=2)  # one arrival per consumer warpgroup
     for i in gl.static_range(2):
         mbarrier.init(turn.index(i), count=1)
     for i in gl.static_range(K_STAGES):
         mbarrier.init(k_full.index(i), count=1)
-        mbarrier.init(k_empty.index(i), count=2)  # one arrival per consumer warpgroup
+        mbarrier.init(k_empty.index(i), count=2)
     for i in gl.static_range(V_STAGES):
         mbarrier.init(v_full.index(i), count=1)
         mbarrier.init(v_empty.index(i), count=2)
     fence_async_shared()
 
     gl.warp_specialize(
-        [(_pp_consumer, (q_smem, k_smem, v_smem, p_smem, o_smem, q_bar, k_full, k_empty, v_full, v_empty, turn,
-                         o_desc, Lse, qk_scale, v_scale, start_m, Mq, Mkv, diag, full_hi, n_blocks, q_row, q_col,
-                         bh, CAUSAL, K_STAGES, V_STAGES, FP8, 0, num_warps)),
-         (_pp_consumer, (q_smem, k_smem, v_smem, p_smem, o_smem, q_bar, k_full, k_empty, v_full, v_empty, turn,
-                         o_desc, Lse, qk_scale, v_scale, start_m, Mq, Mkv, diag, full_hi, n_blocks, q_row, q_col,
-                         bh, CAUSAL, K_STAGES, V_STAGES, FP8, 1, 4)),
-         (_pp_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_full, k_empty, v_full, v_empty,
-                         q_row, q_col, k_row, k_col, v_row, n_blocks, K_STAGES, V_STAGES, FP8))],
+        [(_pp_consumer, (q_smem, k_smem, v_smem, p_smem, o_smem, q_bar, q_empty, k_full, k_empty, v_full, v_empty,
+                         turn, o_desc, Lse, qk_scale, n_tiles, n_mb, H, GROUP, Mq, Mkv, q_rows_z, q_rows_h, q_cols_h,
+                         k_rows_z, k_rows_h, k_cols_h, QDs, KDs, VDs, stride_qdz, stride_qdh, stride_kdz, stride_kdh,
+                         stride_vdz, stride_vdh, QD_GROUP, CAUSAL, K_STAGES, V_STAGES, FP8, 0, num_warps)),
+         (_pp_consumer, (q_smem, k_smem, v_smem, p_smem, o_smem, q_bar, q_empty, k_full, k_empty, v_full, v_empty,
+                         turn, o_desc, Lse, qk_scale, n_tiles, n_mb, H, GROUP, Mq, Mkv, q_rows_z, q_rows_h, q_cols_h,
+                         k_rows_z, k_rows_h, k_cols_h, QDs, KDs, VDs, stride_qdz, stride_qdh, stride_kdz, stride_kdh,
+                         stride_vdz, stride_vdh, QD_GROUP, CAUSAL, K_STAGES, V_STAGES, FP8, 1, 4)),
+         (_pp_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, q_empty, k_full, k_empty, v_full,
+                         v_empty, n_tiles, n_mb, H, GROUP, Mq, Mkv, q_rows_z, q_rows_h, q_cols_h, k_rows_z, k_rows_h,
+                         k_cols_h, Hkv, CAUSAL, K_STAGES, V_STAGES, FP8))],
         [4, 4], [CONSUMER_REGS, PRODUCER_REGS])
 
     mbarrier.invalidate(q_bar)
+    mbarrier.invalidate(q_empty)
     for i in gl.static_range(2):
         mbarrier.invalidate(turn.index(i))
     for i in gl.static_range(K_STAGES):

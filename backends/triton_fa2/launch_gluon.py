@@ -115,6 +115,13 @@ def _one(device: torch.device) -> torch.Tensor:
     return found
 
 
+def _sm_count(device: torch.device) -> int:
+    """Multiprocessors of the tensor's device (cached with its DeviceInfo): the persistent grid."""
+    from fa2dispatch.hardware import device_info
+
+    return device_info(device).multiprocessors
+
+
 def _shapes(q, k, layout: str) -> tuple[int, int, int, int, int]:
     """(B, H, Hkv, Mq, Mkv) of a dense call."""
     if layout == "bshd":
@@ -353,9 +360,11 @@ def run_pingpong(q, k, v, causal: bool, softmax_scale: float, layout: str, block
         strides, qd_group = [0] * 6, 1
     meta = {"CAUSAL": causal, "K_STAGES": k_stages, "V_STAGES": v_stages, "PRODUCER_REGS": producer_regs,
             "CONSUMER_REGS": consumer_regs, "FP8": fp8, "num_warps": 4}
-    fast_launch.launch(kernels_gluon_ws.attn_fwd_gluon_pp, (triton.cdiv(Mq, PP_BLOCK_M) * B * H,),
+    n_tiles = triton.cdiv(Mq, PP_BLOCK_M) * B * H
+    grid = (min(n_tiles, _sm_count(q.device)),)  # persistent: one CTA per SM (one fits), each several tiles
+    fast_launch.launch(kernels_gluon_ws.attn_fwd_gluon_pp, grid,
                        (qd, kd, vd, od, lse, softmax_scale * LOG2E, H, H // Hkv, Mq, Mkv, *q_rows, *k_rows,
-                        qs, ks, vs, *strides, qd_group, Hkv), meta, _KERNELS)
+                        qs, ks, vs, *strides, qd_group, Hkv, n_tiles), meta, _KERNELS)
     return out, lse
 
 

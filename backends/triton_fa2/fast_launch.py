@@ -10,9 +10,9 @@ flush (~90 us) is timed as idle GPU.
 ``launch`` calls ``fn[grid]`` the first time, and keeps the compiled kernel under a key of
 everything that selects it:
 - the kernel's name and the current device;
-- each argument as Triton specializes on it, or finer: scalars by type and value; tensors by
-  dtype and 16-byte alignment; tensor descriptors by their base's dtype and alignment, block
-  shape, shared-memory layout and padding (a descriptor's block shape is part of the compiled
+- each argument as Triton specializes on it, or finer: scalars by Python type and Triton's own
+  specialization (``_specialize``); tensors by dtype and 16-byte alignment; tensor descriptors
+  by their base's dtype and alignment, block shape, shared-memory layout and padding (a descriptor's block shape is part of the compiled
   kernel's signature: two calls that differ only there run different kernels);
 - the constexprs and options in ``meta``.
 
@@ -81,7 +81,28 @@ def _arg_key(x):
     if base is not None and hasattr(base, "data_ptr"):
         return ("desc", base.dtype, base.data_ptr() % 16 == 0, tuple(x.block_shape), getattr(x, "layout", None),
                 getattr(x, "padding", None))
-    return (type(x), x)
+    return (type(x), _specialize(x))
+
+
+def _specialize(x):
+    """How Triton specializes a scalar argument: an int as i32/i64/u64 by its range, ``1`` as a
+    constant, divisibility by 16 as an attribute; every float as fp32; a bool as u1. Keying by
+    this instead of the value lets a loop whose lengths or offsets change (decode's cache length,
+    varlen's longest sequence, dropout's offset) keep the compiled kernel Triton itself would
+    pick. Without Triton's native helper: the value itself (finer, so never a wrong kernel)."""
+    if _NATIVE is None:
+        return x
+    try:
+        return _NATIVE(_BACKEND, x, False, True, True)
+    except Exception:  # noqa: BLE001 - an argument the helper does not know: key by value
+        return x
+
+
+try:  # Triton 3.4+: the C++ specialization JITFunction.run itself uses
+    from triton._C.libtriton import native_specialize_impl as _NATIVE
+    from triton.backends.compiler import BaseBackend as _BACKEND
+except ImportError:  # pragma: no cover - older Triton
+    _NATIVE = _BACKEND = None
 
 
 def _device_and_stream() -> tuple:

@@ -193,10 +193,10 @@ def test_real_tensors_and_descriptors_key_by_what_triton_specializes_on():
 
 
 def test_scalars_share_a_key_exactly_when_triton_specializes_them_alike():
-    """A decode loop's cache length, varlen's longest sequence and dropout's offset change from
-    call to call: they must keep the compiled kernel when Triton would, and never when it would
-    compile another (1 is a constant to Triton, multiples of 16 are marked divisible, and
-    32-bit, 64-bit and unsigned 64-bit integers are different argument types)."""
+    """Sequence lengths, a varlen batch's sizes and the softmax scale change from call to call:
+    they must keep the compiled kernel when Triton would, and never when it would compile
+    another (1 is a constant to Triton, multiples of 16 are marked divisible, and 32-bit,
+    64-bit and unsigned 64-bit integers are different argument types)."""
     from triton._C.libtriton import native_specialize_impl
     from triton.backends.compiler import BaseBackend
 

@@ -87,9 +87,10 @@ def _arg_key(x):
 def _specialize(x):
     """How Triton specializes a scalar argument: an int as i32/i64/u64 by its range, ``1`` as a
     constant, divisibility by 16 as an attribute; every float as fp32; a bool as u1. Keying by
-    this instead of the value lets a loop whose lengths or offsets change (decode's cache length,
-    varlen's longest sequence, dropout's offset) keep the compiled kernel Triton itself would
-    pick. Without Triton's native helper: the value itself (finer, so never a wrong kernel)."""
+    this instead of the value lets calls whose sizes change (a new sequence length, a varlen
+    batch's total and longest sequence, another softmax scale) keep the compiled kernel that
+    Triton itself would pick. Without Triton's native helper: the value itself (finer, so never
+    a wrong kernel)."""
     if _NATIVE is None:
         return x
     try:

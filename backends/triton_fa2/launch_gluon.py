@@ -115,6 +115,26 @@ def _one(device: torch.device) -> torch.Tensor:
     return found
 
 
+def pp_schedule(n_tiles: int, n_mb: int, grid: int, causal: bool) -> list[list[tuple[int, int]]]:
+    """The ping-pong kernel's persistent schedule, in plain Python: for each CTA, the
+    (batch x head, row block) of each tile it runs, in order. It mirrors
+    ``kernels_gluon_ws._pp_rounds``, ``_pp_tile_at`` and ``_pp_tile`` for tests and for
+    reasoning about balance; the GPU tests check the kernel itself (every row of every tile
+    against float64)."""
+    n_bh = n_tiles // n_mb
+    out = []
+    for pid in range(grid):
+        full, rem = divmod(n_tiles, grid)
+        last = pid + (full & 1) * (grid - 1 - 2 * pid) if causal else pid
+        tiles = []
+        for r in range(full + (last < rem)):
+            p = pid + (r & 1) * (grid - 1 - 2 * pid) if causal else pid
+            t = r * grid + p
+            tiles.append((t % n_bh, n_mb - 1 - t // n_bh) if causal else (t // n_mb, t % n_mb))
+        out.append(tiles)
+    return out
+
+
 def _sm_count(device: torch.device) -> int:
     """Multiprocessors of the tensor's device (cached with its DeviceInfo): the persistent grid."""
     from fa2dispatch.hardware import device_info
@@ -361,12 +381,12 @@ def run_pingpong(q, k, v, causal: bool, softmax_scale: float, layout: str, block
     meta = {"CAUSAL": causal, "K_STAGES": k_stages, "V_STAGES": v_stages, "PRODUCER_REGS": producer_regs,
             "CONSUMER_REGS": consumer_regs, "FP8": fp8, "num_warps": 4}
     n_tiles = triton.cdiv(Mq, PP_BLOCK_M) * B * H
-    # Non-causal: persistent, one CTA per SM (one fits), each walking its share of equal tiles; the
-    # next tile's Q and first keys load under the current tile's tail (S=1k: 0.88x to 0.98x
-    # cuDNN, session 12). Causal tiles are unequal, and a static share of them is not: one CTA
-    # per tile lets the hardware hand the next tile to whichever SM is free (the persistent grid
-    # lost 0.93x to 0.77x at S=1k and 1.07x to 0.76x at S=16k).
-    grid = (n_tiles if causal else min(n_tiles, _sm_count(q.device)),)
+    # Persistent: one CTA per SM (one fits), each running a round of tiles at a time, so the next
+    # tile's Q and first keys load under the current tile's tail (non-causal S=1k: 0.88x to 0.99x
+    # cuDNN, session 12). Causal rounds go longest first across heads and snake
+    # (kernels_gluon_ws._pp_tile_at): a plain stride over unequal causal tiles lost (0.93x to
+    # 0.77x at S=1k, 1.07x to 0.76x at S=16k).
+    grid = (min(n_tiles, _sm_count(q.device)),)
     fast_launch.launch(kernels_gluon_ws.attn_fwd_gluon_pp, grid,
                        (qd, kd, vd, od, lse, softmax_scale * LOG2E, H, H // Hkv, Mq, Mkv, *q_rows, *k_rows,
                         qs, ks, vs, *strides, qd_group, Hkv, n_tiles), meta, _KERNELS)

@@ -66,6 +66,18 @@ def _softmax_block(s, m_i, l_i, qk_scale, offs_m, offs_n, Mkv, diag, MASK: gl.co
 
 
 @gluon.jit
+def _softmax_step(s, m_i, l_i, qk_scale, offs_m, offs_n, Mkv, diag, mask, CAUSAL: gl.constexpr,
+                  SHIFT: gl.constexpr):
+    """``_softmax_block`` with the mask chosen at run time: ``mask`` for the key blocks that reach
+    past Mkv or (causal) past the diagonal; the blocks below it skip the compare and select."""
+    if mask:
+        p, m_new, l_i, alpha = _softmax_block(s, m_i, l_i, qk_scale, offs_m, offs_n, Mkv, diag, True, CAUSAL, SHIFT)
+    else:
+        p, m_new, l_i, alpha = _softmax_block(s, m_i, l_i, qk_scale, offs_m, offs_n, Mkv, diag, False, CAUSAL, SHIFT)
+    return p, m_new, l_i, alpha
+
+
+@gluon.jit
 def _load_v(v_desc, v_bars, v_smem, buf, block, k_row, k_col, v_row, pred, BLOCK_N: gl.constexpr, FP8: gl.constexpr):
     """TMA of key block ``block`` of V (16-bit: rows of V) or V^T (fp8: columns of V^T) into ``buf``."""
     mbarrier.expect(v_bars.index(buf), v_desc.block_type.nbytes, pred=pred)
@@ -223,12 +235,8 @@ def attn_fwd_gluon(q_desc, k_desc, v_desc, o_desc, Lse, qk_scale, H, GROUP, Mq, 
         mbarrier.expect(k_bars.index(0), k_desc.block_type.nbytes, pred=refill)
         tma.async_copy_global_to_shared(k_desc, [k_row + K_STAGES * BLOCK_N, k_col], k_bars.index(0),
                                         k_smem.index(0), pred=refill)
-        if BLOCK_N > full_hi:
-            p, m_i, l_i, alpha = _softmax_block(s, m_i, l_i, qk_scale, offs_m, offs_n0, Mkv, diag, True, CAUSAL,
-                                                SHIFT)
-        else:
-            p, m_i, l_i, alpha = _softmax_block(s, m_i, l_i, qk_scale, offs_m, offs_n0, Mkv, diag, False, CAUSAL,
-                                                SHIFT)
+        p, m_i, l_i, alpha = _softmax_step(s, m_i, l_i, qk_scale, offs_m, offs_n0,
+                                           Mkv, diag, BLOCK_N > full_hi, CAUSAL, SHIFT)
         if FP8:
             p_op = _stage_p(p_smem, p, dtype)
         else:
@@ -250,12 +258,8 @@ def attn_fwd_gluon(q_desc, k_desc, v_desc, o_desc, Lse, qk_scale, H, GROUP, Mq, 
             tma.async_copy_global_to_shared(k_desc, [k_row + (j + K_STAGES) * BLOCK_N, k_col], k_bars.index(st),
                                             k_smem.index(st), pred=refill)
             offs_n = j * BLOCK_N + offs_n0
-            if (j + 1) * BLOCK_N > full_hi:
-                p, m_new, l_i, alpha = _softmax_block(s, m_i, l_i, qk_scale, offs_m, offs_n, Mkv, diag, True, CAUSAL,
-                                                      SHIFT)
-            else:
-                p, m_new, l_i, alpha = _softmax_block(s, m_i, l_i, qk_scale, offs_m, offs_n, Mkv, diag, False,
-                                                      CAUSAL, SHIFT)
+            p, m_new, l_i, alpha = _softmax_step(s, m_i, l_i, qk_scale, offs_m, offs_n,
+                                                 Mkv, diag, (j + 1) * BLOCK_N > full_hi, CAUSAL, SHIFT)
             if FP8:
                 acc = warpgroup_mma_wait(num_outstanding=0, deps=[o_tok])
             else:

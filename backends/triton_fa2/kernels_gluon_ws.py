@@ -34,7 +34,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 
-from .kernels_gluon import LN2, _load_v, _softmax_block, _stage_p, _v_operand
+from .kernels_gluon import LN2, _load_v, _softmax_step, _stage_p, _v_operand
 
 
 @gluon.jit
@@ -76,10 +76,8 @@ def _ws_consumer(q_smem, k_smem, v_smem, q_bar, k_full, k_empty, v_full, v_empty
         s_tok = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), zero_s, use_acc=False, is_async=True)
         s = warpgroup_mma_wait(num_outstanding=0, deps=[s_tok])
         mbarrier.arrive(k_empty.index(0), count=1)  # K_0 read: the producer may refill it
-        if BLOCK_N > full_hi:
-            p, m_i, l_i, alpha = _softmax_block(s, m_i, l_i, qk_scale, offs_m, offs_n0, Mkv, diag, True, CAUSAL, 0.0)
-        else:
-            p, m_i, l_i, alpha = _softmax_block(s, m_i, l_i, qk_scale, offs_m, offs_n0, Mkv, diag, False, CAUSAL, 0.0)
+        p, m_i, l_i, alpha = _softmax_step(s, m_i, l_i, qk_scale, offs_m, offs_n0,
+                                           Mkv, diag, BLOCK_N > full_hi, CAUSAL, 0.0)
         p_op = gl.convert_layout(p.to(dtype), p_layout)
         for j in range(1, n_blocks):
             st = j % K_STAGES
@@ -91,12 +89,8 @@ def _ws_consumer(q_smem, k_smem, v_smem, q_bar, k_full, k_empty, v_full, v_empty
             s = warpgroup_mma_wait(num_outstanding=1, deps=[s_tok])
             mbarrier.arrive(k_empty.index(st), count=1)
             offs_n = j * BLOCK_N + offs_n0
-            if (j + 1) * BLOCK_N > full_hi:
-                p, m_new, l_i, alpha = _softmax_block(s, m_i, l_i, qk_scale, offs_m, offs_n, Mkv, diag, True, CAUSAL,
-                                                      0.0)
-            else:
-                p, m_new, l_i, alpha = _softmax_block(s, m_i, l_i, qk_scale, offs_m, offs_n, Mkv, diag, False,
-                                                      CAUSAL, 0.0)
+            p, m_new, l_i, alpha = _softmax_step(s, m_i, l_i, qk_scale, offs_m, offs_n,
+                                                 Mkv, diag, (j + 1) * BLOCK_N > full_hi, CAUSAL, 0.0)
             acc, p_op = warpgroup_mma_wait(num_outstanding=0, deps=[o_tok, p_op])
             mbarrier.arrive(v_empty.index(pst), count=1)  # V_{j-1} read
             acc = acc * gl.convert_layout(alpha, row_o)[:, None]
@@ -134,22 +128,9 @@ def attn_fwd_gluon_ws(q_desc, k_desc, v_desc, o_desc, Lse, qk_scale, H, GROUP, M
     if CAUSAL:
         mb = n_mb - 1 - mb
     bh = pid // n_mb
-    z = bh // H
-    h = bh % H
-    hkv = h // GROUP
-    start_m = mb * BLOCK_M
-    q_row = z * q_rows_z + h * q_rows_h + start_m
-    q_col = h * q_cols_h
-    k_row = z * k_rows_z + hkv * k_rows_h
-    k_col = hkv * k_cols_h
-    diag = Mkv - Mq
-    if CAUSAL:
-        hi = gl.minimum(gl.maximum(start_m + BLOCK_M + diag, 0), Mkv)
-        full_hi = (gl.maximum(start_m + diag + 1, 0) // BLOCK_N) * BLOCK_N
-    else:
-        hi = Mkv
-        full_hi = (Mkv // BLOCK_N) * BLOCK_N
-    n_blocks = gl.cdiv(hi, BLOCK_N)
+    _, _, _, start_m, q_row, q_col, k_row, k_col, diag, full_hi, n_blocks = _tile_coords(
+        bh, mb, H, GROUP, Mq, Mkv, q_rows_z, q_rows_h, q_cols_h, k_rows_z, k_rows_h, k_cols_h, BLOCK_M, BLOCK_N,
+        CAUSAL)
 
     q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, BLOCK_D], q_desc.layout)
     k_smem = gl.allocate_shared_memory(dtype, [K_STAGES, BLOCK_N, BLOCK_D], k_desc.layout)
@@ -227,19 +208,11 @@ def _pp_tile_at(r, CAUSAL: gl.constexpr):
 
 
 @gluon.jit
-def _pp_tile(tile, n_mb, H, GROUP, Mq, Mkv, q_rows_z, q_rows_h, q_cols_h, k_rows_z, k_rows_h, k_cols_h,
-             n_tiles, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr):
-    """Where tile ``tile`` lies. Non-causal: consecutive tiles walk one head's row blocks, then
-    the next (batch, head), so the CTAs running at once share a few heads' K and V in L2.
-    Causal: longest first across all heads; tiles 0 .. B*H - 1 are every head's last row
-    block, and so on."""
-    if CAUSAL:
-        n_bh = n_tiles // n_mb
-        mb = n_mb - 1 - tile // n_bh
-        bh = tile % n_bh
-    else:
-        mb = tile % n_mb
-        bh = tile // n_mb
+def _tile_coords(bh, mb, H, GROUP, Mq, Mkv, q_rows_z, q_rows_h, q_cols_h, k_rows_z, k_rows_h, k_cols_h,
+                 BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr):
+    """Row block mb of (batch x head) bh: its batch, head and kv head, first row, descriptor
+    coordinates, the causal offset diag, the keys below which no block needs a mask (full_hi),
+    and the number of key blocks it sees."""
     z = bh // H
     h = bh % H
     hkv = h // GROUP
@@ -255,7 +228,26 @@ def _pp_tile(tile, n_mb, H, GROUP, Mq, Mkv, q_rows_z, q_rows_h, q_cols_h, k_rows
     else:
         hi = Mkv
         full_hi = (Mkv // BLOCK_N) * BLOCK_N
-    n_blocks = gl.cdiv(hi, BLOCK_N)
+    return z, h, hkv, start_m, q_row, q_col, k_row, k_col, diag, full_hi, gl.cdiv(hi, BLOCK_N)
+
+
+@gluon.jit
+def _pp_tile(tile, n_mb, H, GROUP, Mq, Mkv, q_rows_z, q_rows_h, q_cols_h, k_rows_z, k_rows_h, k_cols_h,
+             n_tiles, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr):
+    """Where tile ``tile`` lies (``_tile_coords`` of its (batch x head, row block)). Non-causal:
+    consecutive tiles walk one head's row blocks, then the next (batch, head), so the CTAs
+    running at once share a few heads' K and V in L2. Causal: longest first across all heads;
+    tiles 0 .. B*H - 1 are every head's last row block, and so on."""
+    if CAUSAL:
+        n_bh = n_tiles // n_mb
+        mb = n_mb - 1 - tile // n_bh
+        bh = tile % n_bh
+    else:
+        mb = tile % n_mb
+        bh = tile // n_mb
+    z, h, hkv, start_m, q_row, q_col, k_row, k_col, diag, full_hi, n_blocks = _tile_coords(
+        bh, mb, H, GROUP, Mq, Mkv, q_rows_z, q_rows_h, q_cols_h, k_rows_z, k_rows_h, k_cols_h, BLOCK_M, BLOCK_N,
+        CAUSAL)
     return z, h, hkv, bh, start_m, q_row, q_col, k_row, k_col, diag, full_hi, n_blocks
 
 
@@ -275,7 +267,7 @@ def _pp_producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, q_empty,
     i = 0
     for r in range(_pp_rounds(n_tiles, CAUSAL)):
         tile = _pp_tile_at(r, CAUSAL)
-        z, h, hkv, bh, start_m, q_row, q_col, k_row, k_col, diag, full_hi, n_blocks = _pp_tile(
+        z, _h, hkv, _bh, _start_m, q_row, q_col, k_row, k_col, _diag, _full_hi, n_blocks = _pp_tile(
             tile, n_mb, H, GROUP, Mq, Mkv, q_rows_z, q_rows_h, q_cols_h, k_rows_z, k_rows_h, k_cols_h,
             n_tiles, 2 * BLOCK_M_WG, BLOCK_N, CAUSAL)
         v_row = (z * Hkv + hkv) * BLOCK_D  # fp8: V^T rows of this kv head
@@ -358,7 +350,7 @@ def _pp_consumer(q_smem, k_smem, v_smem, p_smem, o_smem, q_bar, q_empty, k_full,
     i = 0
     for r in range(_pp_rounds(n_tiles, CAUSAL)):
         tile = _pp_tile_at(r, CAUSAL)
-        z, h, hkv, bh, start_m, q_row, q_col, k_row, k_col, diag, full_hi, n_blocks = _pp_tile(
+        z, h, hkv, bh, start_m, q_row, q_col, _k_row, _k_col, diag, full_hi, n_blocks = _pp_tile(
             tile, n_mb, H, GROUP, Mq, Mkv, q_rows_z, q_rows_h, q_cols_h, k_rows_z, k_rows_h, k_cols_h,
             n_tiles, 2 * BLOCK_M, BLOCK_N, CAUSAL)
         qk_scale = qk_scale0
@@ -381,12 +373,8 @@ def _pp_consumer(q_smem, k_smem, v_smem, p_smem, o_smem, q_bar, q_empty, k_full,
             mbarrier.arrive(their_turn, count=1)
             s = warpgroup_mma_wait(num_outstanding=0, deps=[s_tok])
             mbarrier.arrive(k_empty.index(kv % K_STAGES), count=1)  # this warpgroup's read of K_0 is done
-            if BLOCK_N > full_hi:
-                p, m_i, l_i, alpha = _softmax_block(s, m_i, l_i, qk_scale, offs_m, offs_n0, Mkv, diag, True, CAUSAL,
-                                                    SHIFT)
-            else:
-                p, m_i, l_i, alpha = _softmax_block(s, m_i, l_i, qk_scale, offs_m, offs_n0, Mkv, diag, False,
-                                                    CAUSAL, SHIFT)
+            p, m_i, l_i, alpha = _softmax_step(s, m_i, l_i, qk_scale, offs_m, offs_n0,
+                                               Mkv, diag, BLOCK_N > full_hi, CAUSAL, SHIFT)
             if FP8:
                 p_op = _stage_p(p_smem.index(WG), p, dtype)
             else:
@@ -404,12 +392,8 @@ def _pp_consumer(q_smem, k_smem, v_smem, p_smem, o_smem, q_bar, q_empty, k_full,
                 s = warpgroup_mma_wait(num_outstanding=1, deps=[s_tok])
                 mbarrier.arrive(k_empty.index(st), count=1)
                 offs_n = j * BLOCK_N + offs_n0
-                if (j + 1) * BLOCK_N > full_hi:
-                    p, m_new, l_i, alpha = _softmax_block(s, m_i, l_i, qk_scale, offs_m, offs_n, Mkv, diag, True,
-                                                          CAUSAL, SHIFT)
-                else:
-                    p, m_new, l_i, alpha = _softmax_block(s, m_i, l_i, qk_scale, offs_m, offs_n, Mkv, diag, False,
-                                                          CAUSAL, SHIFT)
+                p, m_new, l_i, alpha = _softmax_step(s, m_i, l_i, qk_scale, offs_m, offs_n,
+                                                     Mkv, diag, (j + 1) * BLOCK_N > full_hi, CAUSAL, SHIFT)
                 if FP8:
                     acc = warpgroup_mma_wait(num_outstanding=0, deps=[o_tok])
                 else:

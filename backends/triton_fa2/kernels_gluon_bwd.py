@@ -142,7 +142,8 @@ def attn_bwd_dkdv_gluon(q_desc, k_desc, v_desc, do_desc, Lse, Delta, DK, DV, qk_
         ds = p * (dp - delta[None, :])
         ds_op = gl.convert_layout(ds.to(dtype), a_layout)
         dk_tok = warpgroup_mma(ds_op, q_buf, dk, is_async=True)
-        dv, dk = warpgroup_mma_wait(num_outstanding=0, deps=[dv_tok, dk_tok])
+        # P^T and dS^T are register operands of the async wgmmas: kept alive (deps) until they complete
+        dv, dk, p_op, ds_op = warpgroup_mma_wait(num_outstanding=0, deps=[dv_tok, dk_tok, p_op, ds_op])
         if num_warps > 4:
             gl.thread_barrier()  # the other warpgroup's wgmmas on this buffer have completed too
         # every wgmma reading this step's buffer has completed: refill it with step t + STAGES

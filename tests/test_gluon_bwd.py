@@ -89,3 +89,91 @@ def test_gluon_dkdv_refuses_what_it_cannot_take():
     with pytest.raises(ValueError, match="D=96"):
         x = torch.zeros(1, 2, 256, 96, device="cuda", dtype=torch.float16)
         launch_gluon_bwd.dkdv(x, x, x, x, lse, lse, False, 0.1, "bhsd", 64, 4)
+
+
+def _bwd_problem(Mq=4096, Mkv=4096, D=128, dtype=torch.float16, **kw):
+    from fa2dispatch.problem import AttentionProblem
+
+    return AttentionProblem(B=4, H=16, Hkv=16, Mq=Mq, Mkv=Mkv, D=D, dtype=dtype, device=torch.device("cpu"),
+                            layout="bhsd", causal=True, softmax_scale=D**-0.5, requires_grad=True, **kw)
+
+
+@pytest.mark.parametrize("level, expected", [("quick", 1), ("default", 2), ("full", 8)])
+def test_the_tuner_offers_gluon_dkdv_configs_on_sm90_where_they_fit(level, expected):
+    """Backward buckets on the H100 get bwd_kernel="gluon" candidates (the dQ kernel keeps the
+    base's blocks); none where the blocks do not divide the lengths, with features, at other
+    head dims, or off sm_90 (those would only time the plain kernel again)."""
+    from dataclasses import replace
+
+    from fa2dispatch.autotune.space import candidates
+    from fa2dispatch.hardware import simulated_device
+
+    h100 = simulated_device("h100")
+
+    def gluon(problem, device=h100, lvl=level):
+        keep, pruned = candidates(problem, device, ["triton"], lvl)
+        assert not [c for c, _ in pruned if c.config.bwd_kernel == "gluon"]
+        return [c.config for c in keep if c.config.bwd_kernel == "gluon"]
+
+    configs = gluon(_bwd_problem())
+    assert len(configs) == expected
+    for c in configs:
+        assert c.dkdv_block_n == 16 * c.dkdv_num_warps and c.dkdv_block_m in (32, 64)
+    assert len(gluon(_bwd_problem(D=64, dtype=torch.bfloat16))) == expected
+    assert gluon(_bwd_problem(Mq=1000, Mkv=1000)) == []
+    assert gluon(_bwd_problem(D=96)) == []
+    assert gluon(_bwd_problem(window=(128, 0))) == []
+    assert gluon(_bwd_problem(), replace(h100, capability=(8, 0), arch="sm_80")) == []
+
+
+def test_problem_reasons_name_what_the_gluon_dkdv_kernel_cannot_take():
+    from fa2dispatch.backends.triton_fa2 import launch_gluon_bwd
+    from fa2dispatch.backends.triton_fa2.config import TritonConfig
+    from fa2dispatch.hardware import simulated_device
+
+    h100 = simulated_device("h100")
+    good = TritonConfig(bwd_kernel="gluon", dkdv_block_m=32, dkdv_block_n=64, dkdv_num_warps=4)
+    assert launch_gluon_bwd.problem_reasons(_bwd_problem(), good, h100) == []
+    assert "Mq=1000" in " ".join(launch_gluon_bwd.problem_reasons(_bwd_problem(Mq=1000, Mkv=1000), good, h100))
+    assert "D=96" in " ".join(launch_gluon_bwd.problem_reasons(_bwd_problem(D=96), good, h100))
+    assert "softcap" in " ".join(launch_gluon_bwd.problem_reasons(_bwd_problem(softcap=30.0), good, h100))
+    bad = TritonConfig(bwd_kernel="gluon", dkdv_block_m=32, dkdv_block_n=128, dkdv_num_warps=4)
+    assert "dkdv_block_n=128" in " ".join(launch_gluon_bwd.problem_reasons(_bwd_problem(), bad, h100))
+    assert "sm_90" in " ".join(launch_gluon_bwd.problem_reasons(_bwd_problem(), good, simulated_device("a100")))
+
+
+@pytest.mark.gpu
+def test_the_backend_backward_runs_the_gluon_dkdv_kernel_for_its_configs(monkeypatch):
+    """TritonBackend.backward with a bwd_kernel="gluon" config: the Gluon dK/dV kernel runs
+    (spied) and dq, dk, dv match float64; a call its blocks do not divide runs the plain kernel
+    with the same blocks, and is right too."""
+    from fa2dispatch.backends import BACKENDS
+    from fa2dispatch.backends.triton_fa2 import launch_gluon_bwd
+    from fa2dispatch.backends.triton_fa2.config import TritonConfig
+    from fa2dispatch.problem import make_problem
+
+    if device_info(torch.device("cuda")).capability != (9, 0):
+        pytest.skip("the Gluon backward is sm_90 code")
+    calls = []
+    real = launch_gluon_bwd.run_dkdv
+    monkeypatch.setattr(launch_gluon_bwd, "run_dkdv", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    backend = BACKENDS["triton"]
+    config = TritonConfig(block_m=64, block_n=64, num_warps=4, num_stages=2, dkdv_block_m=32, dkdv_block_n=64,
+                          dq_block_m=64, dq_block_n=64, bwd_num_warps=4, bwd_num_stages=2, dkdv_num_warps=4,
+                          bwd_kernel="gluon")
+    for Mq, ran in ((512, [1]), (200, [])):
+        calls.clear()
+        case = Case(2, 4, 2, Mq, Mq, 128, torch.float16, True, "bshd")
+        q, k, v, dout = make_inputs(case, device="cuda", seed=3, requires_grad=False)
+        problem = make_problem(q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), causal=True,
+                               layout="bshd")
+        q, k, v = (t.detach() for t in (q, k, v))
+        out, lse = backend.forward(problem, q, k, v, config)
+        grads = backend.backward(problem, dout, q, k, v, out, lse, config)
+        torch.cuda.synchronize()
+        truth = math_with_grads(q, k, v, dout, case, torch.float64)
+        low = math_with_grads(q, k, v, dout, case, torch.float16)
+        magnitude = max_magnitude(truth[0], *truth[2:])
+        for name, ours, t, lp in zip(("dq", "dk", "dv"), grads, truth[2:], low[2:]):
+            check_close(f"{name} (Mq={Mq})", ours, t, lp, magnitude)
+        assert calls == ran, Mq

@@ -1,8 +1,9 @@
 """Launcher of the Gluon dK/dV kernel (``kernels_gluon_bwd.attn_bwd_dkdv_gluon``; session 12,
-branch ``s12-gluon-dkdv``, never run on a GPU yet). Not wired into the dispatcher: the
-backward still runs ``kernels.attn_bwd_dkdv``. ``dkdv`` takes what ``launch.backward`` has
-computed before its dK/dV launch (lse, delta), so a test or a sweep can put the two kernels
-side by side; ``tools/sweep_gluon_bwd.py`` times them."""
+branch ``s12-gluon-dkdv``, never run on a GPU yet). ``launch.backward`` runs it for configs
+with ``bwd_kernel="gluon"`` (tuner candidates on sm_90, not a default) when ``problem_reasons``
+and ``tensor_reasons`` allow, else the plain kernel with the same blocks. ``dkdv`` (checked)
+takes what ``launch.backward`` has computed before its dK/dV launch (lse, delta), so a test or
+a sweep can put the two kernels side by side; ``tools/sweep_gluon_bwd.py`` times them."""
 
 from __future__ import annotations
 
@@ -14,6 +15,13 @@ from .launch_hopper import _tma_view
 
 LOG2E = 1.4426950408889634
 _KERNELS: dict = {}
+
+
+def tensor_reasons(q, k, v, dout, layout: str) -> list[str]:
+    """The tensors' strides: each needs a descriptor view (``launch_hopper._tma_view``)."""
+    return [f"{name}: strides {tuple(t.stride())} (a tensor descriptor needs a 16-byte aligned base, last "
+            "stride 1 and rows of one (batch, head) consecutive)"
+            for name, t in (("q", q), ("k", k), ("v", v), ("dout", dout)) if _tma_view(t, layout) is None]
 
 
 def dkdv_reasons(q, k, v, dout, causal: bool, softmax_scale: float, layout: str, block_m: int,
@@ -33,10 +41,29 @@ def dkdv_reasons(q, k, v, dout, causal: bool, softmax_scale: float, layout: str,
                    f"{16 * num_warps} keys)")
     if not softmax_scale > 0:
         why.append(f"softmax_scale={softmax_scale} (supported: > 0)")
-    for name, t in (("q", q), ("k", k), ("v", v), ("dout", dout)):
-        if _tma_view(t, layout) is None:
-            why.append(f"{name}: strides {tuple(t.stride())} (a tensor descriptor needs a 16-byte aligned base, "
-                       "last stride 1 and rows of one (batch, head) consecutive)")
+    return why + tensor_reasons(q, k, v, dout, layout)
+
+
+def problem_reasons(problem, config, device) -> list[str]:
+    """Why ``config`` (bwd_kernel "gluon") cannot run this problem's dK/dV through the Gluon
+    kernel; ``launch.backward`` then runs the plain kernel with the same blocks."""
+    why = []
+    if device.vendor != "nvidia" or device.capability != (9, 0):
+        why.append("the Gluon dK/dV kernel is sm_90 code")
+    if problem.dtype not in (torch.float16, torch.bfloat16) or problem.D not in (64, 128):
+        why.append(f"dtype={problem.dtype} D={problem.D} (supported: float16/bfloat16, D 64 or 128)")
+    if problem.feature_names:
+        why.append(f"features {', '.join(problem.feature_names)} (supported: none)")
+    m, w = config.dkdv_block_m, config.dkdv_num_warps or config.bwd_num_warps
+    if m not in (32, 64) or w not in (4, 8) or config.dkdv_block_n != 16 * w:
+        why.append(f"dkdv_block_m={m} dkdv_block_n={config.dkdv_block_n} warps={w} (supported: block_m 32 or "
+                   "64, 4 or 8 warps, dkdv_block_n = 16 x warps)")
+    elif problem.Mq % m or problem.Mkv % config.dkdv_block_n:
+        why.append(f"Mq={problem.Mq} Mkv={problem.Mkv} (supported: multiples of {m} and {config.dkdv_block_n})")
+    if not problem.softmax_scale > 0:
+        why.append(f"softmax_scale={problem.softmax_scale} (supported: > 0)")
+    if problem.B * problem.H * max(problem.Mq, problem.Mkv) >= 2**31:
+        why.append("more than 2^31 rows (tensor-descriptor coordinates are 32-bit)")
     return why
 
 
@@ -44,11 +71,18 @@ def dkdv(q, k, v, dout, lse, delta, causal: bool, softmax_scale: float, layout: 
          num_warps: int = 4, stages: int = 2):
     """(dk, dv) of a dense 16-bit call: lse (B, H, Mq) natural log, delta (B, H, Mq) as
     ``launch.backward`` computes it. Checked (``dkdv_reasons``)."""
-    from . import fast_launch, kernels_gluon_bwd
-
     why = dkdv_reasons(q, k, v, dout, causal, softmax_scale, layout, block_m, num_warps)
     if why:
         raise ValueError("the Gluon dK/dV kernel cannot run this call: " + "; ".join(why))
+    return run_dkdv(q, k, v, dout, lse, delta, causal, softmax_scale, layout, block_m, num_warps, stages)
+
+
+def run_dkdv(q, k, v, dout, lse, delta, causal: bool, softmax_scale: float, layout: str, block_m: int,
+             num_warps: int, stages: int):
+    """``dkdv`` without its checks (``launch.backward`` has asked ``problem_reasons`` and
+    ``tensor_reasons``), through fast_launch."""
+    from . import fast_launch, kernels_gluon_bwd
+
     B, H, Hkv, Mq, Mkv = _shapes(q, k, layout)
     block_n = 16 * num_warps
     qd, q_rows = _desc(q, layout, block_m)

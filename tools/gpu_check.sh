@@ -17,6 +17,7 @@
 #   CUPY_SWEEP_ARGS="--seqlens 2048 --variants 'a:;b:fwd_stages=4'" ... # also run tools/sweep_cupy.py
 #   GLUON_SWEEP_ARGS="--head-dims 128 --configs 64:64:2:1:4:0" ...     # also run tools/sweep_gluon.py
 #   VARLEN_BENCH_ARGS="--dtypes float16 --unequal" ...                 # also run tools/bench_varlen.py
+#   GLUON_BWD_SWEEP_ARGS="--head-dims 128 --seqlens 4096" ...           # also run tools/sweep_gluon_bwd.py
 #   RETUNE_DEADLINE=300 ...                                             # last: tools/retune_shipped.sh
 #
 # Everything worth keeping lands in $OUT/results.tar.gz (the device tool returns at most 8
@@ -159,6 +160,14 @@ if [ -n "${GLUON_SWEEP_ARGS:-}" ]; then
     PYTHONUNBUFFERED=1 timeout "${GLUON_SWEEP_TIMEOUT:-240}" python3 tools/sweep_gluon.py --json "$OUT/sweep_gluon.json" \
         "${gluon_args[@]}" 2>&1 | tee "$OUT/sweep_gluon.log"
     echo "gluon sweep exit ${PIPESTATUS[0]}"
+fi
+if [ -n "${GLUON_BWD_SWEEP_ARGS:-}" ]; then
+    echo "== Gluon dK/dV sweep"
+    read -r -a gluon_bwd_args <<< "$GLUON_BWD_SWEEP_ARGS"
+    # never run on a GPU before session 13: under a timeout, as the Gluon forwards were
+    PYTHONUNBUFFERED=1 timeout "${GLUON_SWEEP_TIMEOUT:-240}" python3 tools/sweep_gluon_bwd.py "${gluon_bwd_args[@]}" 2>&1 \
+        | tee "$OUT/sweep_gluon_bwd.log"
+    echo "gluon bwd sweep exit ${PIPESTATUS[0]}"
 fi
 if [ -n "${VARLEN_BENCH_ARGS:-}" ]; then
     echo "== benchmark: varlen against dense"

@@ -208,20 +208,47 @@ def backward(problem: AttentionProblem, dout, q, k, v, out, lse, dlse, config: T
     if dlse is not None:
         delta.sub_(dlse)
 
-    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
-    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
-    _launch(kernels.attn_bwd_dkdv, (triton.cdiv(Mkv, config.dkdv_block_n) * B * Hkv,), (
-        q, k, v, dout, lse, delta, corr, dk, dv, qk_scale, problem.softmax_scale,
-        *_strides(q, layout), *_strides(k, layout), *_strides(v, layout), *_strides(dout, layout),
-        *_strides(dk, layout), *_strides(dv, layout), *lse_strides,
-        H, Hkv, problem.group, Mq, Mkv, *fargs,
-    ), dict(
-        CAUSAL=problem.causal, HEAD_DIM=D, BLOCK_D=bd,
-        BLOCK_M=config.dkdv_block_m, BLOCK_N=config.dkdv_block_n, DOT_PRECISION=precision, **fconst,
-        RENORM=renorm, INT64_ROWS=int64_rows, **config.launch_options(device.vendor, backward=True, dkdv=True),
-    ))
+    if config.bwd_kernel == "gluon" and _gluon_dkdv_takes(problem, config, device, q, k, v, dout, lse, int64_rows):
+        from . import launch_gluon_bwd
+
+        dk, dv = launch_gluon_bwd.run_dkdv(q, k, v, dout, lse, delta, problem.causal, problem.softmax_scale, layout,
+                                           config.dkdv_block_m, config.dkdv_num_warps or config.bwd_num_warps,
+                                           config.bwd_num_stages)
+    else:
+        dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+        dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+        _launch(kernels.attn_bwd_dkdv, (triton.cdiv(Mkv, config.dkdv_block_n) * B * Hkv,), (
+            q, k, v, dout, lse, delta, corr, dk, dv, qk_scale, problem.softmax_scale,
+            *_strides(q, layout), *_strides(k, layout), *_strides(v, layout), *_strides(dout, layout),
+            *_strides(dk, layout), *_strides(dv, layout), *lse_strides,
+            H, Hkv, problem.group, Mq, Mkv, *fargs,
+        ), dict(
+            CAUSAL=problem.causal, HEAD_DIM=D, BLOCK_D=bd,
+            BLOCK_M=config.dkdv_block_m, BLOCK_N=config.dkdv_block_n, DOT_PRECISION=precision, **fconst,
+            RENORM=renorm, INT64_ROWS=int64_rows, **config.launch_options(device.vendor, backward=True, dkdv=True),
+        ))
     _launch(kernels.attn_bwd_dq, dq_grid, dq_args, dict(dq_meta, DELTA_ONLY=False))
     return dq, dk, dv
+
+
+_GLUON_DKDV_OK: dict = {}  # (problem, config) -> whether the Gluon dK/dV kernel takes it (bounded)
+
+
+def _gluon_dkdv_takes(problem: AttentionProblem, config: TritonConfig, device: DeviceInfo, q, k, v, dout, lse,
+                      int64_rows: bool) -> bool:
+    """Whether ``config``'s Gluon dK/dV kernel runs this call (launch_gluon_bwd's problem and
+    tensor reasons; lse contiguous (B, H, Mq) as every dense forward stores it); else the plain
+    kernel runs with the same blocks."""
+    from . import launch_gluon_bwd
+
+    key = (problem, config)
+    ok = _GLUON_DKDV_OK.get(key)
+    if ok is None:
+        if len(_GLUON_DKDV_OK) >= 1024:
+            _GLUON_DKDV_OK.clear()
+        ok = _GLUON_DKDV_OK[key] = not launch_gluon_bwd.problem_reasons(problem, config, device)
+    return (ok and not int64_rows and lse.is_contiguous()
+            and not launch_gluon_bwd.tensor_reasons(q, k, v, dout, problem.layout))
 
 
 MAX_PROGRAMS = 2**31 - 1  # gridDim.x; the program id is a 32-bit int

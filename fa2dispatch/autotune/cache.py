@@ -59,7 +59,8 @@ SOFT_FIELDS = ("driver", "toolkit", "torch", "triton", "cupy")
 KERNEL_SOURCES = {
     "triton": ("triton_fa2/kernels.py", "triton_fa2/launch.py", "triton_fa2/dropout.py",
                "triton_fa2/kernels_hopper.py", "triton_fa2/launch_hopper.py",
-               "triton_fa2/kernels_gluon.py", "triton_fa2/kernels_gluon_ws.py", "triton_fa2/launch_gluon.py"),
+               "triton_fa2/kernels_gluon.py", "triton_fa2/kernels_gluon_ws.py", "triton_fa2/launch_gluon.py",
+               "triton_fa2/kernels_gluon_bwd.py", "triton_fa2/launch_gluon_bwd.py"),
     "cupy": ("cupy_cuda/*.cu", "cupy_cuda/*.cuh", "cupy_cuda/launch.py"),
     "triton-fp8": ("triton_fp8/*.py", "triton_fa2/kernels_gluon.py", "triton_fa2/kernels_gluon_ws.py",
                    "triton_fa2/launch_gluon.py"),

@@ -63,6 +63,14 @@ _NV_GLUON_PP_FWD = {
     "default": [(128, 2, 2, 240), (128, 2, 2, 232)],
     "full": [(n, k, v, r) for n in (128, 64) for k in (2, 3) for v in (2, 1) for r in (240, 232)],
 }
+# The sm_90 Gluon dK/dV kernel (kernels_gluon_bwd.py): (query rows per step, warps = keys / 16,
+# Q/dO buffers); the dQ kernel keeps the base's blocks. Offline: no spills at D=128 with 32 rows
+# per step (215 registers, two CTAs per SM), at D=64 with 64 (launch_gluon_bwd.compile_dkdv_sm90).
+_NV_GLUON_BWD = {
+    "quick": [(32, 4, 2)],
+    "default": [(32, 4, 2), (64, 4, 2)],
+    "full": [(m, w, s) for m in (32, 64) for w in (4, 8) for s in (2, 3)],
+}
 # Backward (dkdv_block_m, dkdv_block_n, bwd_num_warps, bwd_num_stages[, dkdv_num_warps]); the
 # dQ kernel takes the transposed blocks (dq_block_m = dkdv_block_n, dq_block_n = dkdv_block_m),
 # as in FA2. (64, 64, 4, 2, 8): dK/dV with 8 warps, spill-free at D=128, dQ with 4
@@ -170,6 +178,13 @@ def _triton_configs(problem: AttentionProblem, device: DeviceInfo, level: str,
                 continue  # the same launch as dkdv_num_warps=0
             out.append(replace(base, dkdv_block_m=m, dkdv_block_n=n, dq_block_m=n, dq_block_n=m,
                                bwd_num_warps=w, bwd_num_stages=s, dkdv_num_warps=dkdv_w[0] if dkdv_w else 0))
+        gluon_bwd = (device.vendor == "nvidia" and device.capability == (9, 0) and problem.D in (64, 128)
+                     and problem.dtype in (torch.float16, torch.bfloat16) and not problem.feature_names)
+        for m, w, s in (_NV_GLUON_BWD[level] if gluon_bwd else ()):
+            if problem.Mq % m or problem.Mkv % (16 * w):
+                continue  # the backend would run the plain kernel with these blocks instead
+            out.append(replace(base, bwd_kernel="gluon", dkdv_block_m=m, dkdv_block_n=16 * w, dkdv_num_warps=w,
+                               bwd_num_stages=s))
     return list(dict.fromkeys(out))  # order kept, duplicates (base == default) dropped
 
 

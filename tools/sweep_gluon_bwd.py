@@ -17,6 +17,28 @@ from __future__ import annotations
 import argparse
 
 
+def _without_dkdv(launch, kernels, problem, dout, q, k, v, out, lse, config, info):
+    """launch.backward with its plain dK/dV launch skipped: the rest of the backward's time.
+    Launches go through ``launch._launch`` (fast_launch) where it exists, else ``fn[grid]``."""
+    real_kernel = kernels.attn_bwd_dkdv
+    real_launch = getattr(launch, "_launch", None)
+
+    class _Skip:
+        def __getitem__(self, grid):
+            return lambda *a, **kw: None
+
+    if real_launch is not None:
+        launch._launch = lambda fn, *a, **kw: None if fn is real_kernel else real_launch(fn, *a, **kw)
+    else:
+        kernels.attn_bwd_dkdv = _Skip()
+    try:
+        return launch.backward(problem, dout, q, k, v, out, lse, None, config, info)
+    finally:
+        kernels.attn_bwd_dkdv = real_kernel
+        if real_launch is not None:
+            launch._launch = real_launch
+
+
 def main(argv=None) -> int:
     import torch
     from fa2dispatch.backends.triton_fa2 import kernels, launch, launch_gluon_bwd
@@ -54,18 +76,8 @@ def main(argv=None) -> int:
         out, lse = launch.forward(problem, q, k, v, tcfg, info)
         full = do_bench(lambda: launch.backward(problem, dout, q, k, v, out, lse, None, tcfg, info),
                         warmup=25, rep=200, return_mode="median")
-        real = kernels.attn_bwd_dkdv
-
-        class _Skip:
-            def __getitem__(self, grid):
-                return lambda *a, **kw: None
-
-        kernels.attn_bwd_dkdv = _Skip()
-        try:
-            rest = do_bench(lambda: launch.backward(problem, dout, q, k, v, out, lse, None, tcfg, info),
-                            warmup=25, rep=200, return_mode="median")
-        finally:
-            kernels.attn_bwd_dkdv = real
+        rest = do_bench(lambda: _without_dkdv(launch, kernels, problem, dout, q, k, v, out, lse, tcfg, info),
+                        warmup=25, rep=200, return_mode="median")
         _, dk_t, dv_t = launch.backward(problem, dout, q, k, v, out, lse, None, tcfg, info)
         delta = (dout.float() * out.float()).sum(-1).contiguous()
         qg, kg, vg = (t.detach().clone().requires_grad_() for t in (q, k, v))

@@ -46,7 +46,7 @@ def main(argv=None) -> int:
 
     out = fwd()
     print(f"B={B} H={H} S={S} D={D} causal={args.causal} backend={args.backend}")
-    print(fa2dispatch.explain(q, k, v, causal=args.causal, layout="bhsd"))
+    print(fa2dispatch.explain(q, k, v, causal=args.causal, layout="bhsd", backend=args.backend))
 
     def bwd():
         for t in (q, k, v):

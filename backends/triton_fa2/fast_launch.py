@@ -12,8 +12,9 @@ everything that selects it:
 - the kernel's name and the current device;
 - each argument as Triton specializes on it, or finer: scalars by Python type and Triton's own
   specialization (``_specialize``); tensors by dtype and 16-byte alignment; tensor descriptors
-  by their base's dtype and alignment, block shape, shared-memory layout and padding (a descriptor's block shape is part of the compiled
-  kernel's signature: two calls that differ only there run different kernels);
+  by their base's dtype and alignment, block shape, shared-memory layout and padding (a
+  descriptor's block shape is part of the compiled kernel's signature: two calls that differ
+  only there run different kernels);
 - the constexprs and options in ``meta``.
 
 Later calls with the same key go straight to the compiled kernel's launcher, as

@@ -218,18 +218,22 @@ def test_warp_specialized_kernel_compiles_for_sm90():
 
 def test_tuner_candidates_hold_the_pingpong_configs_where_mq_allows():
     """sm_90, D 64 or 128: the ping-pong configs (12 warps: 8 consumers and a producer
-    warpgroup, not pruned as too many warps for 128 rows) where Mq is a multiple of 128."""
+    warpgroup, not pruned as too many warps for 128 rows) where Mq is a multiple of 128; causal
+    calls hold each twice, persistent (fwd_tile_grid 0) and one CTA per tile (1)."""
     from fa2dispatch.autotune import space
     from fa2dispatch.problem import AttentionProblem
 
     h100 = simulated_device("h100")
     for Mq, D, level, expected in ((1024, 128, "full", 16), (512, 64, "full", 16), (1024, 128, "quick", 1),
                                    (320, 64, "full", 0), (1024, 128, "default", 2)):
-        p = AttentionProblem(B=2, H=4, Hkv=4, Mq=Mq, Mkv=Mq, D=D, dtype=torch.float16, device=torch.device("cpu"),
-                             layout="bshd", causal=True, softmax_scale=0.1)
-        keep, pruned = space.candidates(p, h100, ["triton"], level)
-        assert sum(c.config.fwd_kernel == "gluon-pp" for c in keep) == expected, (Mq, D, level)
-        assert not [c for c, _ in pruned if c.config.fwd_kernel == "gluon-pp"]
+        for causal in (False, True):
+            p = AttentionProblem(B=2, H=4, Hkv=4, Mq=Mq, Mkv=Mq, D=D, dtype=torch.float16,
+                                 device=torch.device("cpu"), layout="bshd", causal=causal, softmax_scale=0.1)
+            keep, pruned = space.candidates(p, h100, ["triton"], level)
+            pp = [c.config for c in keep if c.config.fwd_kernel == "gluon-pp"]
+            assert len(pp) == expected * (2 if causal else 1), (Mq, D, level, causal)
+            assert sum(c.fwd_tile_grid for c in pp) == (expected if causal else 0), (Mq, D, level, causal)
+            assert not [c for c, _ in pruned if c.config.fwd_kernel == "gluon-pp"]
     assert space.candidates(p, simulated_device("a100"), ["triton"], "full")[0]
     assert not [c for c in space.candidates(p, simulated_device("a100"), ["triton"], "full")[0]
                 if c.config.fwd_kernel == "gluon-pp"]
@@ -251,6 +255,12 @@ def test_pingpong_persistent_schedule_runs_every_tile_once_and_balances_causal(n
     plan = pp_schedule(n_tiles, n_mb, grid, causal)
     ran = [t for cta in plan for t in cta]
     assert sorted(ran) == [(bh, mb) for bh in range(n_bh) for mb in range(n_mb)]
+    # fwd_tile_grid=1 launches grid = n_tiles: one tile per CTA, every tile once, the longest first
+    per_tile = pp_schedule(n_tiles, n_mb, n_tiles, causal)
+    assert all(len(cta) == 1 for cta in per_tile)
+    assert sorted(cta[0] for cta in per_tile) == sorted(ran)
+    if causal:
+        assert [cta[0][1] for cta in per_tile] == sorted((cta[0][1] for cta in per_tile), reverse=True)
     if causal:
         work = [sum(mb + 1 for _, mb in cta) for cta in plan]
         assert max(work) <= sum(work) / grid + n_mb, (max(work), sum(work) / grid)

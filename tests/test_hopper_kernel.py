@@ -422,12 +422,13 @@ from fa2dispatch.backends.triton_fa2 import launch_gluon
 from fa2dispatch.backends.reference import attention_math
 D, causal, bm, bn, Mq, Mkv, H, Hkv = (int(x) for x in sys.argv[1:9])
 dtype = torch.bfloat16 if sys.argv[9] == "bf16" else torch.float16
-pingpong = sys.argv[10] == "pp"
+pingpong = sys.argv[10] in ("pp", "pp-tile")  # pp-tile: one CTA per tile (fwd_tile_grid=1)
 g = torch.Generator(device="cuda").manual_seed(0)
 q = torch.randn(2, H, Mq, D, device="cuda", dtype=dtype, generator=g)
 k, v = (torch.randn(2, Hkv, Mkv, D, device="cuda", dtype=dtype, generator=g) for _ in range(2))
 if pingpong:
-    out, lse = launch_gluon.forward_pingpong(q, k, v, bool(causal), None, "bhsd", bn)
+    out, lse = launch_gluon.forward_pingpong(q, k, v, bool(causal), None, "bhsd", bn,
+                                             per_tile=sys.argv[10] == "pp-tile")
 else:
     out, lse = launch_gluon.forward_ws(q, k, v, bool(causal), None, "bhsd", bm, bn)
 torch.cuda.synchronize()
@@ -494,7 +495,9 @@ _WS_CASES = [(128, 0, 128, 128, 1024, 1024, 4, 4, "fp16"), (128, 1, 128, 128, 10
     # turn barriers, the K/V rings and Q's release running on across them; causal mixes long and
     # short tiles, and Mkv < Mq mixes in tiles with no key block
     (128, 1, 128, 128, 2048, 2048, 16, 4, "fp16", "pp"), (128, 0, 128, 128, 1024, 1536, 16, 16, "bf16", "pp"),
-    (64, 1, 128, 128, 2048, 512, 16, 2, "fp16", "pp")])
+    (64, 1, 128, 128, 2048, 512, 16, 2, "fp16", "pp"),
+    # one CTA per tile, the tuner's other choice (fwd_tile_grid=1): one round of the same schedule
+    (128, 1, 128, 128, 2048, 2048, 16, 4, "fp16", "pp-tile"), (128, 1, 128, 128, 256, 64, 2, 1, "bf16", "pp-tile")])
 def test_warp_specialized_forward_matches_float64(D, causal, bm, bn, Mq, Mkv, H, Hkv, dtype, kernel):
     """kernels_gluon_ws.py against float64: the warp-specialized kernel (ws) and the ping-pong
     kernel (pp, session 10: its turn barriers alternate the two consumer warpgroups), each case in

@@ -19,6 +19,8 @@
 #   VARLEN_BENCH_ARGS="--dtypes float16 --unequal" ...                 # also run tools/bench_varlen.py
 #   GLUON_BWD_SWEEP_ARGS="--head-dims 128 --seqlens 4096" ...           # also run tools/sweep_gluon_bwd.py
 #   RETUNE_DEADLINE=300 ...                                             # last: tools/retune_shipped.sh
+#   RETUNE_BY=560 ...                                                   # the same, stopping by second 560
+#                                                                       # (either: only if the tests passed)
 #
 # Everything worth keeping lands in $OUT/results.tar.gz (the device tool returns at most 8
 # files): gpu_tests.log, report.txt, report.json, overhead.*, bench*.log/json/md, autotune files.
@@ -176,7 +178,14 @@ if [ -n "${VARLEN_BENCH_ARGS:-}" ]; then
         | tee "$OUT/bench_varlen.log"
     echo "varlen bench exit ${PIPESTATUS[0]}"
 fi
-if [ -n "${RETUNE_DEADLINE:-}" ]; then
+if [ -n "${RETUNE_BY:-}" ]; then
+    # RETUNE_BY: the second (counted from this script's start) by which the re-tune must have
+    # stopped, so that it takes whatever the steps above left of the call
+    RETUNE_DEADLINE=$(( RETUNE_BY - SECONDS ))
+fi
+if [ -n "${RETUNE_DEADLINE:-}" ] && [ "$test_rc" -ne 0 ]; then
+    echo "== no re-tune: the tests failed (exit $test_rc)"
+elif [ -n "${RETUNE_DEADLINE:-}" ]; then
     echo "== re-tune the shipped cache (${RETUNE_DEADLINE} s)"
     OUT="$OUT" DEADLINE="$RETUNE_DEADLINE" bash tools/retune_shipped.sh
     echo "retune exit $?"

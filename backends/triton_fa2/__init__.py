@@ -248,7 +248,8 @@ class TritonBackend(Backend):
                 return launch_gluon.run_pingpong(q, k, v, problem.causal, problem.softmax_scale, problem.layout,
                                                  config.block_n, config.num_stages,
                                                  config.fwd_v_stages or config.num_stages,
-                                                 launch_gluon.pp_producer_regs(config.fwd_maxnreg), config.fwd_maxnreg)
+                                                 launch_gluon.pp_producer_regs(config.fwd_maxnreg), config.fwd_maxnreg,
+                                                 per_tile=bool(config.fwd_tile_grid))
         if config.fwd_kernel == "gluon-pp":  # a call the ping-pong kernel cannot take: the one-warpgroup kernel's default
             config = _gluon_default(problem, config)
         if config.fwd_kernel == "gluon" and (features is None or problem.varlen):

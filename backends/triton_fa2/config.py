@@ -61,12 +61,14 @@ class TritonConfig(Config):
     # fp16/bf16 dense plain calls, D 64 or 128, Mq a multiple of 128, else the "gluon" default):
     # block_m 128 (two consumer warpgroups of 64 rows), num_warps 12 (with the producer
     # warpgroup), num_stages K and fwd_v_stages V buffers, fwd_maxnreg the consumers' registers
-    # (240 or 232; launch_gluon.pp_producer_regs gives the producer's)
+    # (240 or 232; launch_gluon.pp_producer_regs gives the producer's); fwd_tile_grid 1 launches
+    # one CTA per 128-row tile instead of one per SM walking the tiles (persistent, the default)
     # backward dK/dV kernel: "" the plain kernel; "gluon" (sm_90, kernels_gluon_bwd.py; fp16/bf16
     # dense plain calls, D 64 or 128, Mq a multiple of dkdv_block_m and Mkv of dkdv_block_n, else
     # the plain kernel with the same blocks): dkdv_block_m query rows per step (32 or 64),
     # dkdv_block_n = 16 x dkdv_num_warps keys per CTA, bwd_num_stages Q/dO buffers
     bwd_kernel: str = ""
+    fwd_tile_grid: int = 0
 
     def launch_options(self, vendor: str, backward: bool = False, dkdv: bool = False) -> dict:
         """Keyword arguments for a kernel launch on this vendor (``dkdv``: the dK/dV kernel's)."""

@@ -320,11 +320,11 @@ def pp_problem_reasons(problem, config, device) -> list[str]:
 def forward_pingpong(q, k, v, causal: bool = False, softmax_scale: float | None = None, layout: str = "bhsd",
                      block_n: int = 128, k_stages: int = 2, v_stages: int = 2, producer_regs: int = 24,
                      consumer_regs: int = 240, q_descale=None, k_descale=None, v_descale=None, v_transposed=None,
-                     out_dtype: torch.dtype = torch.bfloat16):
+                     out_dtype: torch.dtype = torch.bfloat16, per_tile: bool = False):
     """The ping-pong kernel (``kernels_gluon_ws.attn_fwd_gluon_pp``), checked: dense; 128 query
     rows per CTA, 64 per consumer warpgroup. 16-bit q, k, v; or e4m3 with float32 descales and
     an ``out_dtype`` output, as ``forward_fp8`` takes them. Raises ValueError naming what it
-    cannot take; then ``run_pingpong``."""
+    cannot take; then ``run_pingpong`` (``per_tile``: one CTA per tile, not one per SM)."""
     fp8 = q.dtype == torch.float8_e4m3fn
     D = q.shape[-1]
     scale = D**-0.5 if softmax_scale is None else softmax_scale
@@ -344,14 +344,16 @@ def forward_pingpong(q, k, v, causal: bool = False, softmax_scale: float | None 
     if why:
         raise ValueError("the ping-pong Gluon forward cannot run this call: " + "; ".join(why))
     return run_pingpong(q, k, v, causal, scale, layout, block_n, k_stages, v_stages, producer_regs, consumer_regs,
-                        q_descale, k_descale, v_descale, v_transposed, out_dtype)
+                        q_descale, k_descale, v_descale, v_transposed, out_dtype, per_tile)
 
 
 def run_pingpong(q, k, v, causal: bool, softmax_scale: float, layout: str, block_n: int, k_stages: int,
                  v_stages: int, producer_regs: int, consumer_regs: int, q_descale=None, k_descale=None,
-                 v_descale=None, v_transposed=None, out_dtype: torch.dtype = torch.bfloat16):
+                 v_descale=None, v_transposed=None, out_dtype: torch.dtype = torch.bfloat16,
+                 per_tile: bool = False):
     """``forward_pingpong`` without its checks (TritonBackend.forward and the triton-fp8 backend
-    have asked ``pp_problem_reasons`` / ``tensor_reasons`` already), through fast_launch."""
+    have asked ``pp_problem_reasons`` / ``tensor_reasons`` already), through fast_launch.
+    ``per_tile``: one CTA per tile (the same schedule with one round) instead of one per SM."""
     from ..triton_fp8.launch import transpose_v
     from . import fast_launch, kernels_gluon_ws
 
@@ -386,7 +388,8 @@ def run_pingpong(q, k, v, causal: bool, softmax_scale: float, layout: str, block
     # cuDNN, session 12). Causal rounds go longest first across heads and snake
     # (kernels_gluon_ws._pp_tile_at): a plain stride over unequal causal tiles lost (0.93x to
     # 0.77x at S=1k, 1.07x to 0.76x at S=16k).
-    grid = (min(n_tiles, _sm_count(q.device)),)
+    # per_tile: grid = n_tiles is one round, each CTA one tile, heaviest first (the tuner's choice).
+    grid = (n_tiles if per_tile else min(n_tiles, _sm_count(q.device)),)
     fast_launch.launch(kernels_gluon_ws.attn_fwd_gluon_pp, grid,
                        (qd, kd, vd, od, lse, softmax_scale * LOG2E, H, H // Hkv, Mq, Mkv, *q_rows, *k_rows,
                         qs, ks, vs, *strides, qd_group, Hkv, n_tiles), meta, _KERNELS)

@@ -27,9 +27,11 @@ class FP8Config(Config):
     # block's softmax; num_stages K buffers and v_stages V buffers, num_warps = block_m / 16);
     # calls it cannot take run the Triton kernel with these fields (launch.py, gluon_reasons).
     # "gluon-pp": the ping-pong kernel (kernels_gluon_ws.attn_fwd_gluon_pp; block_m 128, 12 warps:
-    # two consumer warpgroups and a producer); calls it cannot take run "gluon" with 64 rows
+    # two consumer warpgroups and a producer); calls it cannot take run "gluon" with 64 rows.
+    # tile_grid 1: the ping-pong kernel with one CTA per 128-row tile instead of one per SM
     kernel: str = "triton"
     v_stages: int = 2
+    tile_grid: int = 0
 
     def launch_options(self) -> dict:
         return {"num_warps": self.num_warps, "num_stages": self.num_stages}
@@ -105,7 +107,10 @@ def config_space(problem: AttentionProblem, device: DeviceInfo) -> list[FP8Confi
         # 817 / 760 for the default above (one V buffer); S=4k 774 / 647 against 878 / 723. A tuner
         # candidate, not the default.
         if problem.Mq % 128 == 0:
+            # Persistent (one CTA per SM) or one CTA per tile: the persistent fp8 kernel measured
+            # 4% slower at S=4k/16k (sessions 11 and 12, single sweeps), so the tuner decides.
             for block_n, k_stages, v_stages in ((128, 2, 2), (64, 2, 2)):
-                space.append(FP8Config(block_m=128, block_n=block_n, num_warps=12, num_stages=k_stages, tma=True,
-                                       kernel="gluon-pp", v_stages=v_stages))
+                for tile_grid in (0, 1):
+                    space.append(FP8Config(block_m=128, block_n=block_n, num_warps=12, num_stages=k_stages, tma=True,
+                                           kernel="gluon-pp", v_stages=v_stages, tile_grid=tile_grid))
     return [default] + [c for c in space if c != default]

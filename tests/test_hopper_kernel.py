@@ -291,7 +291,9 @@ def test_gpu_gluon_forward_with_every_tuner_config(case, nan_poison):
     configs = [c.config for c in space.candidates(problem, device, ["triton"], "full")[0]
                if c.config.fwd_kernel in ("gluon", "gluon-pp")]
     pingpong = sum(cfg.fwd_kernel == "gluon-pp" for cfg in configs)
-    assert len(configs) - pingpong >= 4 and pingpong == (16 if problem.Mq % 128 == 0 else 0)
+    # 16 ping-pong configs; causal calls hold each twice, persistent and one CTA per tile (fwd_tile_grid)
+    assert len(configs) - pingpong >= 4 and pingpong == ((32 if case.causal else 16) if problem.Mq % 128 == 0 else 0)
+    assert sum(cfg.fwd_tile_grid for cfg in configs) == (pingpong // 2 if case.causal else 0)
     for cfg in configs:
         why = (launch_gluon.pp_problem_reasons if cfg.fwd_kernel == "gluon-pp" else launch_gluon.problem_reasons)
         assert why(problem, cfg, device) == [], cfg

@@ -18,6 +18,7 @@
 #   GLUON_SWEEP_ARGS="--head-dims 128 --configs 64:64:2:1:4:0" ...     # also run tools/sweep_gluon.py
 #   VARLEN_BENCH_ARGS="--dtypes float16 --unequal" ...                 # also run tools/bench_varlen.py
 #   GLUON_BWD_SWEEP_ARGS="--head-dims 128 --seqlens 4096" ...           # also run tools/sweep_gluon_bwd.py
+#   PROFILE_BWD_ARGS="--seqlen 4096 --causal" ...                       # also run tools/profile_bwd.py
 #   RETUNE_DEADLINE=300 ...                                             # last: tools/retune_shipped.sh
 #   RETUNE_BY=560 ...                                                   # the same, stopping by second 560
 #                                                                       # (either: only if the tests passed)
@@ -170,6 +171,13 @@ if [ -n "${GLUON_BWD_SWEEP_ARGS:-}" ]; then
     PYTHONUNBUFFERED=1 timeout "${GLUON_SWEEP_TIMEOUT:-240}" python3 tools/sweep_gluon_bwd.py "${gluon_bwd_args[@]}" 2>&1 \
         | tee "$OUT/sweep_gluon_bwd.log"
     echo "gluon bwd sweep exit ${PIPESTATUS[0]}"
+fi
+if [ -n "${PROFILE_BWD_ARGS:-}" ]; then
+    echo "== backward, kernel by kernel"
+    read -r -a profile_bwd_args <<< "$PROFILE_BWD_ARGS"
+    PYTHONUNBUFFERED=1 timeout 200 python3 tools/profile_bwd.py --json "$OUT/profile_bwd.json" \
+        "${profile_bwd_args[@]}" 2>&1 | tee "$OUT/profile_bwd.log"
+    echo "profile_bwd exit ${PIPESTATUS[0]}"
 fi
 if [ -n "${VARLEN_BENCH_ARGS:-}" ]; then
     echo "== benchmark: varlen against dense"

@@ -210,6 +210,8 @@ def one_error_line(capsys) -> str:
     (["--causal", "maybe"], ["--causal", "causal='maybe' (supported: true, false,"]),
     (["--backends", "nope"], ["--backends", "backend='nope' (registered: triton,"]),
     (["--runs", "5"], ["--runs", "runs=5 (supported: an integer >= 20)"]),
+    (["--jobs", "-1"], ["--jobs", "jobs=-1 (supported: an integer >= 0"]),
+    (["--jobs", "two"], ["--jobs", "jobs=two"]),
     (["--group", "0"], ["--group", "group='0' (supported: an integer >= 1"]),
     (["--simulate", "bogus"], ["--simulate", "'bogus'"]),
     (["--quick", "--full"], ["--full", "--quick"]),

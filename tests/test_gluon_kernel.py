@@ -10,11 +10,13 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
 
 from fa2dispatch.hardware import simulated_device
+from fa2dispatch.problem import AttentionProblem
 
 _COMPILE = r"""
 import json, sys, torch
@@ -219,7 +221,8 @@ def test_warp_specialized_kernel_compiles_for_sm90():
 def test_tuner_candidates_hold_the_pingpong_configs_where_mq_allows():
     """sm_90, D 64 or 128: the ping-pong configs (12 warps: 8 consumers and a producer
     warpgroup, not pruned as too many warps for 128 rows) where Mq is a multiple of 128; causal
-    calls hold each twice, persistent (fwd_tile_grid 0) and one CTA per tile (1)."""
+    calls hold each twice, persistent (fwd_tile_grid 2) and one CTA per tile (1), and the
+    dispatcher's default (the launcher's choice, 0) where that is the ping-pong kernel (D=128)."""
     from fa2dispatch.autotune import space
     from fa2dispatch.problem import AttentionProblem
 
@@ -231,8 +234,9 @@ def test_tuner_candidates_hold_the_pingpong_configs_where_mq_allows():
                                  device=torch.device("cpu"), layout="bshd", causal=causal, softmax_scale=0.1)
             keep, pruned = space.candidates(p, h100, ["triton"], level)
             pp = [c.config for c in keep if c.config.fwd_kernel == "gluon-pp"]
-            assert len(pp) == expected * (2 if causal else 1), (Mq, D, level, causal)
-            assert sum(c.fwd_tile_grid for c in pp) == (expected if causal else 0), (Mq, D, level, causal)
+            default = [0] if causal and D == 128 and Mq % 128 == 0 else []
+            grids = sorted([2, 1] * expected + default if causal else [0] * expected)
+            assert sorted(c.fwd_tile_grid for c in pp) == grids, (Mq, D, level, causal)
             assert not [c for c, _ in pruned if c.config.fwd_kernel == "gluon-pp"]
     assert space.candidates(p, simulated_device("a100"), ["triton"], "full")[0]
     assert not [c for c in space.candidates(p, simulated_device("a100"), ["triton"], "full")[0]
@@ -242,30 +246,83 @@ def test_tuner_candidates_hold_the_pingpong_configs_where_mq_allows():
 @pytest.mark.parametrize("n_mb, n_bh, grid", [(8, 256, 132), (32, 64, 132), (128, 16, 132), (8, 4, 132),
                                                (16, 17, 132), (4, 33, 132), (3, 5, 7), (1, 1, 132)])
 @pytest.mark.parametrize("causal", [False, True])
-def test_pingpong_persistent_schedule_runs_every_tile_once_and_balances_causal(n_mb, n_bh, grid, causal):
+@pytest.mark.parametrize("sec", [None, 0, 3])
+def test_pingpong_persistent_schedule_runs_every_tile_once_and_balances_causal(n_mb, n_bh, grid, causal, sec):
     """launch_gluon.pp_schedule (the ping-pong kernel's persistent order, in Python): every
     (head, row block) tile exactly once, with the grid the launcher uses (min(tiles, SMs)).
     Causal: each CTA's work (a tile with row block mb sees mb + 1 key blocks) is within one
     longest tile of the mean share; the plain stride of session 12's first try gave one CTA
-    1.57x the mean at S=16k (checked here to fail the same bound)."""
-    from fa2dispatch.backends.triton_fa2.launch_gluon import pp_schedule
+    1.57x the mean at S=16k (checked here to fail the same bound). The causal order comes in
+    sections of ``sec`` heads (None: the default of two; 0: all heads; 3 leaves a narrower last
+    section wherever n_bh % 3): one section's tiles all run before the next section's, longest
+    first inside it."""
+    from fa2dispatch.backends.triton_fa2.launch_gluon import PP_PERSISTENT_CAUSAL_MB, PP_SECTION_HEADS, pp_schedule
 
+    width = {None: PP_SECTION_HEADS, 0: n_bh, 3: 3}[sec]
     n_tiles = n_mb * n_bh
     grid = min(grid, n_tiles)
-    plan = pp_schedule(n_tiles, n_mb, grid, causal)
+    plan = pp_schedule(n_tiles, n_mb, grid, causal, sec)
     ran = [t for cta in plan for t in cta]
     assert sorted(ran) == [(bh, mb) for bh in range(n_bh) for mb in range(n_mb)]
-    # fwd_tile_grid=1 launches grid = n_tiles: one tile per CTA, every tile once, the longest first
-    per_tile = pp_schedule(n_tiles, n_mb, n_tiles, causal)
-    assert all(len(cta) == 1 for cta in per_tile)
-    assert sorted(cta[0] for cta in per_tile) == sorted(ran)
-    if causal:
-        assert [cta[0][1] for cta in per_tile] == sorted((cta[0][1] for cta in per_tile), reverse=True)
-    if causal:
+    # fwd_tile_grid=1 launches grid = n_tiles: one tile per CTA, every tile once, in order
+    one_each = pp_schedule(n_tiles, n_mb, n_tiles, causal, sec)
+    assert all(len(cta) == 1 for cta in one_each)
+    per_tile = [cta[0] for cta in one_each]
+    assert sorted(per_tile) == sorted(ran)
+    if causal:  # section by section, each one's heads longest first
+        assert per_tile == sorted(per_tile, key=lambda t: (t[0] // width, -t[1], t[0]))
+    else:  # head by head
+        assert per_tile == sorted(per_tile)
+    if causal and (n_mb <= PP_PERSISTENT_CAUSAL_MB or width >= n_bh):
+        # where the launcher's choice is the persistent grid, and for one section anywhere
         work = [sum(mb + 1 for _, mb in cta) for cta in plan]
         assert max(work) <= sum(work) / grid + n_mb, (max(work), sum(work) / grid)
         if (n_mb, n_bh) == (128, 16):  # the plain stride, head-major and longest first per head
             stride = [sum(n_mb - (t % n_mb) for t in range(pid, n_tiles, grid)) for pid in range(grid)]
             assert max(stride) > sum(stride) / grid + n_mb
-        for cta in plan:  # longest first in each CTA's first round: every head's last row block
-            assert cta[0][1] >= n_mb - 1 - (grid - 1) // n_bh
+        if width >= n_bh:  # one section: each CTA's first round is every head's last row block
+            for cta in plan:
+                assert cta[0][1] >= n_mb - 1 - (grid - 1) // n_bh
+
+
+def test_pingpong_sections_refuse_a_bad_width():
+    """sec_heads names itself when it is not an int >= 0; the width is capped at the heads."""
+    from fa2dispatch.backends.triton_fa2.launch_gluon import pp_sections
+
+    assert pp_sections(5) == 2 and pp_sections(1) == 1 and pp_sections(5, 0) == 5 and pp_sections(5, 9) == 5
+    for bad in (-1, 1.5, True, "2"):
+        with pytest.raises(ValueError, match="sec_heads"):
+            pp_sections(4, bad)
+
+
+def test_pingpong_grid_choice_and_its_refusals():
+    """launch_gluon.pp_per_tile: 1 one CTA per tile, 2 persistent, 0 the launcher's choice (one CTA
+    per tile only for causal calls past PP_PERSISTENT_CAUSAL_MB row blocks per head, where the
+    sectioned snake drifts out of balance: the schedule test above). Any other value is refused
+    by name, by the helper, by both backends' config checks and by forward_pingpong."""
+    from fa2dispatch.backends import BACKENDS
+    from fa2dispatch.backends.triton_fa2 import launch_gluon
+    from fa2dispatch.backends.triton_fp8.config import FP8Config
+
+    limit = launch_gluon.PP_PERSISTENT_CAUSAL_MB
+    assert [launch_gluon.pp_per_tile(0, True, n) for n in (1, limit, limit + 1)] == [False, False, True]
+    assert not launch_gluon.pp_per_tile(0, False, 10 * limit)
+    assert all(launch_gluon.pp_per_tile(1, c, n) for c in (False, True) for n in (1, 10 * limit))
+    assert not any(launch_gluon.pp_per_tile(2, c, n) for c in (False, True) for n in (1, 10 * limit))
+    for bad in (3, -1, True):
+        with pytest.raises(ValueError, match="fwd_tile_grid"):
+            launch_gluon.pp_per_tile(bad, True, 4)
+    h100 = simulated_device("h100")
+    p = AttentionProblem(B=1, H=4, Hkv=4, Mq=1024, Mkv=1024, D=128, dtype=torch.float16,
+                         device=torch.device("cpu"), layout="bshd", causal=True, softmax_scale=0.1)
+    ok = BACKENDS["triton"].default_config(p, h100)
+    assert BACKENDS["triton"].config_reasons(p, h100, ok) == []
+    assert "fwd_tile_grid=3" in BACKENDS["triton"].config_reasons(p, h100, replace(ok, fwd_tile_grid=3))[0]
+    p8 = replace(p, dtype=torch.float8_e4m3fn)
+    assert "tile_grid=5" in BACKENDS["triton-fp8"].config_reasons(p8, h100, FP8Config(tile_grid=5))[0]
+    assert BACKENDS["triton-fp8"].config_reasons(p8, h100, FP8Config(tile_grid=2)) == []
+    q = torch.zeros(1, 2, 128, 128, dtype=torch.float16)
+    with pytest.raises(ValueError, match="fwd_tile_grid=7"):
+        launch_gluon.forward_pingpong(q, q, q, True, tile_grid=7)
+    with pytest.raises(ValueError, match="sec_heads=-2"):
+        launch_gluon.forward_pingpong(q, q, q, True, sec_heads=-2)

@@ -424,13 +424,17 @@ from fa2dispatch.backends.triton_fa2 import launch_gluon
 from fa2dispatch.backends.reference import attention_math
 D, causal, bm, bn, Mq, Mkv, H, Hkv = (int(x) for x in sys.argv[1:9])
 dtype = torch.bfloat16 if sys.argv[9] == "bf16" else torch.float16
-pingpong = sys.argv[10] in ("pp", "pp-tile")  # pp-tile: one CTA per tile (fwd_tile_grid=1)
+# kinds: ws, or pp[-tile|-pers][-sN]: the ping-pong kernel with the launcher's grid, one CTA per
+# tile or the persistent grid (launch_gluon.PP_TILE_GRIDS 0 / 1 / 2), causal sections of N heads
+kind, _, sec = sys.argv[10].partition("-s")
+pingpong = kind.startswith("pp")
+tile_grid = {"pp": 0, "pp-tile": 1, "pp-pers": 2}.get(kind, 0)
 g = torch.Generator(device="cuda").manual_seed(0)
 q = torch.randn(2, H, Mq, D, device="cuda", dtype=dtype, generator=g)
 k, v = (torch.randn(2, Hkv, Mkv, D, device="cuda", dtype=dtype, generator=g) for _ in range(2))
 if pingpong:
-    out, lse = launch_gluon.forward_pingpong(q, k, v, bool(causal), None, "bhsd", bn,
-                                             per_tile=sys.argv[10] == "pp-tile")
+    out, lse = launch_gluon.forward_pingpong(q, k, v, bool(causal), None, "bhsd", bn, tile_grid=tile_grid,
+                                             sec_heads=int(sec) if sec else None)
 else:
     out, lse = launch_gluon.forward_ws(q, k, v, bool(causal), None, "bhsd", bm, bn)
 torch.cuda.synchronize()
@@ -499,7 +503,13 @@ _WS_CASES = [(128, 0, 128, 128, 1024, 1024, 4, 4, "fp16"), (128, 1, 128, 128, 10
     (128, 1, 128, 128, 2048, 2048, 16, 4, "fp16", "pp"), (128, 0, 128, 128, 1024, 1536, 16, 16, "bf16", "pp"),
     (64, 1, 128, 128, 2048, 512, 16, 2, "fp16", "pp"),
     # one CTA per tile, the tuner's other choice (fwd_tile_grid=1): one round of the same schedule
-    (128, 1, 128, 128, 2048, 2048, 16, 4, "fp16", "pp-tile"), (128, 1, 128, 128, 256, 64, 2, 1, "bf16", "pp-tile")])
+    (128, 1, 128, 128, 2048, 2048, 16, 4, "fp16", "pp-tile"), (128, 1, 128, 128, 256, 64, 2, 1, "bf16", "pp-tile"),
+    # causal sections (session 14): 2 x 5 heads in sections of 3 leave a last section of one, on
+    # both grids, with odd row counts per head; one section of all heads; the launcher's choice
+    # past PP_PERSISTENT_CAUSAL_MB row blocks (one CTA per tile) and the persistent grid forced there
+    (128, 1, 128, 128, 1152, 1152, 5, 5, "fp16", "pp-pers-s3"), (128, 1, 128, 128, 1152, 1152, 5, 5, "bf16", "pp-tile-s3"),
+    (128, 1, 128, 128, 1920, 1664, 10, 5, "fp16", "pp-pers-s0"), (64, 1, 128, 128, 4224, 4224, 2, 1, "fp16", "pp"),
+    (64, 1, 128, 128, 4224, 4224, 2, 1, "bf16", "pp-pers")])
 def test_warp_specialized_forward_matches_float64(D, causal, bm, bn, Mq, Mkv, H, Hkv, dtype, kernel):
     """kernels_gluon_ws.py against float64: the warp-specialized kernel (ws) and the ping-pong
     kernel (pp, session 10: its turn barriers alternate the two consumer warpgroups), each case in

@@ -21,6 +21,7 @@
 #   PROFILE_BWD_ARGS="--seqlen 4096 --causal" ...                       # also run tools/profile_bwd.py
 #   RETUNE_DEADLINE=300 ...                                             # last: tools/retune_shipped.sh
 #   RETUNE_BY=560 ...                                                   # the same, stopping by second 560
+#   JOBS=8 RETUNE_BY=560 ...                                            # the re-tune compiling ahead (--jobs)
 #                                                                       # (either: only if the tests passed)
 #
 # Everything worth keeping lands in $OUT/results.tar.gz (the device tool returns at most 8
@@ -198,6 +199,7 @@ elif [ -n "${RETUNE_DEADLINE:-}" ]; then
     OUT="$OUT" DEADLINE="$RETUNE_DEADLINE" bash tools/retune_shipped.sh
     echo "retune exit $?"
     tail -n 5 "$OUT/retune.log"
+    grep -hE "^(compiled ahead|wall time)|^== " "$OUT/retune.log" || true  # JOBS=N: the compile-ahead pass
 fi
 set -e
 

@@ -11,6 +11,7 @@
 # it covers every bucket on the current sources. A bucket stale only because some backends'
 # kernel sources changed is re-tuned in part (fa2dispatch/autotune/tuner.py): those backends'
 # candidates, and the others' stored picks timed again. WHOLE=1 passes --whole (everything).
+# JOBS=N passes --jobs N: each bucket's candidates compiled ahead in N worker processes.
 set -uo pipefail
 
 OUT="${OUT:-/tmp/out}"
@@ -35,6 +36,7 @@ for args in "${commands[@]}"; do
     read -r -a argv <<< "$args"
     echo "== fa2dispatch autotune ${args:-(default grid)} (${left}s left)"
     [ "${WHOLE:-0}" = 1 ] && argv+=(--whole)
+    [ "${JOBS:-0}" != 0 ] && argv+=(--jobs "$JOBS")
     COLUMNS=160 timeout "$left" fa2dispatch autotune ${argv[@]+"${argv[@]}"} --cache-dir autotune_cache \
         >> "$OUT/retune.log" 2>&1
     rc=$?

@@ -39,9 +39,11 @@ def main(argv=None) -> int:
     ap.add_argument("--causal", default="0,1")
     ap.add_argument("--dtype", default="fp16", choices=("fp16", "bf16"))
     ap.add_argument("--configs", default="64:64:2:2:4:0",
-                    help="block_m:block_n:k_stages:v_stages:warps:q_regs[:ws[:pp]],... (ws > 0: the warp-specialized "
-                         "kernel, kernels_gluon_ws.py, with ws registers for its producer; warps and q_regs unused; "
-                         "pp > 0 as well: the ping-pong kernel, block_m 128, pp registers per consumer warpgroup)")
+                    help="block_m:block_n:k_stages:v_stages:warps:q_regs[:ws[:pp[:tg[:sec]]]],... (ws > 0: the "
+                         "warp-specialized kernel, kernels_gluon_ws.py, with ws registers for its producer; warps and "
+                         "q_regs unused; pp > 0 as well: the ping-pong kernel, block_m 128, pp registers per consumer "
+                         "warpgroup, tg its grid (launch_gluon.PP_TILE_GRIDS: 0 the launcher's choice, 1 one CTA per "
+                         "tile, 2 persistent) and sec its causal sections in heads (-1 the default, 0 all heads))")
     ap.add_argument("--rep", type=int, default=100)
     ap.add_argument("--fp8", action="store_true",
                     help="e4m3 inputs (per-head descales, V^T given): against the triton-fp8 backend, our bf16 "
@@ -61,7 +63,7 @@ def main(argv=None) -> int:
         print("sweep_gluon needs a CUDA GPU", file=sys.stderr)
         return 2
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
-    configs = [tuple(int(x) for x in (c + ":0:0").split(":")[:8]) for c in args.configs.split(",")]
+    configs = [_config(c) for c in args.configs.split(",")]
     if args.fp8:
         return fp8_sweep(args, configs)
     rows = []
@@ -94,12 +96,13 @@ def main(argv=None) -> int:
 
                 row["err"]["flash"] = (flash()[:1].float() - ref).abs().max().item()
                 providers = {"cudnn": cudnn, "flash": flash, "triton": ours}
-                for bm, bn, ks, vs, w, qr, ws, pp in configs:
+                for bm, bn, ks, vs, w, qr, ws, pp, tg, sec in configs:
                     if ws and pp:
-                        name = f"pp{bm}x{bn}k{ks}v{vs}r{ws}c{pp}"
+                        name = f"pp{bm}x{bn}k{ks}v{vs}r{ws}c{pp}" + _grid_name(tg, sec)
 
-                        def call(bn=bn, ks=ks, vs=vs, ws=ws, pp=pp):
-                            return launch_gluon.forward_pingpong(q, k, v, causal, None, "bhsd", bn, ks, vs, ws, pp)
+                        def call(bn=bn, ks=ks, vs=vs, ws=ws, pp=pp, tg=tg, sec=sec):
+                            return launch_gluon.forward_pingpong(q, k, v, causal, None, "bhsd", bn, ks, vs, ws, pp,
+                                                                 tile_grid=tg, sec_heads=None if sec < 0 else sec)
                     elif ws:
                         name = f"ws{bm}x{bn}k{ks}v{vs}r{ws}"
 
@@ -144,6 +147,19 @@ def main(argv=None) -> int:
     return 0
 
 
+def _config(text: str) -> tuple[int, ...]:
+    """One --configs entry: ten ints, the optional ws, pp and tg 0 and sec -1 when left out."""
+    fields = [int(x) for x in text.split(":")]
+    if not 6 <= len(fields) <= 10:
+        raise SystemExit(f"--configs {text!r}: 6 to 10 colon-separated ints expected")
+    return tuple(fields + [0, 0, 0, -1][len(fields) - 6:])
+
+
+def _grid_name(tg: int, sec: int) -> str:
+    """The ping-pong grid and sections in a config's name (nothing for the defaults)."""
+    return (f"g{tg}" if tg else "") + (f"s{sec}" if sec >= 0 else "")
+
+
 def fp8_sweep(args, configs) -> int:
     """The fp8 forward: each config's output against float32 attention on the dequantized inputs
     (next to the triton-fp8 backend's error on the same inputs), then TFLOP/s (FA2 convention)
@@ -180,11 +196,12 @@ def fp8_sweep(args, configs) -> int:
                                                                          backend="triton")}
                 base_err = (providers["triton-fp8"]()[:1].float() - ref).abs().max().item()
                 row["err"]["triton-fp8"] = base_err
-                for bm, bn, ks, vs, w, _, ws, pp in configs:  # ws and pp: the ping-pong kernel (ws alone: none)
+                for bm, bn, ks, vs, w, _, ws, pp, tg, sec in configs:  # ws and pp: the ping-pong kernel
                     if ws and pp:
-                        name = f"pp{bm}x{bn}k{ks}v{vs}r{ws}c{pp}"
-                        call = (lambda bn=bn, ks=ks, vs=vs, ws=ws, pp=pp: launch_gluon.forward_pingpong(
-                            q8, k8, v8, causal, None, "bhsd", bn, ks, vs, ws, pp, qd, kd, vd, vt))
+                        name = f"pp{bm}x{bn}k{ks}v{vs}r{ws}c{pp}" + _grid_name(tg, sec)
+                        call = (lambda bn=bn, ks=ks, vs=vs, ws=ws, pp=pp, tg=tg, sec=sec: launch_gluon.forward_pingpong(
+                            q8, k8, v8, causal, None, "bhsd", bn, ks, vs, ws, pp, qd, kd, vd, vt, tile_grid=tg,
+                            sec_heads=None if sec < 0 else sec))
                     else:
                         name = f"g{bm}x{bn}k{ks}v{vs}w{w}"
                         call = (lambda bm=bm, bn=bn, ks=ks, vs=vs, w=w: launch_gluon.forward_fp8(

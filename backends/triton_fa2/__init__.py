@@ -249,7 +249,7 @@ class TritonBackend(Backend):
                                                  config.block_n, config.num_stages,
                                                  config.fwd_v_stages or config.num_stages,
                                                  launch_gluon.pp_producer_regs(config.fwd_maxnreg), config.fwd_maxnreg,
-                                                 per_tile=bool(config.fwd_tile_grid))
+                                                 tile_grid=config.fwd_tile_grid)
         if config.fwd_kernel == "gluon-pp":  # a call the ping-pong kernel cannot take: the one-warpgroup kernel's default
             config = _gluon_default(problem, config)
         if config.fwd_kernel == "gluon" and (features is None or problem.varlen):

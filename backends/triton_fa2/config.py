@@ -62,7 +62,8 @@ class TritonConfig(Config):
     # block_m 128 (two consumer warpgroups of 64 rows), num_warps 12 (with the producer
     # warpgroup), num_stages K and fwd_v_stages V buffers, fwd_maxnreg the consumers' registers
     # (240 or 232; launch_gluon.pp_producer_regs gives the producer's); fwd_tile_grid 1 launches
-    # one CTA per 128-row tile instead of one per SM walking the tiles (persistent, the default)
+    # one CTA per 128-row tile, 2 one CTA per SM walking the tiles (persistent), 0 lets the
+    # launcher choose (launch_gluon.pp_per_tile: persistent but for long causal calls)
     # backward dK/dV kernel: "" the plain kernel; "gluon" (sm_90, kernels_gluon_bwd.py; fp16/bf16
     # dense plain calls, D 64 or 128, Mq a multiple of dkdv_block_m and Mkv of dkdv_block_n, else
     # the plain kernel with the same blocks): dkdv_block_m query rows per step (32 or 64),

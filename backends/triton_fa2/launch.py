@@ -256,9 +256,13 @@ MAX_PROGRAMS = 2**31 - 1  # gridDim.x; the program id is a 32-bit int
 
 def grid_reasons(problem: AttentionProblem, config: TritonConfig) -> list[str]:
     """The 1-D grid of the largest launch (query or key blocks x batch x heads) must fit, and
-    no block may pass MAX_BLOCK_ROWS rows (``stride_reasons`` bounds in-block offsets by it)."""
+    no block may pass MAX_BLOCK_ROWS rows (``stride_reasons`` bounds in-block offsets by it);
+    fwd_tile_grid is one of launch_gluon.PP_TILE_GRIDS."""
     from . import MAX_BLOCK_ROWS
+    from .launch_gluon import PP_TILE_GRIDS
 
+    if isinstance(config.fwd_tile_grid, bool) or config.fwd_tile_grid not in PP_TILE_GRIDS:
+        return [f"fwd_tile_grid={config.fwd_tile_grid!r} (supported: {PP_TILE_GRIDS})"]
     big = [f"{name}={value}" for name, value in (("block_m", config.block_m), ("block_n", config.block_n),
                                                  ("dkdv_block_m", config.dkdv_block_m),
                                                  ("dkdv_block_n", config.dkdv_block_n),

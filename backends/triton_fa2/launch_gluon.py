@@ -115,13 +115,15 @@ def _one(device: torch.device) -> torch.Tensor:
     return found
 
 
-def pp_schedule(n_tiles: int, n_mb: int, grid: int, causal: bool) -> list[list[tuple[int, int]]]:
+def pp_schedule(n_tiles: int, n_mb: int, grid: int, causal: bool, sec: int | None = None) -> list[list[tuple[int, int]]]:
     """The ping-pong kernel's persistent schedule, in plain Python: for each CTA, the
     (batch x head, row block) of each tile it runs, in order. It mirrors
     ``kernels_gluon_ws._pp_rounds``, ``_pp_tile_at`` and ``_pp_tile`` for tests and for
     reasoning about balance; the GPU tests check the kernel itself (every row of every tile
-    against float64)."""
+    against float64). ``sec``: the causal sections' width in (batch x head)s, as
+    ``run_pingpong`` passes it (None: ``pp_sections``' default)."""
     n_bh = n_tiles // n_mb
+    sec = pp_sections(n_bh, sec)
     out = []
     for pid in range(grid):
         full, rem = divmod(n_tiles, grid)
@@ -130,9 +132,52 @@ def pp_schedule(n_tiles: int, n_mb: int, grid: int, causal: bool) -> list[list[t
         for r in range(full + (last < rem)):
             p = pid + (r & 1) * (grid - 1 - 2 * pid) if causal else pid
             t = r * grid + p
-            tiles.append((t % n_bh, n_mb - 1 - t // n_bh) if causal else (t // n_mb, t % n_mb))
+            if causal:
+                s, u = divmod(t, sec * n_mb)
+                width = min(sec, n_bh - s * sec)
+                tiles.append((s * sec + u % width, n_mb - 1 - u // width))
+            else:
+                tiles.append((t // n_mb, t % n_mb))
         out.append(tiles)
     return out
+
+
+# The causal ping-pong order's sections: (batch x head)s whose tiles run longest first among
+# themselves before the next section starts (kernels_gluon_ws._pp_tile). Two keeps two heads' K
+# and V in flight per section, inside L2; every head at once (one section) spilled it at D=128
+# (session 13, H100 D=128 fp16 causal x cuDNN: 0.98 / 1.01 / 1.02 at S = 1k / 2k / 4k in
+# sections of two, persistent, against 0.93 / - / 0.93 in one section).
+PP_SECTION_HEADS = 2
+
+
+# fwd_tile_grid (FP8Config.tile_grid): how the ping-pong kernel's tiles meet its CTAs. 0: the
+# launcher's choice (pp_per_tile); 1: one CTA per tile; 2: persistent, one CTA per SM.
+PP_TILE_GRIDS = {0: "the launcher's choice", 1: "one CTA per tile", 2: "persistent"}
+# Causal calls with more row blocks per head than this get one CTA per tile under the launcher's
+# choice: the persistent snake over sections of two heads drifts out of balance there (the
+# sections restart at the longest tile every 2 x n_mb tiles). H100, D=128 fp16 causal x cuDNN,
+# session 13: persistent 0.98 / 1.01 / 1.02 / 0.80 / 0.74 at S = 1k / 2k / 4k / 8k / 16k (8 to
+# 128 row blocks), one CTA per tile 0.82 / 0.91 / 0.98 / 1.00 / 1.06.
+PP_PERSISTENT_CAUSAL_MB = 32
+
+
+def pp_per_tile(tile_grid: int, causal: bool, n_mb: int) -> bool:
+    """Whether ``tile_grid`` (PP_TILE_GRIDS) launches one CTA per tile for a call with n_mb
+    row blocks per head."""
+    if isinstance(tile_grid, bool) or tile_grid not in PP_TILE_GRIDS:
+        raise ValueError(f"fwd_tile_grid={tile_grid!r}: expected one of {sorted(PP_TILE_GRIDS)} ({PP_TILE_GRIDS})")
+    if tile_grid == 0:
+        return causal and n_mb > PP_PERSISTENT_CAUSAL_MB
+    return tile_grid == 1
+
+
+def pp_sections(n_bh: int, sec: int | None = None) -> int:
+    """The section width the kernel gets: ``sec`` (default PP_SECTION_HEADS; 0 = one section of
+    all n_bh), capped at n_bh."""
+    sec = PP_SECTION_HEADS if sec is None else sec
+    if isinstance(sec, bool) or not isinstance(sec, int) or sec < 0:
+        raise ValueError(f"sec_heads={sec!r}: expected an int >= 0 (0: one section of every head)")
+    return n_bh if sec == 0 else min(sec, n_bh)
 
 
 def _sm_count(device: torch.device) -> int:
@@ -320,11 +365,12 @@ def pp_problem_reasons(problem, config, device) -> list[str]:
 def forward_pingpong(q, k, v, causal: bool = False, softmax_scale: float | None = None, layout: str = "bhsd",
                      block_n: int = 128, k_stages: int = 2, v_stages: int = 2, producer_regs: int = 24,
                      consumer_regs: int = 240, q_descale=None, k_descale=None, v_descale=None, v_transposed=None,
-                     out_dtype: torch.dtype = torch.bfloat16, per_tile: bool = False):
+                     out_dtype: torch.dtype = torch.bfloat16, tile_grid: int = 0, sec_heads: int | None = None):
     """The ping-pong kernel (``kernels_gluon_ws.attn_fwd_gluon_pp``), checked: dense; 128 query
     rows per CTA, 64 per consumer warpgroup. 16-bit q, k, v; or e4m3 with float32 descales and
     an ``out_dtype`` output, as ``forward_fp8`` takes them. Raises ValueError naming what it
-    cannot take; then ``run_pingpong`` (``per_tile``: one CTA per tile, not one per SM)."""
+    cannot take; then ``run_pingpong`` (``tile_grid``: PP_TILE_GRIDS; ``sec_heads``: the causal
+    order's sections, ``pp_sections``)."""
     fp8 = q.dtype == torch.float8_e4m3fn
     D = q.shape[-1]
     scale = D**-0.5 if softmax_scale is None else softmax_scale
@@ -341,19 +387,25 @@ def forward_pingpong(q, k, v, causal: bool = False, softmax_scale: float | None 
             or not 24 <= producer_regs <= consumer_regs <= 256:
         why.append(f"producer_regs={producer_regs} consumer_regs={consumer_regs} (multiples of 8 in [24, 256], "
                    "producer <= consumer, 128 x (producer + 2 x consumer) <= 65536)")
+    for check in (lambda: pp_sections(1, sec_heads), lambda: pp_per_tile(tile_grid, causal, 1)):
+        try:
+            check()
+        except ValueError as exc:
+            why.append(str(exc))
     if why:
         raise ValueError("the ping-pong Gluon forward cannot run this call: " + "; ".join(why))
     return run_pingpong(q, k, v, causal, scale, layout, block_n, k_stages, v_stages, producer_regs, consumer_regs,
-                        q_descale, k_descale, v_descale, v_transposed, out_dtype, per_tile)
+                        q_descale, k_descale, v_descale, v_transposed, out_dtype, tile_grid, sec_heads)
 
 
 def run_pingpong(q, k, v, causal: bool, softmax_scale: float, layout: str, block_n: int, k_stages: int,
                  v_stages: int, producer_regs: int, consumer_regs: int, q_descale=None, k_descale=None,
                  v_descale=None, v_transposed=None, out_dtype: torch.dtype = torch.bfloat16,
-                 per_tile: bool = False):
+                 tile_grid: int = 0, sec_heads: int | None = None):
     """``forward_pingpong`` without its checks (TritonBackend.forward and the triton-fp8 backend
     have asked ``pp_problem_reasons`` / ``tensor_reasons`` already), through fast_launch.
-    ``per_tile``: one CTA per tile (the same schedule with one round) instead of one per SM."""
+    ``tile_grid`` (PP_TILE_GRIDS): one CTA per tile (the same schedule with one round) or one
+    per SM, or the launcher's choice between them (``pp_per_tile``)."""
     from ..triton_fp8.launch import transpose_v
     from . import fast_launch, kernels_gluon_ws
 
@@ -385,14 +437,15 @@ def run_pingpong(q, k, v, causal: bool, softmax_scale: float, layout: str, block
     n_tiles = triton.cdiv(Mq, PP_BLOCK_M) * B * H
     # Persistent: one CTA per SM (one fits), each running a round of tiles at a time, so the next
     # tile's Q and first keys load under the current tile's tail (non-causal S=1k: 0.88x to 0.99x
-    # cuDNN, session 12). Causal rounds go longest first across heads and snake
-    # (kernels_gluon_ws._pp_tile_at): a plain stride over unequal causal tiles lost (0.93x to
-    # 0.77x at S=1k, 1.07x to 0.76x at S=16k).
-    # per_tile: grid = n_tiles is one round, each CTA one tile, heaviest first (the tuner's choice).
+    # cuDNN, session 12). Causal rounds go longest first inside sections of two heads
+    # (pp_sections) and snake (kernels_gluon_ws._pp_tile_at): a plain stride over unequal causal
+    # tiles lost (0.93x to 0.77x at S=1k, 1.07x to 0.76x at S=16k).
+    # One CTA per tile: grid = n_tiles is one round, each CTA one tile, in the same order.
+    per_tile = pp_per_tile(tile_grid, causal, triton.cdiv(Mq, PP_BLOCK_M))
     grid = (n_tiles if per_tile else min(n_tiles, _sm_count(q.device)),)
     fast_launch.launch(kernels_gluon_ws.attn_fwd_gluon_pp, grid,
                        (qd, kd, vd, od, lse, softmax_scale * LOG2E, H, H // Hkv, Mq, Mkv, *q_rows, *k_rows,
-                        qs, ks, vs, *strides, qd_group, Hkv, n_tiles), meta, _KERNELS)
+                        qs, ks, vs, *strides, qd_group, Hkv, n_tiles, pp_sections(B * H, sec_heads)), meta, _KERNELS)
     return out, lse
 
 

@@ -28,7 +28,8 @@ class FP8Config(Config):
     # calls it cannot take run the Triton kernel with these fields (launch.py, gluon_reasons).
     # "gluon-pp": the ping-pong kernel (kernels_gluon_ws.attn_fwd_gluon_pp; block_m 128, 12 warps:
     # two consumer warpgroups and a producer); calls it cannot take run "gluon" with 64 rows.
-    # tile_grid 1: the ping-pong kernel with one CTA per 128-row tile instead of one per SM
+    # tile_grid: the ping-pong kernel's grid, as TritonConfig.fwd_tile_grid (1 one CTA per
+    # 128-row tile, 2 one per SM, 0 the launcher's choice: launch_gluon.pp_per_tile)
     kernel: str = "triton"
     v_stages: int = 2
     tile_grid: int = 0
@@ -110,7 +111,7 @@ def config_space(problem: AttentionProblem, device: DeviceInfo) -> list[FP8Confi
             # Persistent (one CTA per SM) or one CTA per tile: the persistent fp8 kernel measured
             # 4% slower at S=4k/16k (sessions 11 and 12, single sweeps), so the tuner decides.
             for block_n, k_stages, v_stages in ((128, 2, 2), (64, 2, 2)):
-                for tile_grid in (0, 1):
+                for tile_grid in (2, 1):
                     space.append(FP8Config(block_m=128, block_n=block_n, num_warps=12, num_stages=k_stages, tma=True,
                                            kernel="gluon-pp", v_stages=v_stages, tile_grid=tile_grid))
     return [default] + [c for c in space if c != default]

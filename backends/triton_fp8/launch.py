@@ -132,7 +132,7 @@ def forward(problem: AttentionProblem, q, k, v, config: FP8Config, device: Devic
         return run_pingpong(q, k, None, problem.causal, problem.softmax_scale, problem.layout, config.block_n,
                             config.num_stages, config.v_stages, pp_producer_regs(PP_FP8_CONSUMER_REGS),
                             PP_FP8_CONSUMER_REGS, args.q_descale, args.k_descale, args.v_descale, vt,
-                            problem.output_dtype, per_tile=bool(config.tile_grid))
+                            problem.output_dtype, tile_grid=config.tile_grid)
     if config.kernel == "gluon-pp":  # a call the ping-pong kernel cannot take: one warpgroup, same buffers
         config = replace(config, block_m=64, num_warps=4, kernel="gluon")
     if config.kernel == "gluon" and not force_pointers and not gluon_reasons(problem, q, k, vt, config, device):
@@ -169,6 +169,10 @@ MAX_PROGRAMS = 2**31 - 1  # gridDim.x; the program id is a 32-bit int
 
 
 def grid_reasons(problem: AttentionProblem, config: FP8Config) -> list[str]:
+    from ..triton_fa2.launch_gluon import PP_TILE_GRIDS
+
+    if isinstance(config.tile_grid, bool) or config.tile_grid not in PP_TILE_GRIDS:
+        return [f"tile_grid={config.tile_grid!r} (supported: {PP_TILE_GRIDS})"]
     blocks = triton.cdiv(problem.Mq, config.block_m) * problem.H * problem.B
     if blocks > MAX_PROGRAMS:
         return [(f"B={problem.B} x H={problem.H} x Mq={problem.Mq} needs {blocks} programs "

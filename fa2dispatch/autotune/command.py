@@ -11,6 +11,7 @@ interpreter must be chosen before they are.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import time
 from collections import Counter
@@ -29,6 +30,7 @@ from fa2dispatch.report import resolve_simulation
 
 from . import cache, tuner
 from .buckets import bucket_of
+from .precompile import Precompiler
 from .space import candidates
 from .timer import MIN_RUNS, CudaTimer, WallTimer
 
@@ -91,6 +93,12 @@ def _group(item: str) -> int:
     return int(item)
 
 
+def _jobs(text: str) -> int:
+    if not text.isdecimal():
+        _fail(f"jobs={text} (supported: an integer >= 0, the compiling worker processes)")
+    return int(text)
+
+
 def _runs(text: str) -> int:
     # BENCH_PROTOCOL.md: the median of fewer runs is too noisy to rank configs.
     if not text.isdecimal() or int(text) < MIN_RUNS:
@@ -126,6 +134,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--whole", action="store_true",
         help="re-tune stale buckets whole: without it, a bucket stale only because some backends' kernel "
              "sources changed times those backends' candidates and the other backends' stored picks")
+    add("--jobs", type=_jobs, default=0, metavar="N",
+        help="compile each bucket's candidates ahead in N worker processes before timing them (0: the tuner "
+             "compiles as it goes); timings stay in the tuner's process")
     add("--dry-run", action="store_true", help="print the search space; run nothing")
 
 
@@ -151,7 +162,7 @@ def run_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
     timer = _timer(device, args.runs, parser)
     if directory is None:
         parser.error(f"nowhere to store results ({no_dir}): pass --cache-dir PATH")
-    return tune(grid, device, timer, directory, args.force, args.whole)
+    return tune(grid, device, timer, directory, args.force, args.whole, args.jobs)
 
 
 def _grid(args: argparse.Namespace) -> tuner.Grid:
@@ -264,18 +275,21 @@ class _Bars:
         self.progress.advance(self.buckets)
 
 
-def tune(grid, device, timer, directory, force: bool, full: bool = False) -> int:
+def tune(grid, device, timer, directory, force: bool, full: bool = False, jobs: int = 0) -> int:
     console = Console()
     console.print(f"autotune on {device.key}: level {grid.level}", markup=False)
     start = time.perf_counter()
     columns = (bars.TextColumn("{task.description}"), bars.BarColumn(),
                bars.MofNCompleteColumn(), bars.TimeRemainingColumn())
-    with bars.Progress(*columns, console=console) as progress:
+    ahead = Precompiler(jobs) if jobs else None
+    with bars.Progress(*columns, console=console) as progress, contextlib.closing(ahead) if ahead else contextlib.nullcontext():
         hooks = _Bars(progress, grid, device)
         results = tuner.run(grid, device, timer, directory, force=force, full=full,
                             on_bucket=hooks.on_bucket, on_candidate=hooks.on_candidate,
-                            on_result=hooks.on_result)
+                            on_result=hooks.on_result, before_timing=ahead.warm if ahead else None)
     console.print(_table(results))
+    if ahead is not None:
+        console.print(ahead.stats.line(jobs), markup=False)
     tuned = [r for r in results if r.status == "tuned"]
     speedups = [r.entry["speedup_vs_default"] for r in tuned
                 if r.entry.get("speedup_vs_default") is not None]

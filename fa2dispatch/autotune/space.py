@@ -169,10 +169,10 @@ def _triton_configs(problem: AttentionProblem, device: DeviceInfo, level: str,
         for m, n, k_stages, v_stages in (_NV_GLUON_FWD[level] if gluon else ()):
             out.append(replace(plain, block_m=m, block_n=n, num_warps=m // 16, num_stages=k_stages,
                                fwd_v_stages=v_stages, fwd_kernel="gluon"))
-        # Causal calls also try one CTA per tile: the persistent causal schedule (longest rounds
-        # first, snaking) is balanced in the work model, one CTA per tile measured well before it.
+        # Causal calls try both grids (launch_gluon.PP_TILE_GRIDS): persistent and one CTA per
+        # tile each won some lengths (session 13), the launcher's choice (0) is a rule of thumb.
         for n, k_stages, v_stages, regs in (_NV_GLUON_PP_FWD[level] if gluon and problem.Mq % 128 == 0 else ()):
-            for tile_grid in (0, 1) if problem.causal else (0,):
+            for tile_grid in (2, 1) if problem.causal else (0,):
                 out.append(replace(plain, block_m=128, block_n=n, num_warps=12, num_stages=k_stages,
                                    fwd_v_stages=v_stages, fwd_kernel="gluon-pp", fwd_maxnreg=regs,
                                    fwd_tile_grid=tile_grid))

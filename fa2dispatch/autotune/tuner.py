@@ -163,11 +163,14 @@ def tune_problem(problem: AttentionProblem, device: DeviceInfo, timer: Callable[
                  backends: tuple[str, ...] = tuple(BACKENDS), level: str = "default", incumbent: dict | None = None,
                  triton_base: TritonConfig | None = None, seed: int = 0,
                  on_candidate: Callable[[Candidate], None] | None = None,
-                 verifier: Callable[..., str | None] = verify, search: set[str] | None = None) -> BucketResult:
+                 verifier: Callable[..., str | None] = verify, search: set[str] | None = None,
+                 before_timing: Callable[[AttentionProblem, list[Candidate], int], None] | None = None
+                 ) -> BucketResult:
     """Tune one bucket (``problem`` is its representative). Never raises for a candidate's
     failure: it is recorded in ``tried``. ``search`` (with an ``incumbent``): a partial re-tune,
     every candidate of these backends and the incumbent's pick of each other backend (module
-    docstring)."""
+    docstring). ``before_timing(problem, candidates, seed)`` runs once before the first timing
+    (``precompile.Precompiler.warm``: the candidates compiled ahead in other processes)."""
     bucket = bucket_of(problem)
     keep, pruned = candidates(problem, device, list(backends), level, triton_base)
     default = dispatch.capable_backends(problem, device)[0]
@@ -185,6 +188,8 @@ def tune_problem(problem: AttentionProblem, device: DeviceInfo, timer: Callable[
                    "previous": incumbent.get("tuned_at")}
     tried = [_record(c, pruned=reason) for c, reason in pruned]
     timings: list[tuple[Candidate, Timing]] = []
+    if before_timing is not None and keep:
+        before_timing(problem, keep, seed)
     tensors = _inputs(problem, seed)
     try:
         for cand in keep:
@@ -299,10 +304,11 @@ def run(grid: Grid, device: DeviceInfo, timer: Callable[[Callable], Timing], dir
         full: bool = False, seed: int = 0, on_bucket: Callable[[AttentionProblem, int, int], None] | None = None,
         on_candidate: Callable[[Candidate], None] | None = None,
         on_result: Callable[[BucketResult], None] | None = None,
-        verifier: Callable[..., str | None] = verify) -> list[BucketResult]:
+        verifier: Callable[..., str | None] = verify,
+        before_timing: Callable[[AttentionProblem, list[Candidate], int], None] | None = None) -> list[BucketResult]:
     """Tune every bucket of ``grid`` on ``device`` and store each winner in ``directory``. A stale
     entry is re-tuned in part when only kernel sources changed (module docstring), whole with
-    ``full`` or ``force``."""
+    ``full`` or ``force``. ``before_timing``: as ``tune_problem``'s, for each bucket tuned."""
     torch_device = torch.device("cuda", device.index) if device.is_gpu else torch.device("cpu")
     problems = grid.problems(torch_device)
     existing = cache.read_entries(device, directory)
@@ -319,7 +325,7 @@ def run(grid: Grid, device: DeviceInfo, timer: Callable[[Callable], Timing], dir
             search = None if old is None or force or full else cache.changed_backends(old, device, grid.backends)
             result = tune_problem(problem, device, timer, backends=grid.backends, level=grid.level, incumbent=old,
                                   triton_base=_triton_base(problem, existing), seed=seed, on_candidate=on_candidate,
-                                  verifier=verifier, search=search)
+                                  verifier=verifier, search=search, before_timing=before_timing)
             if result.entry is not None:
                 try:
                     cache.store(device, {bucket.key: result.entry}, directory)

@@ -60,6 +60,8 @@ def test_a_failing_candidate_is_counted_and_left_to_the_tuner():
     finally:
         ahead.close()
     assert (ahead.stats.ran, ahead.stats.failed, ahead.stats.timeouts) == (2, 1, 0)
+    [error] = ahead.stats.errors
+    assert error.startswith("triton block_m=24") and "block_m=24" in ahead.stats.line(1)
 
 
 @pytest.mark.interpreter
@@ -158,7 +160,7 @@ print(json.dumps({"cache_hits": events, "seconds": time.perf_counter() - start})
 
 
 def _gpu_case():
-    p = _problem("cuda", B=2, H=3, Hkv=3, Mq=640, Mkv=640, D=128)
+    p = _problem("cuda:0", B=2, H=3, Hkv=3, Mq=640, Mkv=640, D=128)
     cand = Candidate("triton", TritonConfig(block_m=128, block_n=128, num_warps=12, num_stages=2, fwd_v_stages=2,
                                             fwd_kernel="gluon-pp", fwd_maxnreg=240, fwd_tile_grid=1))
     return p, cand

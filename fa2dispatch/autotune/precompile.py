@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import multiprocessing
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -37,7 +37,7 @@ def _run_candidates(problem: AttentionProblem, cands: list[Candidate], seed: int
 
     from .tuner import _inputs, _step
 
-    if problem.device.type == "cuda":
+    if problem.device.type == "cuda" and problem.device.index is not None:
         torch.cuda.set_device(problem.device)
     tensors = _inputs(problem, seed)
     ran, errors = 0, []
@@ -59,11 +59,12 @@ class Stats:
     failed: int = 0
     timeouts: int = 0
     seconds: float = 0.0
+    errors: list[str] = field(default_factory=list)  # the first few, for the log
 
     def line(self, jobs: int) -> str:
         return (f"compiled ahead ({jobs} workers): {self.ran} candidates ran in {self.buckets} buckets, "
                 f"{self.seconds:.1f} s; {self.failed} failed or unfinished there (left to the tuner), {self.timeouts} "
-                f"bucket(s) past the timeout")
+                f"bucket(s) past the timeout" + "".join(f"\n  {e}" for e in self.errors))
 
 
 class Precompiler:
@@ -97,18 +98,23 @@ class Precompiler:
                 done, errors = result.get(timeout=max(0.0, deadline - time.perf_counter()))
                 ran += done
                 failed += len(errors)
+                self._note(errors)
         except multiprocessing.TimeoutError:
             self.stats.timeouts += 1
             failed = len(cands) - ran
             self._terminate()
-        except Exception:  # a worker that could not start or unpickle: the tuner compiles alone
+        except Exception as exc:  # a worker that could not start or unpickle: the tuner compiles alone
             failed = len(cands) - ran
+            self._note([f"the pool: {type(exc).__name__}: {exc}"])
             self._terminate()
         finally:
             self.stats.buckets += 1
             self.stats.ran += ran
             self.stats.failed += failed
             self.stats.seconds += time.perf_counter() - start
+
+    def _note(self, errors: list[str]) -> None:
+        self.stats.errors.extend(errors[:max(0, 5 - len(self.stats.errors))])
 
     def _terminate(self) -> None:
         if self._pool is not None:

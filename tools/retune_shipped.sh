@@ -14,6 +14,10 @@
 # JOBS=N passes --jobs N: each bucket's candidates compiled ahead in N worker processes.
 set -uo pipefail
 
+# One compiled-kernel cache for the tuner, its --jobs workers and every command below: without
+# platformdirs (the device image) the CuPy backend would compile into a new temporary directory
+# per process.
+export FA2DISPATCH_CACHE_DIR="${FA2DISPATCH_CACHE_DIR:-$(mktemp -d)}"
 OUT="${OUT:-/tmp/out}"
 DEADLINE="${DEADLINE:-560}"
 mkdir -p "$OUT"

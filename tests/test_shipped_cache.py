@@ -41,7 +41,13 @@ def test_the_shipped_file_matches_the_kernel_sources_and_is_complete():
     assert keys >= {bucket_of(p) for p in tuner.Grid().problems(torch.device("cpu"))}  # the whole default grid
     for key, entry in data["entries"].items():
         assert entry["backend"] in BACKENDS and entry["verified"] is True, key
-        assert entry["ms"] <= entry["default"]["ms"] + entry["spread"], key  # never slower than the default
+        # never slower than the default beyond the noise of either timing (the tuner's rule: an
+        # incumbent stays unless a challenger beats it by more than both spreads)
+        default = entry["default"]
+        timed = [t for t in entry["tried"] if "ms" in t and (t["backend"], t["config"]) == (default["backend"],
+                                                                                          default["config"])]
+        assert timed, f"{key}: the default's timing is not in tried"
+        assert entry["ms"] <= default["ms"] + max(entry["spread"], timed[0]["spread"]), key
         for alt in entry["per_backend"].values():  # no runner-up beat the winner by more than the noise
             assert entry["ms"] - alt["ms"] <= max(entry["spread"], alt["spread"]), key
     json.dumps(data)  # plain JSON all the way down

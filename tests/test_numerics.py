@@ -559,7 +559,9 @@ def test_row_stride_past_2_31_inside_one_block_is_refused():
 def test_fuzz_chunked_reference_equals_the_unchunked_one(layout):
     """tools/fuzz.py checks 16k-64k sequences against a reference computed in chunks of query
     rows: it must be attention_math itself (masks, ALiBi, softcap, dropout rows moved by the
-    chunk's first row), out/lse bit for bit and gradients to float64 rounding."""
+    chunk's first row), out, lse and gradients to float64 rounding. Not bit for bit: a chunk's
+    matmuls have other shapes, and a CPU BLAS may block them differently (on 2026-11-25 one
+    machine's torch 2.13 CPU build gave 4.4e-16 in out for bshd views, another 0)."""
     sys.path.insert(0, str(ROOT / "tools"))
     import fuzz
     from fa2dispatch import rng
@@ -582,7 +584,8 @@ def test_fuzz_chunked_reference_equals_the_unchunked_one(layout):
         grads = torch.autograd.grad(out, leaves, dout)
         c = fuzz.chunked_reference(q, k, v, softmax_scale=D**-0.5, compute_dtype=torch.float64, layout=layout,
                                    dropout_seed=draw, dout=dout, chunk=8, **kw)
-        assert torch.equal(c[0], out) and torch.equal(c[1], lse)
+        torch.testing.assert_close(c[0], out, rtol=0, atol=1e-13)  # -inf lse rows must match exactly
+        torch.testing.assert_close(c[1], lse, rtol=0, atol=1e-13)
         for x, y in zip(c[2:], grads):
             assert (x - y).abs().max().item() < 1e-13
 

@@ -19,6 +19,7 @@
 #   VARLEN_BENCH_ARGS="--dtypes float16 --unequal" ...                 # also run tools/bench_varlen.py
 #   GLUON_BWD_SWEEP_ARGS="--head-dims 128 --seqlens 4096" ...           # also run tools/sweep_gluon_bwd.py
 #   PROFILE_BWD_ARGS="--seqlen 4096 --causal" ...                       # also run tools/profile_bwd.py
+#   PROFILE_HOST_ARGS="--causal --breakdown" ...                        # also run tools/profile_host.py
 #   RETUNE_DEADLINE=300 ...                                             # last: tools/retune_shipped.sh
 #   RETUNE_BY=560 ...                                                   # the same, stopping by second 560
 #   JOBS=8 RETUNE_BY=560 ...                                            # the re-tune compiling ahead (--jobs)
@@ -179,6 +180,13 @@ if [ -n "${PROFILE_BWD_ARGS:-}" ]; then
     PYTHONUNBUFFERED=1 timeout 200 python3 tools/profile_bwd.py --json "$OUT/profile_bwd.json" \
         "${profile_bwd_args[@]}" 2>&1 | tee "$OUT/profile_bwd.log"
     echo "profile_bwd exit ${PIPESTATUS[0]}"
+fi
+if [ -n "${PROFILE_HOST_ARGS:-}" ]; then
+    echo "== host time per call, by layer"
+    read -r -a profile_host_args <<< "$PROFILE_HOST_ARGS"
+    PYTHONUNBUFFERED=1 timeout 200 python3 tools/profile_host.py "${profile_host_args[@]}" 2>&1 \
+        | tee "$OUT/profile_host.log"
+    echo "profile_host exit ${PIPESTATUS[0]}"
 fi
 if [ -n "${VARLEN_BENCH_ARGS:-}" ]; then
     echo "== benchmark: varlen against dense"

@@ -7,6 +7,12 @@ script times each pass from an idle queue (median of ``--calls``, synchronised b
 prints cProfile's top entries for each, on the GPU:
 
     python3 tools/profile_host.py --seqlen 1024 --head-dim 128 --backend auto
+
+``--breakdown`` (forward only) splits one call's host time into layers, each timed on its own
+from an idle queue and back to back: the whole ``attention`` call; the last
+``fast_launch.launch`` it made, replayed (the cache key over every argument, then the
+launcher); the compiled kernel's launcher alone (``kernel.run``: packing the arguments and
+encoding any TMA descriptors, then the driver); and one plain torch kernel launch for scale.
 """
 
 from __future__ import annotations
@@ -30,7 +36,11 @@ def main(argv=None) -> int:
     ap.add_argument("--backend", default="auto")
     ap.add_argument("--calls", type=int, default=50)
     ap.add_argument("--top", type=int, default=22)
+    ap.add_argument("--breakdown", action="store_true",
+                    help="forward only: the host time of each layer of the call (module docstring)")
     args = ap.parse_args(argv)
+    if args.calls < 1:
+        ap.error(f"--calls {args.calls}: at least 1")
     if not torch.cuda.is_available():
         print("profile_host: needs a GPU (host time of real launches)")
         return 2
@@ -47,6 +57,11 @@ def main(argv=None) -> int:
     out = fwd()
     print(f"B={B} H={H} S={S} D={D} causal={args.causal} backend={args.backend}")
     print(fa2dispatch.explain(q, k, v, causal=args.causal, layout="bhsd", backend=args.backend))
+
+    if args.breakdown:  # as bench.py's forward rows call it: inputs without gradients
+        qd, kd, vd = (t.detach() for t in (q, k, v))
+        return breakdown(lambda: fa2dispatch.attention(qd, kd, vd, causal=args.causal, layout="bhsd",
+                                                       backend=args.backend), args.calls)
 
     def bwd():
         for t in (q, k, v):
@@ -74,6 +89,65 @@ def main(argv=None) -> int:
             prof.disable()
         torch.cuda.synchronize()
         pstats.Stats(prof).sort_stats("tottime").print_stats(args.top)
+    return 0
+
+
+def host_times(fn, calls: int, sync) -> tuple[float, float]:
+    """(median us from an idle queue, mean us back to back) of ``fn``'s host time; ``sync``
+    waits for the device."""
+    idle = []
+    for _ in range(calls):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        idle.append(time.perf_counter() - t0)
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    back = time.perf_counter() - t0
+    sync()
+    return statistics.median(idle) * 1e6, back / calls * 1e6
+
+
+def breakdown(fwd, calls: int) -> int:
+    """Time each layer of ``fwd`` (a forward ``attention`` call) on the host; see the module
+    docstring. Needs the call to go through ``fast_launch`` with its fast path taken."""
+    import torch
+    from fa2dispatch.backends.triton_fa2 import fast_launch
+
+    seen = []
+    real = fast_launch.launch
+    fast_launch.launch = lambda *a: seen.append(a) or real(*a)
+    try:
+        for _ in range(3):
+            fwd()
+    finally:
+        fast_launch.launch = real
+    torch.cuda.synchronize()
+    if not seen:
+        print("breakdown: the call made no fast_launch.launch (another backend, or a kernel without it)")
+        return 1
+    fn, grid, kargs, meta, kernels = seen[-1]
+    device, stream = fast_launch._device_and_stream()
+    found = kernels.get((fn.fn.__name__, device, tuple(fast_launch._arg_key(a) for a in kargs), tuple(meta.items())))
+    if not fast_launch.FAST_LAUNCH or found is None:
+        print(f"breakdown: the fast path was not taken ({fast_launch.REFUSED or 'no compiled kernel kept'})")
+        return 1
+    kernel, tail = found
+    g = (grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1)
+    x = torch.zeros(1, device="cuda")
+    rows = [
+        ("attention (the whole call)", fwd),
+        (f"fast_launch.launch({fn.fn.__name__}, {len(kargs)} args): key + launcher", lambda: real(*seen[-1])),
+        ("kernel.run: the launcher alone", lambda: kernel.run(*g, stream, kernel.function, kernel.packed_metadata,
+                                                              None, None, None, *kargs, *tail)),
+        ("one torch kernel (x.add_(1)), for scale", lambda: x.add_(1)),
+    ]
+    print(f"host us per call ({calls} calls): median from an idle queue | mean back to back")
+    for name, f in rows:
+        idle, back = host_times(f, calls, torch.cuda.synchronize)
+        print(f"  {idle:8.1f} | {back:8.1f}  {name}")
     return 0
 
 

@@ -1,0 +1,44 @@
+"""tools/profile_host.py off the GPU: its refusal without a GPU, its argument check, and the
+host-time helper ``--breakdown`` uses (the order of its calls and syncs; the timings themselves
+need a GPU)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+TOOL = Path(__file__).resolve().parents[1] / "tools" / "profile_host.py"
+
+
+@pytest.fixture(scope="module")
+def tool():
+    spec = importlib.util.spec_from_file_location("profile_host", TOOL)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["profile_host"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_host_times_runs_idle_then_back_to_back(tool):
+    """``calls`` runs each way; a sync before each idle run and after the back-to-back batch."""
+    log = []
+    idle, back = tool.host_times(lambda: log.append("call"), 4, lambda: log.append("sync"))
+    assert log == ["sync", "call"] * 4 + ["sync"] + ["call"] * 4 + ["sync"]
+    assert idle > 0 and back > 0
+
+
+def test_without_a_gpu_it_says_so(tool, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here: the tool would run")
+    assert tool.main(["--breakdown"]) == 2
+    assert "needs a GPU" in capsys.readouterr().out
+
+
+def test_calls_must_be_positive(tool, capsys):
+    with pytest.raises(SystemExit) as exc:
+        tool.main(["--calls", "0"])
+    assert exc.value.code == 2 and "--calls 0" in capsys.readouterr().err

@@ -9,7 +9,8 @@ prints cProfile's top entries for each, on the GPU:
     python3 tools/profile_host.py --seqlen 1024 --head-dim 128 --backend auto
 
 ``--breakdown`` (forward only) splits one call's host time into layers, each timed on its own
-from an idle queue and back to back: the whole ``attention`` call; the last
+from an idle queue and back to back: the whole ``attention`` call; the backend's ``forward``
+as the dispatcher called it (its checks, descriptors, allocations and launch); the last
 ``fast_launch.launch`` it made, replayed (the cache key over every argument, then the
 launcher); the compiled kernel's launcher alone (``kernel.run``: packing the arguments and
 encoding any TMA descriptors, then the driver); and one plain torch kernel launch for scale.
@@ -112,38 +113,46 @@ def host_times(fn, calls: int, sync) -> tuple[float, float]:
 
 def breakdown(fwd, calls: int) -> int:
     """Time each layer of ``fwd`` (a forward ``attention`` call) on the host; see the module
-    docstring. Needs the call to go through ``fast_launch`` with its fast path taken."""
+    docstring. Layers the call does not go through (a backend without ``fast_launch``) are
+    left out."""
     import torch
+    from fa2dispatch.backends import BACKENDS
     from fa2dispatch.backends.triton_fa2 import fast_launch
 
-    seen = []
+    launches, forwards = [], []
     real = fast_launch.launch
-    fast_launch.launch = lambda *a: seen.append(a) or real(*a)
+    fast_launch.launch = lambda *a: launches.append(a) or real(*a)
+    for backend in BACKENDS.values():  # an instance attribute over the class's method, removed below
+        backend.forward = (lambda b, f: lambda *a, **kw: forwards.append((f, a, kw)) or f(*a, **kw))(
+            backend, backend.forward)
     try:
         for _ in range(3):
             fwd()
     finally:
         fast_launch.launch = real
+        for backend in BACKENDS.values():
+            del backend.forward
     torch.cuda.synchronize()
-    if not seen:
-        print("breakdown: the call made no fast_launch.launch (another backend, or a kernel without it)")
-        return 1
-    fn, grid, kargs, meta, kernels = seen[-1]
-    device, stream = fast_launch._device_and_stream()
-    found = kernels.get((fn.fn.__name__, device, tuple(fast_launch._arg_key(a) for a in kargs), tuple(meta.items())))
-    if not fast_launch.FAST_LAUNCH or found is None:
-        print(f"breakdown: the fast path was not taken ({fast_launch.REFUSED or 'no compiled kernel kept'})")
-        return 1
-    kernel, tail = found
-    g = (grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1)
     x = torch.zeros(1, device="cuda")
-    rows = [
-        ("attention (the whole call)", fwd),
-        (f"fast_launch.launch({fn.fn.__name__}, {len(kargs)} args): key + launcher", lambda: real(*seen[-1])),
-        ("kernel.run: the launcher alone", lambda: kernel.run(*g, stream, kernel.function, kernel.packed_metadata,
-                                                              None, None, None, *kargs, *tail)),
-        ("one torch kernel (x.add_(1)), for scale", lambda: x.add_(1)),
-    ]
+    rows = [("attention (the whole call)", fwd)]
+    if forwards:
+        f, a, kw = forwards[-1]
+        rows.append((f"{f.__self__.name}.forward: the backend's own layer", lambda: f(*a, **kw)))
+    if launches:
+        fn, grid, kargs, meta, kernels = launches[-1]
+        rows.append((f"fast_launch.launch({fn.fn.__name__}, {len(kargs)} args): key + launcher",
+                     lambda: real(*launches[-1])))
+        device, stream = fast_launch._device_and_stream()
+        found = kernels.get((fn.fn.__name__, device, tuple(fast_launch._arg_key(a) for a in kargs),
+                             tuple(meta.items())))
+        if fast_launch.FAST_LAUNCH and found is not None:
+            kernel, tail = found
+            g = (grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1)
+            rows.append(("kernel.run: the launcher alone", lambda: kernel.run(
+                *g, stream, kernel.function, kernel.packed_metadata, None, None, None, *kargs, *tail)))
+        else:
+            print(f"(the fast path was not taken: {fast_launch.REFUSED or 'no compiled kernel kept'})")
+    rows.append(("one torch kernel (x.add_(1)), for scale", lambda: x.add_(1)))
     print(f"host us per call ({calls} calls): median from an idle queue | mean back to back")
     for name, f in rows:
         idle, back = host_times(f, calls, torch.cuda.synchronize)

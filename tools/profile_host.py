@@ -122,9 +122,11 @@ def breakdown(fwd, calls: int) -> int:
     launches, forwards = [], []
     real = fast_launch.launch
     fast_launch.launch = lambda *a: launches.append(a) or real(*a)
+    def spy(forward):
+        return lambda *a, **kw: forwards.append((forward, a, kw)) or forward(*a, **kw)
+
     for backend in BACKENDS.values():  # an instance attribute over the class's method, removed below
-        backend.forward = (lambda b, f: lambda *a, **kw: forwards.append((f, a, kw)) or f(*a, **kw))(
-            backend, backend.forward)
+        backend.forward = spy(backend.forward)
     try:
         for _ in range(3):
             fwd()

@@ -42,3 +42,25 @@ def test_calls_must_be_positive(tool, capsys):
     with pytest.raises(SystemExit) as exc:
         tool.main(["--calls", "0"])
     assert exc.value.code == 2 and "--calls 0" in capsys.readouterr().err
+
+
+def test_breakdown_times_each_layer_the_call_uses_and_restores_the_backends(tool, capsys):
+    """On CPU (the wiring only): a reference call has no fast_launch layer; the backend's own
+    forward is timed as the dispatcher called it, and every backend's method is put back."""
+    from fa2dispatch.backends import BACKENDS
+
+    import fa2dispatch
+
+    q = torch.randn(1, 2, 16, 8)
+    calls = []
+
+    def fwd():
+        calls.append(1)
+        return fa2dispatch.attention(q, q, q, causal=True, layout="bhsd", backend="reference")
+
+    assert tool.breakdown(fwd, 2, device="cpu") == 0
+    out = capsys.readouterr().out
+    assert "attention (the whole call)" in out and "reference.forward: the backend's own layer" in out
+    assert "fast_launch" not in out and "one torch kernel" in out
+    assert len(calls) == 3 + 2 * 2  # three warm-up calls, then the whole call idle and back to back
+    assert not any("forward" in vars(b) for b in BACKENDS.values())

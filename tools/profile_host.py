@@ -111,10 +111,10 @@ def host_times(fn, calls: int, sync) -> tuple[float, float]:
     return statistics.median(idle) * 1e6, back / calls * 1e6
 
 
-def breakdown(fwd, calls: int) -> int:
+def breakdown(fwd, calls: int, device: str = "cuda") -> int:
     """Time each layer of ``fwd`` (a forward ``attention`` call) on the host; see the module
     docstring. Layers the call does not go through (a backend without ``fast_launch``) are
-    left out."""
+    left out. ``device`` "cpu" only for tests (no sync, the layers' wiring)."""
     import torch
     from fa2dispatch.backends import BACKENDS
     from fa2dispatch.backends.triton_fa2 import fast_launch
@@ -134,12 +134,13 @@ def breakdown(fwd, calls: int) -> int:
         fast_launch.launch = real
         for backend in BACKENDS.values():
             del backend.forward
-    torch.cuda.synchronize()
-    x = torch.zeros(1, device="cuda")
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    sync()
+    x = torch.zeros(1, device=device)
     rows = [("attention (the whole call)", fwd)]
     if forwards:
-        f, a, kw = forwards[-1]
-        rows.append((f"{f.__self__.name}.forward: the backend's own layer", lambda: f(*a, **kw)))
+        forward, a, kw = forwards[-1]
+        rows.append((f"{forward.__self__.name}.forward: the backend's own layer", lambda: forward(*a, **kw)))
     if launches:
         fn, grid, kargs, meta, kernels = launches[-1]
         rows.append((f"fast_launch.launch({fn.fn.__name__}, {len(kargs)} args): key + launcher",
@@ -156,8 +157,8 @@ def breakdown(fwd, calls: int) -> int:
             print(f"(the fast path was not taken: {fast_launch.REFUSED or 'no compiled kernel kept'})")
     rows.append(("one torch kernel (x.add_(1)), for scale", lambda: x.add_(1)))
     print(f"host us per call ({calls} calls): median from an idle queue | mean back to back")
-    for name, f in rows:
-        idle, back = host_times(f, calls, torch.cuda.synchronize)
+    for name, call in rows:
+        idle, back = host_times(call, calls, sync)
         print(f"  {idle:8.1f} | {back:8.1f}  {name}")
     return 0
 

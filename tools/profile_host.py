@@ -122,6 +122,7 @@ def breakdown(fwd, calls: int, device: str = "cuda") -> int:
     launches, forwards = [], []
     real = fast_launch.launch
     fast_launch.launch = lambda *a: launches.append(a) or real(*a)
+
     def spy(forward):
         return lambda *a, **kw: forwards.append((forward, a, kw)) or forward(*a, **kw)
 

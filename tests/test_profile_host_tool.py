@@ -64,3 +64,8 @@ def test_breakdown_times_each_layer_the_call_uses_and_restores_the_backends(tool
     assert "fast_launch" not in out and "one torch kernel" in out
     assert len(calls) == 3 + 2 * 2  # three warm-up calls, then the whole call idle and back to back
     assert not any("forward" in vars(b) for b in BACKENDS.values())
+    assert "launch_gluon" not in out  # the reference launches no Gluon kernel
+    from fa2dispatch.backends.triton_fa2 import launch_gluon
+
+    assert launch_gluon.run_pingpong.__module__ == launch_gluon.__name__  # the spies are gone
+    assert launch_gluon.run_forward.__module__ == launch_gluon.__name__

@@ -10,7 +10,8 @@ prints cProfile's top entries for each, on the GPU:
 
 ``--breakdown`` (forward only) splits one call's host time into layers, each timed on its own
 from an idle queue and back to back: the whole ``attention`` call; the backend's ``forward``
-as the dispatcher called it (its checks, descriptors, allocations and launch); the last
+as the dispatcher called it (its checks, descriptors, allocations and launch); the Gluon
+launcher it called (``launch_gluon.run_pingpong`` or ``run_forward``), if any; the last
 ``fast_launch.launch`` it made, replayed (the cache key over every argument, then the
 launcher); the compiled kernel's launcher alone (``kernel.run``: packing the arguments and
 encoding any TMA descriptors, then the driver); and one plain torch kernel launch for scale.
@@ -117,17 +118,20 @@ def breakdown(fwd, calls: int, device: str = "cuda") -> int:
     left out. ``device`` "cpu" only for tests (no sync, the layers' wiring)."""
     import torch
     from fa2dispatch.backends import BACKENDS
-    from fa2dispatch.backends.triton_fa2 import fast_launch
+    from fa2dispatch.backends.triton_fa2 import fast_launch, launch_gluon
 
-    launches, forwards = [], []
+    launches, forwards, runs = [], [], []
+    gluon_runs = {name: getattr(launch_gluon, name) for name in ("run_pingpong", "run_forward")}
     real = fast_launch.launch
     fast_launch.launch = lambda *a: launches.append(a) or real(*a)
 
-    def spy(forward):
-        return lambda *a, **kw: forwards.append((forward, a, kw)) or forward(*a, **kw)
+    def spy(call, seen):
+        return lambda *a, **kw: seen.append((call, a, kw)) or call(*a, **kw)
 
     for backend in BACKENDS.values():  # an instance attribute over the class's method, removed below
-        backend.forward = spy(backend.forward)
+        backend.forward = spy(backend.forward, forwards)
+    for name, run in gluon_runs.items():  # the Gluon launchers, as the backend looks them up
+        setattr(launch_gluon, name, spy(run, runs))
     try:
         for _ in range(3):
             fwd()
@@ -135,6 +139,8 @@ def breakdown(fwd, calls: int, device: str = "cuda") -> int:
         fast_launch.launch = real
         for backend in BACKENDS.values():
             del backend.forward
+        for name, run in gluon_runs.items():
+            setattr(launch_gluon, name, run)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     sync()
     x = torch.zeros(1, device=device)
@@ -142,6 +148,9 @@ def breakdown(fwd, calls: int, device: str = "cuda") -> int:
     if forwards:
         forward, a, kw = forwards[-1]
         rows.append((f"{forward.__self__.name}.forward: the backend's own layer", lambda: forward(*a, **kw)))
+    if runs:
+        run, run_a, run_kw = runs[-1]
+        rows.append((f"launch_gluon.{run.__name__}: descriptors, allocations, launch", lambda: run(*run_a, **run_kw)))
     if launches:
         fn, grid, kargs, meta, kernels = launches[-1]
         rows.append((f"fast_launch.launch({fn.fn.__name__}, {len(kargs)} args): key + launcher",

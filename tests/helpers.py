@@ -17,9 +17,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from fa2dispatch.backends.reference import attention_math
 
 from fa2dispatch.autotune.verify import within_tolerance
-from fa2dispatch.backends.reference import attention_math
 
 
 @dataclass(frozen=True)
@@ -99,8 +99,9 @@ def check_lse(ours: torch.Tensor, truth: torch.Tensor, lowprec: torch.Tensor) ->
 
 def check_case(case: Case, device="cpu", seed=0, backend="triton"):
     """Forward (out, lse) and backward (dq, dk, dv) of fa2dispatch against float64 truth."""
-    import fa2dispatch
     from fa2dispatch.backends import BACKENDS
+
+    import fa2dispatch
 
     q, k, v, dout = make_inputs(case, device, seed)
     if BACKENDS[backend].supports_lse_grad:
@@ -172,8 +173,9 @@ def check_fp8_on_the_fly(out, q, k, v, *, causal: bool, use_hadamard: bool, layo
     dequantized inputs) plus twice the pipeline's (the emulation against that), by the triangle
     inequality with a 2x margin on the pipeline part. A rotation applied to q but not k, or a
     scale on the wrong head, gives errors of the size of the output itself."""
-    import fa2dispatch
     from fa2dispatch.backends.reference import attention_fp8_emulation, dequantize_fp8
+
+    import fa2dispatch
 
     scale = q.shape[-1] ** -0.5
     qr, kr = (fa2dispatch.hadamard(q), fa2dispatch.hadamard(k)) if use_hadamard else (q, k)
@@ -237,3 +239,18 @@ def check_feature_case(case: Case, features: dict, device="cpu", seed=0, backend
     for name, ours, t, lp in zip(("dq", "dk", "dv"), (dq, dk, dv), truth[2:], low[2:]):
         check_close(name, ours, t, lp, magnitude)
     return out, lse, dq, dk, dv
+
+
+def load_tool(name: str):
+    """tools/<name>.py as a module (tools/ is not a package), registered in sys.modules under
+    ``name`` so that dataclasses and pickling inside it resolve."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "tools" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module

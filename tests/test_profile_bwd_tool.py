@@ -3,24 +3,16 @@ summary of profiler events (fake events; the profiling itself needs a GPU)."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
-
-TOOL = Path(__file__).resolve().parents[1] / "tools" / "profile_bwd.py"
+from helpers import load_tool
 
 
 @pytest.fixture(scope="module")
 def tool():
-    spec = importlib.util.spec_from_file_location("profile_bwd", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["profile_bwd"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("profile_bwd")
 
 
 def _event(name, device, start, end):

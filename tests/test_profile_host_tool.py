@@ -4,23 +4,14 @@ need a GPU)."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
-
-TOOL = Path(__file__).resolve().parents[1] / "tools" / "profile_host.py"
+from helpers import load_tool
 
 
 @pytest.fixture(scope="module")
 def tool():
-    spec = importlib.util.spec_from_file_location("profile_host", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["profile_host"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("profile_host")
 
 
 def test_host_times_runs_idle_then_back_to_back(tool):

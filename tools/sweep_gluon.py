@@ -149,7 +149,10 @@ def main(argv=None) -> int:
 
 def _config(text: str) -> tuple[int, ...]:
     """One --configs entry: ten ints, the optional ws, pp and tg 0 and sec -1 when left out."""
-    fields = [int(x) for x in text.split(":")]
+    try:
+        fields = [int(x) for x in text.split(":")]
+    except ValueError:
+        fields = []
     if not 6 <= len(fields) <= 10:
         raise SystemExit(f"--configs {text!r}: 6 to 10 colon-separated ints expected")
     return tuple(fields + [0, 0, 0, -1][len(fields) - 6:])
